@@ -1,0 +1,138 @@
+// Gate math of one LSTM cell, for one element (or one SIMD vector of elements).
+//
+// Shared by every backend: the CPU step kernels instantiate these templates with
+// at::vec::Vectorized<T> (and plain T for tails), the CUDA kernels with float/double.
+// So the arithmetic the CPU tests check is the arithmetic the GPU runs.
+//
+// Gate order i, f, g, o as in torch.nn.LSTM. Notation follows docs/ARCHITECTURE.md.
+// No torch headers here: this file is also compiled by nvcc for device code.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define LSTM_HD __host__ __device__ __forceinline__
+#else
+#define LSTM_HD inline
+#endif
+
+namespace lstm_fused {
+
+// exp/tanh/clamp for one value type. Specialised here for float and double; the CPU kernels add a
+// specialisation for at::vec::Vectorized<T>. (A traits struct rather than overloads so a
+// specialisation declared after this header is still found at instantiation.)
+template <typename V>
+struct CellMath;
+
+template <>
+struct CellMath<float> {
+  LSTM_HD static float exp(float x) {
+#ifdef __CUDA_ARCH__
+    return ::expf(x);
+#else
+    return std::exp(x);
+#endif
+  }
+  LSTM_HD static float clamp(float x, float lo, float hi) {
+    return x > hi ? hi : (x < lo ? lo : x);  // NaN compares false: passes through
+  }
+  LSTM_HD static float tanh(float x) {
+#ifdef __CUDA_ARCH__
+    return ::tanhf(x);
+#else
+    return std::tanh(x);
+#endif
+  }
+};
+
+template <>
+struct CellMath<double> {
+  LSTM_HD static double exp(double x) {
+#ifdef __CUDA_ARCH__
+    return ::exp(x);
+#else
+    return std::exp(x);
+#endif
+  }
+  LSTM_HD static double clamp(double x, double lo, double hi) {
+    return x > hi ? hi : (x < lo ? lo : x);  // NaN compares false: passes through
+  }
+  LSTM_HD static double tanh(double x) {
+#ifdef __CUDA_ARCH__
+    return ::tanh(x);
+#else
+    return std::tanh(x);
+#endif
+  }
+};
+
+// 1 / (1 + exp(-x)): exp(-x) overflows to +inf for x << 0, giving exactly 0, and underflows
+// to 0 for x >> 0, giving exactly 1, so +-1e4 are finite and correct; NaN stays NaN.
+template <typename V>
+LSTM_HD V sigmoid(V x) {
+  return V(1) / (V(1) + CellMath<V>::exp(V(0) - x));
+}
+
+template <typename V>
+struct GateValues {
+  V i, f, g, o;
+};
+
+// Forward for one element: pre-activations in, activated gates, new cell and output out.
+//   c = f*c_prev + i*g ;  r = o*tanh(c)   (r is h, or the input of the projection)
+template <typename V>
+LSTM_HD GateValues<V> activate_gates(V pre_i, V pre_f, V pre_g, V pre_o) {
+  GateValues<V> gates;
+  gates.i = sigmoid(pre_i);
+  gates.f = sigmoid(pre_f);
+  gates.g = CellMath<V>::tanh(pre_g);
+  gates.o = sigmoid(pre_o);
+  return gates;
+}
+
+template <typename V>
+LSTM_HD V next_cell(const GateValues<V>& gates, V cell_prev) {
+  return gates.f * cell_prev + gates.i * gates.g;
+}
+
+template <typename V>
+LSTM_HD V cell_output(const GateValues<V>& gates, V cell) {
+  return gates.o * CellMath<V>::tanh(cell);
+}
+
+// Backward, first half: the total gradient w.r.t. c[t],
+//   dc = dc_next + dr*o*(1 - tanh(c)^2),  with dc_next = dL/dc[t+1] * f[t+1] (already scaled).
+// Returns dc; tanh_cell receives tanh(c) for the second half.
+template <typename V>
+LSTM_HD V cell_gradient(const GateValues<V>& gates, V cell, V grad_r, V dcell_next,
+                        V& tanh_cell) {
+  tanh_cell = CellMath<V>::tanh(cell);
+  return dcell_next + grad_r * gates.o * (V(1) - tanh_cell * tanh_cell);
+}
+
+// Backward, second half: gradients of the gate pre-activations, from the (possibly clipped)
+// dc. The derivatives use the saved activations: sigma' = s(1-s), tanh' = 1 - t^2.
+template <typename V>
+LSTM_HD GateValues<V> gate_gradients(const GateValues<V>& gates, V cell_prev, V tanh_cell,
+                                     V grad_r, V dcell) {
+  GateValues<V> grads;
+  grads.i = dcell * gates.g * gates.i * (V(1) - gates.i);
+  grads.f = dcell * cell_prev * gates.f * (V(1) - gates.f);
+  grads.g = dcell * gates.i * (V(1) - gates.g * gates.g);
+  grads.o = grad_r * tanh_cell * gates.o * (V(1) - gates.o);
+  return grads;
+}
+
+// The cell-state highway: what flows on to step t-1 (the constant error carousel).
+template <typename V>
+LSTM_HD V carry_cell_gradient(const GateValues<V>& gates, V dcell) {
+  return dcell * gates.f;
+}
+
+// Element-wise gradient clipping (Graves 2013): clamp to [-clip, clip]; NaN stays NaN.
+template <typename V>
+LSTM_HD V clamp_gradient(V value, V clip) {
+  return CellMath<V>::clamp(value, V(0) - clip, clip);
+}
+
+}  // namespace lstm_fused

@@ -1,0 +1,66 @@
+// The device-agnostic layer driver (csrc/ops.cpp): input GEMM, time loop over the step
+// kernels of one device, weight-gradient GEMMs. Each device's TORCH_LIBRARY_IMPL calls these
+// with its own DeviceKernels. Shapes and semantics: docs/ARCHITECTURE.md.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "lstm_steps.h"
+
+namespace lstm_fused {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+    at::TensorList params, bool has_biases, bool has_proj, bool bidirectional,
+    const std::optional<at::Tensor>& batch_sizes, const DeviceKernels& kernels);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor>
+layer_backward(const std::optional<at::Tensor>& grad_output,
+               const std::optional<at::Tensor>& grad_hy,
+               const std::optional<at::Tensor>& grad_cy, const at::Tensor& input,
+               const at::Tensor& hx, const at::Tensor& cx, at::TensorList params,
+               const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+               bool has_biases, bool has_proj, bool bidirectional,
+               const std::optional<at::Tensor>& batch_sizes, bool record_flow,
+               double bptt_clip, int64_t bptt_clip_mode, const DeviceKernels& kernels);
+
+// The op schemas' entry points (the extra forward arguments ride along for autograd), bound to
+// one device's kernels. A device registers them with
+//   TORCH_LIBRARY_IMPL(lstm_fused, CUDA, m) { register_layer_ops<cuda::kernels>(m); }
+template <const DeviceKernels& (*Kernels)()>
+struct LayerOps {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+      const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+      at::TensorList params, bool has_biases, bool has_proj, bool bidirectional,
+      const std::optional<at::Tensor>& batch_sizes,
+      const std::optional<at::Tensor>& /*flow_probe: used by autograd only*/,
+      double /*bptt_clip*/, int64_t /*bptt_clip_mode*/) {
+    return layer_forward(input, hx, cx, params, has_biases, has_proj, bidirectional,
+                         batch_sizes, Kernels());
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor>
+  backward(const std::optional<at::Tensor>& grad_output,
+           const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
+           const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+           at::TensorList params, const at::Tensor& output, const at::Tensor& gates,
+           const at::Tensor& cells, bool has_biases, bool has_proj, bool bidirectional,
+           const std::optional<at::Tensor>& batch_sizes, bool record_flow, double bptt_clip,
+           int64_t bptt_clip_mode) {
+    return layer_backward(grad_output, grad_hy, grad_cy, input, hx, cx, params, output, gates,
+                          cells, has_biases, has_proj, bidirectional, batch_sizes, record_flow,
+                          bptt_clip, bptt_clip_mode, Kernels());
+  }
+};
+
+template <const DeviceKernels& (*Kernels)(), typename Library>
+void register_layer_ops(Library& m) {
+  m.impl("layer_forward", &LayerOps<Kernels>::forward);
+  m.impl("layer_backward", &LayerOps<Kernels>::backward);
+}
+
+}  // namespace lstm_fused

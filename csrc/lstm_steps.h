@@ -1,0 +1,85 @@
+// The fused per-step kernels of one LSTM direction: the interface every device implements.
+//
+// The layer driver (ops.cpp) owns all allocation and the GEMMs; it calls these once per time
+// step on buffers it owns. They take raw pointers and sizes only (no torch types), in the
+// compute ("acc") type T = float or double; the CUDA versions also take the stream to run on.
+// Row r of a step is batch element r; only the first `rows` batch elements are active at a
+// step (packed sequences are sorted by decreasing length).
+//
+// Gradient clipping modes (docs/ARCHITECTURE.md): 0 off, 1 element-wise clamp to
+// [-clip, clip], 2 rescale so the L2 norm over the step's rows is at most clip.
+#pragma once
+
+#include <cstdint>
+
+namespace lstm_fused {
+
+enum ClipMode : int64_t { kClipOff = 0, kClipValue = 1, kClipNorm = 2 };
+
+template <typename T>
+struct ForwardStepArgs {
+  int64_t rows;          // active batch rows at this step
+  int64_t hidden;        // H
+  T* gates;              // [rows, 4H] in: pre-activations (x W_ih^T + b + h W_hh^T);
+                         //            out: activated gates i, f, g, o (saved for backward)
+  T* cell_state;         // [rows, H]  in: c[t-1], out: c[t]
+  T* cells;              // [rows, H]  out: c[t] (the saved copy)
+  T* hidden_state;       // [rows, H]  out: r[t] = o*tanh(c[t]) (h[t], or the projection's input)
+  T* output;             // [rows, >=H] out, row stride output_stride: also r[t]; may be null
+  int64_t output_stride;
+};
+
+// dh[t] = grad_output[t] + dh_next, then clipped; written over dhidden.
+template <typename T>
+struct HiddenGradStepArgs {
+  int64_t rows;
+  int64_t size;                // P (the width of h: proj_size, or H)
+  const T* grad_output;        // [rows, >=P] row stride grad_output_stride; may be null (zeros)
+  int64_t grad_output_stride;
+  T* dhidden;                  // [rows, P] in: dh_next (recurrent part), out: dh[t]
+  int64_t clip_mode;
+  T clip;
+  T* sum_squares;              // out (may be null): sum over rows of dh[t]^2 after clipping
+};
+
+template <typename T>
+struct BackwardStepArgs {
+  int64_t rows;
+  int64_t hidden;              // H
+  const T* gates;              // [rows, 4H] activated gates of step t
+  const T* cells;              // [rows, H]  c[t]
+  const T* cells_prev;         // rows [0, prev_split): c[t-1] of the same sequence, stride H
+  const T* cell_initial;       // rows [prev_split, rows): c0 of the row, at row*H
+  int64_t prev_split;
+  const T* grad_r;             // [rows, H] dL/dr[t] (dh[t], or dh[t] W_hr with projection)
+  T* dcell;                    // [rows, H] in: dc_next = dL/dc[t+1]*f[t+1]; out: dL/dc[t]*f[t]
+  T* dgates;                   // [rows, 4H] out: gradients of the gate pre-activations
+  int64_t clip_mode;
+  T clip;
+  T* sum_squares;              // out (may be null): sum over rows of dL/dc[t]^2 after clipping
+};
+
+// One device's step kernels for one compute type. The CUDA ones run on the current stream of
+// the current device (the driver sets the device guard) and never synchronise the host.
+// sum_squares pointers point to memory of the same device as the other buffers.
+template <typename T>
+struct StepKernels {
+  void (*forward)(const ForwardStepArgs<T>&);
+  void (*hidden_grad)(const HiddenGradStepArgs<T>&);
+  void (*backward)(const BackwardStepArgs<T>&);
+};
+
+struct DeviceKernels {
+  StepKernels<float> f32;
+  StepKernels<double> f64;
+};
+
+namespace cpu {
+const DeviceKernels& kernels();  // csrc/cpu/lstm_steps_cpu.cpp
+}  // namespace cpu
+
+namespace cuda {
+const DeviceKernels& kernels();  // csrc/cuda/lstm_steps_cuda.cu
+}  // namespace cuda
+
+}  // namespace lstm_fused

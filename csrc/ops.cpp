@@ -1,0 +1,613 @@
+// Op schemas and the device-agnostic layer driver.
+//
+// One call runs one layer (all its directions) over the whole sequence: the input projection
+// of all steps as one GEMM, then the recurrence one step at a time (one GEMM + one fused step
+// kernel), and in backward the reverse-time loop followed by the weight gradients as large
+// GEMMs. GEMMs go through at:: ops, so they run on the input's device (and CUDA stream); the
+// step kernels come from the device's DeviceKernels table. All buffers are allocated before
+// the time loop. Shapes and semantics: docs/ARCHITECTURE.md.
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "lstm_layer.h"
+#include "lstm_steps.h"
+
+namespace lstm_fused {
+namespace {
+
+// 16-bit inputs are computed in float32 (fp32 accumulation and cell state).
+at::ScalarType acc_type(at::ScalarType dtype) {
+  return (dtype == at::kHalf || dtype == at::kBFloat16) ? at::kFloat : dtype;
+}
+
+// Time layout of a (possibly packed) sequence: rows of step t are
+// [offsets[t], offsets[t] + batch_sizes[t]) of the flattened (N, ...) tensors.
+struct Steps {
+  int64_t steps = 0;
+  int64_t batch = 0;
+  int64_t rows_total = 0;
+  std::vector<int64_t> batch_sizes;
+  std::vector<int64_t> offsets;
+
+  int64_t rows(int64_t t) const { return batch_sizes[t]; }
+  // Step t in processing order s of a direction.
+  int64_t time(int64_t s, bool reverse) const { return reverse ? steps - 1 - s : s; }
+  // The step processed before t in that direction, or -1 when t is its first step.
+  int64_t previous(int64_t t, bool reverse) const {
+    const int64_t prev = reverse ? t + 1 : t - 1;
+    return (prev < 0 || prev >= steps) ? -1 : prev;
+  }
+  // Rows of step t whose sequence was already active at the previous step (the rest start
+  // from h0/c0: only in the reverse direction of packed input).
+  int64_t continuing_rows(int64_t t, bool reverse) const {
+    const int64_t prev = previous(t, reverse);
+    return prev < 0 ? 0 : std::min(rows(t), rows(prev));
+  }
+};
+
+Steps make_steps(const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes) {
+  Steps layout;
+  if (batch_sizes.has_value()) {
+    const at::Tensor& sizes = *batch_sizes;
+    TORCH_CHECK(sizes.dim() == 1 && sizes.scalar_type() == at::kLong && sizes.device().is_cpu(),
+                "lstm_fused: batch_sizes must be a 1-D int64 CPU tensor");
+    TORCH_CHECK(input.dim() == 2, "lstm_fused: packed input must be 2-D (N, input_size), got ",
+                input.dim(), "-D");
+    const at::Tensor contiguous = sizes.contiguous();
+    const int64_t* data = contiguous.data_ptr<int64_t>();
+    layout.steps = contiguous.numel();
+    layout.batch_sizes.assign(data, data + layout.steps);
+    int64_t previous = std::numeric_limits<int64_t>::max();
+    for (int64_t t = 0; t < layout.steps; ++t) {
+      const int64_t rows = layout.batch_sizes[t];
+      TORCH_CHECK(rows >= 0 && rows <= previous,
+                  "lstm_fused: batch_sizes must be non-increasing and non-negative");
+      previous = rows;
+      layout.offsets.push_back(layout.rows_total);
+      layout.rows_total += rows;
+    }
+    layout.batch = layout.steps > 0 ? layout.batch_sizes[0] : 0;
+    TORCH_CHECK(layout.rows_total == input.size(0), "lstm_fused: batch_sizes sum to ",
+                layout.rows_total, " but the packed input has ", input.size(0), " rows");
+  } else {
+    TORCH_CHECK(input.dim() == 3, "lstm_fused: input must be 3-D (T, B, input_size), got ",
+                input.dim(), "-D");
+    layout.steps = input.size(0);
+    layout.batch = input.size(1);
+    for (int64_t t = 0; t < layout.steps; ++t) {
+      layout.batch_sizes.push_back(layout.batch);
+      layout.offsets.push_back(t * layout.batch);
+    }
+    layout.rows_total = layout.steps * layout.batch;
+  }
+  return layout;
+}
+
+// One direction's weights, in the compute type.
+struct DirectionParams {
+  at::Tensor w_ih, w_hh, b_ih, b_hh, w_hr;  // b_* and w_hr undefined when absent
+};
+
+int64_t params_per_direction(bool has_biases, bool has_proj) {
+  return 2 + (has_biases ? 2 : 0) + (has_proj ? 1 : 0);
+}
+
+std::vector<DirectionParams> split_params(at::TensorList params, bool has_biases,
+                                          bool has_proj, int64_t directions,
+                                          at::ScalarType compute) {
+  const int64_t per_direction = params_per_direction(has_biases, has_proj);
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == per_direction * directions,
+              "lstm_fused: expected ", per_direction * directions, " parameter tensors, got ",
+              params.size());
+  std::vector<DirectionParams> result;
+  for (int64_t d = 0; d < directions; ++d) {
+    auto take = [&](int64_t k) { return params[d * per_direction + k].to(compute).contiguous(); };
+    DirectionParams p;
+    p.w_ih = take(0);
+    p.w_hh = take(1);
+    if (has_biases) {
+      p.b_ih = take(2);
+      p.b_hh = take(3);
+    }
+    if (has_proj) p.w_hr = take(has_biases ? 4 : 2);
+    result.push_back(p);
+  }
+  return result;
+}
+
+struct Sizes {
+  int64_t directions, input_size, hidden, out_size;  // D, I, H, P
+};
+
+Sizes check_layer(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+                  at::TensorList params, bool has_biases, bool has_proj, bool bidirectional,
+                  const Steps& layout) {
+  const int64_t D = bidirectional ? 2 : 1;
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "lstm_fused: input must be a floating-point tensor, got ", input.scalar_type());
+  const int64_t per_direction = params_per_direction(has_biases, has_proj);
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == per_direction * D, "lstm_fused: expected ",
+              per_direction * D, " parameter tensors, got ", params.size());
+  const at::Tensor& w_ih = params[0];
+  const at::Tensor& w_hh = params[1];
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0, "lstm_fused: weight_ih must be (4H, I)");
+  const int64_t H = w_ih.size(0) / 4;
+  const int64_t I = w_ih.size(1);
+  const int64_t P = has_proj ? params[per_direction - 1].size(0) : H;
+  TORCH_CHECK(input.size(-1) == I, "lstm_fused: input.size(-1) must be equal to input_size. ",
+              "Expected ", I, ", got ", input.size(-1));
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * H && w_hh.size(1) == P,
+              "lstm_fused: weight_hh must be (", 4 * H, ", ", P, ")");
+  TORCH_CHECK(hx.dim() == 3 && hx.size(0) == D && hx.size(1) == layout.batch && hx.size(2) == P,
+              "lstm_fused: Expected hidden[0] size (", D, ", ", layout.batch, ", ", P,
+              "), got ", hx.sizes());
+  TORCH_CHECK(cx.dim() == 3 && cx.size(0) == D && cx.size(1) == layout.batch && cx.size(2) == H,
+              "lstm_fused: Expected hidden[1] size (", D, ", ", layout.batch, ", ", H,
+              "), got ", cx.sizes());
+  for (const at::Tensor& tensor : {hx, cx}) {
+    TORCH_CHECK(tensor.device() == input.device(),
+                "Input and hidden tensors are not at the same device, found input tensor at ",
+                input.device(), " and hidden tensor at ", tensor.device());
+    TORCH_CHECK(tensor.scalar_type() == input.scalar_type(),
+                "lstm_fused: hidden state dtype ", tensor.scalar_type(),
+                " does not match input dtype ", input.scalar_type());
+  }
+  for (const at::Tensor& param : params) {
+    TORCH_CHECK(param.device() == input.device(),
+                "Input and parameter tensors are not at the same device, found input tensor at ",
+                input.device(), " and parameter tensor at ", param.device());
+    TORCH_CHECK(param.scalar_type() == input.scalar_type(), "lstm_fused: parameter dtype ",
+                param.scalar_type(), " does not match input dtype ", input.scalar_type());
+  }
+  return {D, I, H, P};
+}
+
+// BLAS from the running libtorch (MKL or OpenBLAS builds export the Fortran symbols). Weak:
+// where a torch build does not export them the pointers are null and at:: ops are used.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+// MKL's packed GEMM (x86 builds of torch link MKL statically and export these).
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                      const float* src, int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
+                         int lda, const float* b, int ldb, float beta, float* c, int ldc)
+    __attribute__((weak));
+}
+// CBLAS enum values (cblas.h / mkl_cblas.h).
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasPacked = 151,
+              kCblasBMatrix = 162;
+
+template <typename T>
+struct Blas;
+template <>
+struct Blas<float> {
+  static auto gemm() { return &sgemm_; }
+};
+template <>
+struct Blas<double> {
+  static auto gemm() { return &dgemm_; }
+};
+
+// The weight of one product per step (W_hh, W_hr): out (rows x n) [+]= a (rows x k) * op(W),
+// op(W) = W^T when `transposed` (W: n x k) else W (W: k x n); out and a are row-major with row
+// strides ldo/lda. Pointers, not tensor views: at the sizes of one step, creating views and
+// going through the dispatcher costs as much as the product itself. On the CPU the product is
+// a direct BLAS call, and in float32 with MKL, W is packed once per call into MKL's internal
+// layout so the per-step GEMMs skip re-packing it (at batch 8 that packing was a third of the
+// product's time); steps with fewer rows (packed sequences) use the plain call. Elsewhere
+// (CUDA) it is at::addmm/at::mm on the current stream.
+template <typename T>
+class StepWeight {
+ public:
+  StepWeight(const at::Tensor& weight, bool transposed, int64_t max_rows)
+      : weight_(weight), transposed_(transposed), max_rows_(max_rows) {
+    n_ = transposed ? weight.size(0) : weight.size(1);
+    k_ = transposed ? weight.size(1) : weight.size(0);
+    constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+    blas_ = weight.device().is_cpu() && Blas<T>::gemm() != nullptr && max_rows <= kIntMax &&
+            n_ <= kIntMax && k_ <= kIntMax && weight.stride(0) <= kIntMax &&
+            weight.stride(1) == 1;
+    if constexpr (std::is_same_v<T, float>) {
+      if (blas_ && cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute &&
+          max_rows > 0 && n_ > 0 && k_ > 0) {
+        const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, max_rows, n_, k_);
+        packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 16},
+                            weight.options());
+        cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, transposed ? kCblasTrans : kCblasNoTrans,
+                         static_cast<int>(max_rows), n_, k_, 1.0f, weight.data_ptr<float>(),
+                         static_cast<int>(weight.stride(0)), packed_.data_ptr<float>());
+      }
+    }
+  }
+
+  void multiply(int64_t rows, T* out, int64_t ldo, const T* a, int64_t lda,
+                bool accumulate) const {
+    if (rows == 0 || n_ == 0) return;
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed_.defined() && rows == max_rows_) {
+        cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, static_cast<int>(rows),
+                            n_, k_, a, static_cast<int>(lda), packed_.data_ptr<float>(), n_,
+                            accumulate ? 1.0f : 0.0f, out, static_cast<int>(ldo));
+        return;
+      }
+    }
+    if (blas_) {
+      // Row-major out = a op(W) is column-major out^T = op(W)^T a^T.
+      const char trans_w = transposed_ ? 'T' : 'N', trans_a = 'N';
+      const int m = n_, n = static_cast<int>(rows), k = k_;
+      const int ldw = static_cast<int>(weight_.stride(0)), lda_ = static_cast<int>(lda),
+                ldo_ = static_cast<int>(ldo);
+      const T alpha = 1, beta = accumulate ? 1 : 0;
+      Blas<T>::gemm()(&trans_w, &trans_a, &m, &n, &k, &alpha, weight_.data_ptr<T>(), &ldw, a,
+                      &lda_, &beta, out, &ldo_);
+      return;
+    }
+    const auto options = weight_.options();
+    at::Tensor out_view = at::from_blob(out, {rows, n_}, {ldo, 1}, options);
+    const at::Tensor a_view = at::from_blob(const_cast<T*>(a), {rows, k_}, {lda, 1}, options);
+    const at::Tensor rhs = transposed_ ? weight_.t() : weight_;
+    if (accumulate) {
+      out_view.addmm_(a_view, rhs);
+    } else {
+      at::mm_out(out_view, a_view, rhs);
+    }
+  }
+
+ private:
+  at::Tensor weight_;
+  bool transposed_;
+  int64_t max_rows_;
+  bool blas_ = false;
+  int n_ = 0, k_ = 0;
+  at::Tensor packed_;
+};
+
+template <typename T>
+const StepKernels<T>& kernels_for(const DeviceKernels& kernels);
+template <>
+const StepKernels<float>& kernels_for<float>(const DeviceKernels& kernels) {
+  return kernels.f32;
+}
+template <>
+const StepKernels<double>& kernels_for<double>(const DeviceKernels& kernels) {
+  return kernels.f64;
+}
+
+// Columns of direction d in a (rows, D*P) tensor.
+at::Tensor direction_columns(const at::Tensor& t, int64_t d, int64_t width) {
+  return t.narrow(1, d * width, width);
+}
+
+template <typename T>
+void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool reverse,
+                       const DirectionParams& p, const at::Tensor& x2d, at::Tensor h_state,
+                       at::Tensor c_state, at::Tensor gates, at::Tensor cells,
+                       at::Tensor output, const StepKernels<T>& kernels) {
+  const int64_t H = sz.hidden, P = sz.out_size, N = layout.rows_total;
+  // All steps' input projections at once; both biases folded in.
+  if (N > 0) {
+    if (p.b_ih.defined()) {
+      at::addmm_out(gates, p.b_ih + p.b_hh, x2d, p.w_ih.t());
+    } else {
+      at::mm_out(gates, x2d, p.w_ih.t());
+    }
+  }
+  const bool has_proj = p.w_hr.defined();
+  at::Tensor r_buffer = has_proj ? at::empty({layout.batch, H}, gates.options()) : at::Tensor();
+  const StepWeight<T> recurrent(p.w_hh, /*transposed=*/true, layout.batch);
+  const std::optional<StepWeight<T>> projection =
+      has_proj ? std::make_optional<StepWeight<T>>(p.w_hr, true, layout.batch) : std::nullopt;
+  const int64_t out_stride = output.size(1);
+  T* const gates_data = gates.data_ptr<T>();
+  T* const hidden_data = h_state.data_ptr<T>();
+  T* const r_data = has_proj ? r_buffer.data_ptr<T>() : nullptr;
+  for (int64_t s = 0; s < layout.steps; ++s) {
+    const int64_t t = layout.time(s, reverse);
+    const int64_t rows = layout.rows(t), offset = layout.offsets[t];
+    if (rows == 0) continue;
+    T* const step_gates = gates_data + offset * 4 * H;
+    recurrent.multiply(rows, step_gates, 4 * H, hidden_data, P, /*accumulate=*/true);
+    ForwardStepArgs<T> args;
+    args.rows = rows;
+    args.hidden = H;
+    args.gates = step_gates;
+    args.cell_state = c_state.data_ptr<T>();
+    args.cells = cells.data_ptr<T>() + offset * H;
+    args.hidden_state = has_proj ? r_data : hidden_data;
+    args.output = has_proj ? nullptr : output.data_ptr<T>() + offset * out_stride + d * P;
+    args.output_stride = out_stride;
+    kernels.forward(args);
+    if (has_proj) {
+      projection->multiply(rows, hidden_data, P, r_data, H, /*accumulate=*/false);
+      direction_columns(output.narrow(0, offset, rows), d, P)
+          .copy_(h_state.narrow(0, 0, rows));
+    }
+  }
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, at::TensorList params,
+    bool has_biases, bool has_proj, bool bidirectional, const Steps& layout, const Sizes& sz,
+    const DeviceKernels& kernels) {
+  const at::ScalarType compute = c10::CppTypeToScalarType<T>::value;
+  const int64_t D = sz.directions, H = sz.hidden, P = sz.out_size, N = layout.rows_total;
+  const auto options = input.options().dtype(compute);
+  const at::Tensor x2d = input.reshape({N, sz.input_size}).to(compute).contiguous();
+  std::vector<DirectionParams> dir_params =
+      split_params(params, has_biases, has_proj, D, compute);
+  at::Tensor output = at::empty({N, D * P}, options);
+  at::Tensor gates = at::empty({D, N, 4 * H}, options);
+  at::Tensor cells = at::empty({D, N, H}, options);
+  at::Tensor hy = hx.to(compute, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  at::Tensor cy = cx.to(compute, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  const StepKernels<T>& step_kernels = kernels_for<T>(kernels);
+  for (int64_t d = 0; d < D; ++d) {
+    forward_direction<T>(layout, sz, d, /*reverse=*/d == 1, dir_params[d], x2d, hy[d], cy[d],
+                         gates[d], cells[d], output, step_kernels);
+  }
+  at::Tensor output_shaped = input.dim() == 3
+                                 ? output.view({layout.steps, layout.batch, D * P})
+                                 : output;
+  return {output_shaped.to(input.scalar_type()), hy.to(input.scalar_type()),
+          cy.to(input.scalar_type()), gates, cells};
+}
+
+// h[t-1] for every row of the flattened sequence (h0 where a sequence starts): the right
+// operand of dW_hh = dG^T h_prev.
+at::Tensor previous_hidden(const Steps& layout, int64_t d, bool reverse, int64_t P,
+                           const at::Tensor& output2d, const at::Tensor& h0) {
+  const int64_t N = layout.rows_total, B = layout.batch;
+  at::Tensor h_prev = at::empty({N, P}, h0.options());
+  const at::Tensor outputs = direction_columns(output2d, d, P);
+  if (N == layout.steps * B && N > 0) {
+    // Equal batch sizes: h_prev is h0 and the outputs shifted by one step, two block copies.
+    const int64_t first = reverse ? N - B : 0;
+    h_prev.narrow(0, first, B).copy_(h0);
+    h_prev.narrow(0, reverse ? 0 : B, N - B).copy_(outputs.narrow(0, reverse ? B : 0, N - B));
+    return h_prev;
+  }
+  for (int64_t t = 0; t < layout.steps; ++t) {
+    const int64_t rows = layout.rows(t);
+    if (rows == 0) continue;
+    const int64_t continuing = layout.continuing_rows(t, reverse);
+    at::Tensor target = h_prev.narrow(0, layout.offsets[t], rows);
+    if (continuing > 0) {
+      const int64_t prev = layout.previous(t, reverse);
+      target.narrow(0, 0, continuing).copy_(outputs.narrow(0, layout.offsets[prev], continuing));
+    }
+    if (continuing < rows) {
+      target.narrow(0, continuing, rows - continuing)
+          .copy_(h0.narrow(0, continuing, rows - continuing));
+    }
+  }
+  return h_prev;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor>
+backward_impl(const std::optional<at::Tensor>& grad_output,
+              const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
+              const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+              at::TensorList params, const at::Tensor& output, const at::Tensor& gates,
+              const at::Tensor& cells, bool has_biases, bool has_proj, const Steps& layout,
+              const Sizes& sz, bool record_flow, double bptt_clip, int64_t bptt_clip_mode,
+              const DeviceKernels& kernels) {
+  const at::ScalarType compute = c10::CppTypeToScalarType<T>::value;
+  const int64_t D = sz.directions, H = sz.hidden, P = sz.out_size, N = layout.rows_total;
+  const int64_t I = sz.input_size;
+  const auto options = input.options().dtype(compute);
+  const StepKernels<T>& step_kernels = kernels_for<T>(kernels);
+  std::vector<DirectionParams> dir_params =
+      split_params(params, has_biases, has_proj, D, compute);
+  const at::Tensor x2d = input.reshape({N, I}).to(compute).contiguous();
+  const at::Tensor output2d = output.reshape({N, D * P}).to(compute);
+  const at::Tensor h0 = hx.to(compute).contiguous();
+  const at::Tensor c0 = cx.to(compute).contiguous();
+  at::Tensor dy;
+  if (grad_output.has_value() && grad_output->defined()) {
+    dy = grad_output->reshape({N, D * P}).to(compute).contiguous();
+  }
+  at::Tensor dh_state = (grad_hy.has_value() && grad_hy->defined())
+                            ? grad_hy->to(compute, false, /*copy=*/true).contiguous()
+                            : at::zeros({D, layout.batch, P}, options);
+  at::Tensor dc_state = (grad_cy.has_value() && grad_cy->defined())
+                            ? grad_cy->to(compute, false, /*copy=*/true).contiguous()
+                            : at::zeros({D, layout.batch, H}, options);
+  const int64_t clip_mode = bptt_clip > 0 ? bptt_clip_mode : kClipOff;
+  TORCH_CHECK(clip_mode >= kClipOff && clip_mode <= kClipNorm,
+              "lstm_fused: bptt_clip_mode must be 0 (off), 1 (value) or 2 (norm), got ",
+              bptt_clip_mode);
+  // Sums of squares of dL/dc[t] and dL/dh[t] per direction and step (telemetry).
+  at::Tensor sum_squares =
+      record_flow ? at::zeros({D, layout.steps, 2}, options) : at::Tensor();
+
+  at::Tensor grad_input = at::empty({N, I}, options);
+  std::vector<at::Tensor> grad_params;
+  at::Tensor dgates = at::empty({N, 4 * H}, options);
+  at::Tensor dr_buffer = has_proj ? at::empty({layout.batch, H}, options) : at::Tensor();
+  at::Tensor dh_all = has_proj ? at::empty({N, P}, options) : at::Tensor();
+  for (int64_t d = 0; d < D; ++d) {
+    const bool reverse = d == 1;
+    const DirectionParams& p = dir_params[d];
+    at::Tensor dh = dh_state[d];
+    at::Tensor dc = dc_state[d];
+    const at::Tensor gates_d = gates[d].to(compute).contiguous();
+    const at::Tensor cells_d = cells[d].to(compute).contiguous();
+    const at::Tensor c0_d = c0[d];
+    const StepWeight<T> recurrent(p.w_hh, /*transposed=*/false, layout.batch);
+    const std::optional<StepWeight<T>> projection =
+        has_proj ? std::make_optional<StepWeight<T>>(p.w_hr, false, layout.batch)
+                 : std::nullopt;
+    // Reverse of the forward processing order.
+    for (int64_t s = layout.steps - 1; s >= 0; --s) {
+      const int64_t t = layout.time(s, reverse);
+      const int64_t rows = layout.rows(t), offset = layout.offsets[t];
+      if (rows == 0) continue;
+      T* step_sums = record_flow ? sum_squares[d][t].data_ptr<T>() : nullptr;
+
+      HiddenGradStepArgs<T> hidden_args;
+      hidden_args.rows = rows;
+      hidden_args.size = P;
+      hidden_args.grad_output = dy.defined() ? dy.data_ptr<T>() + offset * D * P + d * P : nullptr;
+      hidden_args.grad_output_stride = D * P;
+      hidden_args.dhidden = dh.data_ptr<T>();
+      hidden_args.clip_mode = clip_mode;
+      hidden_args.clip = static_cast<T>(bptt_clip);
+      hidden_args.sum_squares = record_flow ? step_sums + 1 : nullptr;
+      step_kernels.hidden_grad(hidden_args);
+
+      T* const dh_data = dh.data_ptr<T>();
+      const T* grad_r = dh_data;
+      if (has_proj) {
+        dh_all.narrow(0, offset, rows).copy_(dh.narrow(0, 0, rows));
+        projection->multiply(rows, dr_buffer.data_ptr<T>(), H, dh_data, P, /*accumulate=*/false);
+        grad_r = dr_buffer.data_ptr<T>();
+      }
+      const int64_t prev = layout.previous(t, reverse);
+      BackwardStepArgs<T> args;
+      args.rows = rows;
+      args.hidden = H;
+      args.gates = gates_d.data_ptr<T>() + offset * 4 * H;
+      args.cells = cells_d.data_ptr<T>() + offset * H;
+      args.cells_prev = prev >= 0 ? cells_d.data_ptr<T>() + layout.offsets[prev] * H : nullptr;
+      args.cell_initial = c0_d.data_ptr<T>();
+      args.prev_split = layout.continuing_rows(t, reverse);
+      args.grad_r = grad_r;
+      args.dcell = dc.data_ptr<T>();
+      args.dgates = dgates.data_ptr<T>() + offset * 4 * H;
+      args.clip_mode = clip_mode;
+      args.clip = static_cast<T>(bptt_clip);
+      args.sum_squares = record_flow ? step_sums : nullptr;
+      step_kernels.backward(args);
+
+      // Recurrent gradient for the previous step: dh_next = dG[t] W_hh.
+      recurrent.multiply(rows, dh_data, P, args.dgates, 4 * H, /*accumulate=*/false);
+    }
+    // Weight, bias and input gradients as large GEMMs over all steps.
+    const at::Tensor dgates_t = dgates.t();
+    grad_params.push_back(at::mm(dgates_t, x2d));
+    grad_params.push_back(at::mm(dgates_t, previous_hidden(layout, d, reverse, P, output2d,
+                                                           h0[d])));
+    if (has_biases) {
+      at::Tensor grad_bias = dgates.sum(0);
+      grad_params.push_back(grad_bias);
+      grad_params.push_back(grad_bias.clone());
+    }
+    if (has_proj) {
+      const at::Tensor r_all = gates_d.narrow(1, 3 * H, H) * at::tanh(cells_d);
+      grad_params.push_back(at::mm(dh_all.t(), r_all));
+    }
+    if (d == 0) {
+      at::mm_out(grad_input, dgates, p.w_ih);
+    } else {
+      grad_input.addmm_(dgates, p.w_ih);
+    }
+  }
+  for (size_t k = 0; k < grad_params.size(); ++k) {
+    grad_params[k] = grad_params[k].to(params[k].scalar_type());
+  }
+  at::Tensor flow;
+  if (record_flow) {
+    // Mean forget gate of the rows active at each step.
+    at::Tensor forget_mean = at::empty({D, layout.steps}, options);
+    for (int64_t d = 0; d < D; ++d) {
+      const at::Tensor forget = gates[d].narrow(1, H, H);
+      for (int64_t t = 0; t < layout.steps; ++t) {
+        const int64_t rows = layout.rows(t);
+        if (rows == 0) {
+          forget_mean[d][t].fill_(std::numeric_limits<double>::quiet_NaN());
+        } else {
+          forget_mean[d][t].copy_(forget.narrow(0, layout.offsets[t], rows).mean());
+        }
+      }
+    }
+    flow = at::stack({sum_squares.select(2, 0).sqrt(), sum_squares.select(2, 1).sqrt(),
+                      forget_mean},
+                     2);
+  } else {
+    flow = at::empty({0}, options);
+  }
+  const at::ScalarType dtype = input.scalar_type();
+  return {grad_input.view(input.sizes()).to(dtype), dh_state.to(dtype), dc_state.to(dtype),
+          grad_params, flow};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, at::TensorList params,
+    bool has_biases, bool has_proj, bool bidirectional,
+    const std::optional<at::Tensor>& batch_sizes, const DeviceKernels& kernels) {
+  const Steps layout = make_steps(input, batch_sizes);
+  const Sizes sz =
+      check_layer(input, hx, cx, params, has_biases, has_proj, bidirectional, layout);
+  c10::OptionalDeviceGuard device_guard(input.device());
+  const at::ScalarType compute = acc_type(input.scalar_type());
+  if (compute == at::kDouble) {
+    return forward_impl<double>(input, hx, cx, params, has_biases, has_proj, bidirectional,
+                                layout, sz, kernels);
+  }
+  TORCH_CHECK(compute == at::kFloat, "lstm_fused: unsupported dtype ", input.scalar_type(),
+              " (expected float16, bfloat16, float32 or float64)");
+  return forward_impl<float>(input, hx, cx, params, has_biases, has_proj, bidirectional, layout,
+                             sz, kernels);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor>
+layer_backward(const std::optional<at::Tensor>& grad_output,
+               const std::optional<at::Tensor>& grad_hy,
+               const std::optional<at::Tensor>& grad_cy, const at::Tensor& input,
+               const at::Tensor& hx, const at::Tensor& cx, at::TensorList params,
+               const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+               bool has_biases, bool has_proj, bool bidirectional,
+               const std::optional<at::Tensor>& batch_sizes, bool record_flow,
+               double bptt_clip, int64_t bptt_clip_mode, const DeviceKernels& kernels) {
+  const Steps layout = make_steps(input, batch_sizes);
+  const Sizes sz =
+      check_layer(input, hx, cx, params, has_biases, has_proj, bidirectional, layout);
+  c10::OptionalDeviceGuard device_guard(input.device());
+  const at::ScalarType compute = acc_type(input.scalar_type());
+  if (compute == at::kDouble) {
+    return backward_impl<double>(grad_output, grad_hy, grad_cy, input, hx, cx, params, output,
+                                 gates, cells, has_biases, has_proj, layout, sz, record_flow,
+                                 bptt_clip, bptt_clip_mode, kernels);
+  }
+  TORCH_CHECK(compute == at::kFloat, "lstm_fused: unsupported dtype ", input.scalar_type());
+  return backward_impl<float>(grad_output, grad_hy, grad_cy, input, hx, cx, params, output,
+                              gates, cells, has_biases, has_proj, layout, sz, record_flow,
+                              bptt_clip, bptt_clip_mode, kernels);
+}
+
+TORCH_LIBRARY(lstm_fused, m) {
+  m.def(
+      "layer_forward(Tensor input, Tensor hx, Tensor cx, Tensor[] params, bool has_biases, "
+      "bool has_proj, bool bidirectional, Tensor? batch_sizes, Tensor? flow_probe, "
+      "float bptt_clip, int bptt_clip_mode) "
+      "-> (Tensor output, Tensor hy, Tensor cy, Tensor gates, Tensor cells)");
+  m.def(
+      "layer_backward(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor input, "
+      "Tensor hx, Tensor cx, Tensor[] params, Tensor output, Tensor gates, Tensor cells, "
+      "bool has_biases, bool has_proj, bool bidirectional, Tensor? batch_sizes, "
+      "bool record_flow, float bptt_clip, int bptt_clip_mode) "
+      "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_params, "
+      "Tensor flow)");
+}
+
+TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) { register_layer_ops<cpu::kernels>(m); }
+
+}  // namespace lstm_fused

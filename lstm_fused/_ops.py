@@ -1,0 +1,181 @@
+"""The compiled ops: loading, fake (meta) kernels and autograd.
+
+`torch.ops.lstm_fused.layer_forward` / `layer_backward` are defined in csrc/ops.cpp (schemas in
+docs/ARCHITECTURE.md). Here they get fake kernels (shape/dtype propagation for torch.compile
+and FakeTensor) and an autograd formula whose backward is the fused `layer_backward` op, so a
+compiled graph keeps the fused BPTT loop as one node.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._loader import load_library
+
+load_library()
+
+layer_forward = torch.ops.lstm_fused.layer_forward.default
+layer_backward = torch.ops.lstm_fused.layer_backward.default
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # 16-bit inputs are computed with float32 gates and cell state.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _layer_sizes(input, params, has_biases, has_proj, bidirectional, batch_sizes):
+    directions = 2 if bidirectional else 1
+    per_direction = 2 + 2 * int(has_biases) + int(has_proj)
+    torch._check(
+        len(params) == per_direction * directions,
+        lambda: f"lstm_fused: expected {per_direction * directions} parameter tensors, "
+        f"got {len(params)}",
+    )
+    hidden = params[0].shape[0] // 4
+    out_size = params[per_direction - 1].shape[0] if has_proj else hidden
+    if batch_sizes is None:
+        torch._check(input.dim() == 3, lambda: "lstm_fused: input must be 3-D (T, B, I)")
+        steps, rows = input.shape[0], input.shape[0] * input.shape[1]
+    else:
+        torch._check(input.dim() == 2, lambda: "lstm_fused: packed input must be 2-D (N, I)")
+        steps, rows = batch_sizes.shape[0], input.shape[0]
+    torch._check(
+        input.shape[-1] == params[0].shape[1],
+        lambda: "lstm_fused: input.size(-1) must be equal to input_size",
+    )
+    return directions, hidden, out_size, steps, rows
+
+
+@torch.library.register_fake("lstm_fused::layer_forward")
+def _layer_forward_fake(input, hx, cx, params, has_biases, has_proj, bidirectional,
+                        batch_sizes, flow_probe, bptt_clip, bptt_clip_mode):
+    directions, hidden, out_size, _, rows = _layer_sizes(
+        input, params, has_biases, has_proj, bidirectional, batch_sizes)
+    torch._check(hx.shape[0] == directions and hx.shape[2] == out_size,
+                 lambda: "lstm_fused: hx has the wrong shape")
+    torch._check(cx.shape[0] == directions and cx.shape[2] == hidden,
+                 lambda: "lstm_fused: cx has the wrong shape")
+    acc = _acc_dtype(input.dtype)
+    if batch_sizes is None:
+        output = input.new_empty((input.shape[0], input.shape[1], directions * out_size))
+    else:
+        output = input.new_empty((rows, directions * out_size))
+    gates = input.new_empty((directions, rows, 4 * hidden), dtype=acc)
+    cells = input.new_empty((directions, rows, hidden), dtype=acc)
+    return output, hx.new_empty(hx.shape), cx.new_empty(cx.shape), gates, cells
+
+
+@torch.library.register_fake("lstm_fused::layer_backward")
+def _layer_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, params, output, gates,
+                         cells, has_biases, has_proj, bidirectional, batch_sizes, record_flow,
+                         bptt_clip, bptt_clip_mode):
+    directions, _, _, steps, _ = _layer_sizes(
+        input, params, has_biases, has_proj, bidirectional, batch_sizes)
+    acc = _acc_dtype(input.dtype)
+    flow_shape = (directions, steps, 3) if record_flow else (0,)
+    return (
+        input.new_empty(input.shape),
+        hx.new_empty(hx.shape),
+        cx.new_empty(cx.shape),
+        [p.new_empty(p.shape) for p in params],
+        input.new_empty(flow_shape, dtype=acc),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    (input, hx, cx, params, has_biases, has_proj, bidirectional, batch_sizes, flow_probe,
+     bptt_clip, bptt_clip_mode) = inputs
+    out, _, _, gates, cells = output
+    ctx.num_params = len(params)
+    ctx.flags = (has_biases, has_proj, bidirectional)
+    ctx.clip = (bptt_clip, bptt_clip_mode)
+    ctx.has_batch_sizes = batch_sizes is not None
+    ctx.record_flow = flow_probe is not None and flow_probe.requires_grad
+    saved = [input, hx, cx, out, gates, cells, *params]
+    if batch_sizes is not None:
+        saved.append(batch_sizes)
+    ctx.save_for_backward(*saved)
+    # Outputs without a gradient (always gates and cells, often hy/cy) reach the backward as
+    # None, not as zeros autograd would allocate ((D, N, 4H) + (D, N, H) every backward);
+    # layer_backward takes a missing gradient as zeros.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells):
+    saved = ctx.saved_tensors
+    input, hx, cx, out, gates, cells = saved[:6]
+    params = list(saved[6:6 + ctx.num_params])
+    batch_sizes = saved[6 + ctx.num_params] if ctx.has_batch_sizes else None
+    has_biases, has_proj, bidirectional = ctx.flags
+    bptt_clip, bptt_clip_mode = ctx.clip
+    if torch.is_grad_enabled():
+        # create_graph=True: the fused backward is not itself differentiable, so recompute the
+        # layer with the reference implementation and differentiate that (double backward).
+        grads = _differentiable_backward(grad_output, grad_hy, grad_cy, input, hx, cx, params,
+                                         ctx.flags, batch_sizes, ctx.clip)
+        flow = None
+    else:
+        grad_input, grad_hx, grad_cx, grad_params, flow = layer_backward(
+            grad_output, grad_hy, grad_cy, input, hx, cx, params, out, gates, cells,
+            has_biases, has_proj, bidirectional, batch_sizes, ctx.record_flow,
+            bptt_clip, bptt_clip_mode)
+        grads = (grad_input, grad_hx, grad_cx, grad_params)
+    grad_input, grad_hx, grad_cx, grad_params = grads
+    grad_probe = flow if ctx.record_flow and flow is not None else None
+    return (grad_input, grad_hx, grad_cx, grad_params, None, None, None, None, grad_probe,
+            None, None)
+
+
+def _differentiable_backward(grad_output, grad_hy, grad_cy, input, hx, cx, params, flags,
+                             batch_sizes, clip):
+    from . import reference
+
+    has_biases, has_proj, bidirectional = flags
+    bptt_clip, bptt_clip_mode = clip
+    inputs = [input, hx, cx, *params]
+    with torch.enable_grad():
+        # Tensors that do not require grad still need a graph to differentiate through.
+        leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in inputs]
+        out, hy, cy = reference.lstm_layer(
+            leaves[0], leaves[1], leaves[2], leaves[3:], has_biases, has_proj, bidirectional,
+            batch_sizes=batch_sizes, bptt_clip=bptt_clip, bptt_clip_mode=bptt_clip_mode)
+        given = [(o, g) for o, g in zip((out, hy, cy), (grad_output, grad_hy, grad_cy))
+                 if g is not None]
+        grads = torch.autograd.grad([o for o, _ in given], leaves, [g for _, g in given],
+                                    create_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+    return grads[0], grads[1], grads[2], grads[3:]
+
+
+torch.library.register_autograd("lstm_fused::layer_forward", _backward,
+                                setup_context=_setup_context)
+
+
+# Autocast: like aten's RNN kernels under autocast (mkldnn_rnn_layer on the CPU, _cudnn_rnn on
+# CUDA), the forward runs in the lower-precision dtype: input, hx, cx and the weights are cast
+# to the autocast dtype of the device, except float64 and non-floating tensors (autocast's own
+# eligibility rule). Unlike torch.library.register_autocast, which bakes in one dtype, the dtype
+# is read at call time (torch.autocast(..., dtype=...)). flow_probe keeps its dtype. The module
+# (module.py) casts before it calls functional.lstm with autocast off, so this kernel serves
+# callers of functional.lstm / the op itself. The backward op needs none: its inputs already
+# have matching dtypes.
+_autocast_lib = torch.library.Library("lstm_fused", "IMPL")
+
+
+def _register_autocast(device_type: str, dispatch_key: str) -> None:
+    def cast(t):
+        eligible = (t.is_floating_point() and t.device.type == device_type
+                    and t.dtype != torch.float64)
+        return t.to(torch.get_autocast_dtype(device_type)) if eligible else t
+
+    def layer_forward_autocast(input, hx, cx, params, *rest):
+        with torch.autocast(device_type, enabled=False):
+            return layer_forward(cast(input), cast(hx), cast(cx), [cast(p) for p in params],
+                                 *rest)
+
+    _autocast_lib.impl("layer_forward", layer_forward_autocast, dispatch_key)
+
+
+_register_autocast("cpu", "AutocastCPU")
+_register_autocast("cuda", "AutocastCUDA")
+

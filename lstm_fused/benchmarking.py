@@ -1,0 +1,463 @@
+"""Benchmark grids, workloads, timers and reports shared by `python -m lstm_fused bench` and
+the pytest-benchmark suite (bench/test_bench_cpu.py).
+
+A workload is one call of lstm_fused.LSTM or torch.nn.LSTM (same weights, same inputs) in
+one of two modes: "forward" (inference: eval mode, no autograd) or "forward+backward" (a
+training step: forward with autograd, then backward of the output with a fixed random
+gradient into the input and every parameter). Implementations are timed interleaved, round
+after round, so that both see the same machine load; the median is reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "BenchCase", "CPU_GRID", "GPU_GRID", "TINY_GRID", "GRIDS", "IMPLS", "MODES",
+    "build_modules", "make_workloads", "time_interleaved", "peak_memory_bytes",
+    "run_benchmark", "geomean_speedup", "machine_info", "markdown_report", "plot_speedups",
+    "write_results", "update_results_page",
+]
+
+IMPLS = ("nn.LSTM", "lstm_fused")
+MODES = ("forward", "forward+backward")
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One benchmark shape: sequence length T, batch B, hidden size H (input size I = H
+    unless given), layers, bidirectional, proj_size, dtype (a torch dtype's name)."""
+
+    T: int
+    B: int
+    H: int
+    layers: int = 1
+    bidirectional: bool = False
+    proj_size: int = 0
+    dtype: str = "float32"
+    I: int | None = None  # noqa: E741 - the notation of docs/ARCHITECTURE.md
+
+    @property
+    def input_size(self) -> int:
+        """I: the given input size, else H."""
+        return self.I if self.I is not None else self.H
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch.dtype named by `dtype`."""
+        return getattr(torch, self.dtype)
+
+    @property
+    def name(self) -> str:
+        """Short id such as "T100-B32-H128-L2-bi-float32"."""
+        parts = [f"T{self.T}", f"B{self.B}", f"H{self.H}"]
+        if self.I is not None:
+            parts.append(f"I{self.I}")
+        if self.layers > 1:
+            parts.append(f"L{self.layers}")
+        if self.bidirectional:
+            parts.append("bi")
+        if self.proj_size:
+            parts.append(f"P{self.proj_size}")
+        parts.append(self.dtype)
+        return "-".join(parts)
+
+
+# The CPU benchmark grid (float32, I = H unless noted).
+CPU_GRID = (
+    BenchCase(T=100, B=32, H=128),
+    BenchCase(T=100, B=32, H=256, layers=2),
+    BenchCase(T=200, B=8, H=64),
+    BenchCase(T=50, B=64, H=512),
+    BenchCase(T=500, B=1, H=128),
+    BenchCase(T=100, B=32, H=128, layers=2, bidirectional=True),
+    BenchCase(T=100, B=32, H=128, proj_size=64),
+    BenchCase(T=100, B=32, H=128, dtype="float64"),
+)
+
+# GPU grid, the rows of bench/bench_gpu.py: the shape of published cuDNN and FlashRNN
+# figures (T=1024 B=16 H=768) in each dtype, a batch sweep, a bidirectional and a
+# projection row.
+GPU_GRID = (
+    *(BenchCase(T=1024, B=16, H=768, dtype=dt) for dt in ("float16", "bfloat16", "float32")),
+    *(BenchCase(T=100, B=b, H=h, dtype=dt)
+      for dt in ("float32", "bfloat16") for h in (256, 1024) for b in (1, 8, 32, 128, 512)),
+    BenchCase(T=100, B=64, H=512, layers=2, bidirectional=True),
+    BenchCase(T=100, B=32, H=1024, proj_size=256),
+)
+
+# Seconds-long grid for the tests of the command line.
+TINY_GRID = (
+    BenchCase(T=6, B=3, H=8),
+    BenchCase(T=5, B=2, H=8, layers=2, bidirectional=True, proj_size=4, dtype="float64"),
+)
+
+GRIDS = {"cpu": CPU_GRID, "cuda": GPU_GRID, "tiny": TINY_GRID}
+
+
+# -- workloads -------------------------------------------------------------------------------
+
+def build_modules(case: BenchCase, device, seed: int = 0) -> dict[str, nn.Module]:
+    """{impl: module} for IMPLS: an nn.LSTM for `case` and an lstm_fused.LSTM with its
+    weights."""
+    from .module import LSTM
+
+    torch.manual_seed(seed)
+    ref = nn.LSTM(case.input_size, case.H, num_layers=case.layers,
+                  bidirectional=case.bidirectional, proj_size=case.proj_size,
+                  device=device, dtype=case.torch_dtype)
+    return {"nn.LSTM": ref, "lstm_fused": LSTM.from_torch(ref)}
+
+
+def _forward(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    module.eval()
+
+    def run():
+        with torch.no_grad():
+            module(x)
+
+    return run
+
+
+def _forward_backward(module: nn.Module, x: torch.Tensor,
+                      grad_output: torch.Tensor) -> Callable[[], None]:
+    module.train()  # dropout is 0: same math, but nn.LSTM picks its training kernels
+    params = list(module.parameters())
+
+    def run():
+        output, _ = module(x)
+        output.backward(grad_output)
+        # dropped as optimizer.zero_grad() does, so every call starts without gradients and
+        # its peak memory includes allocating them
+        x.grad = None
+        for p in params:
+            p.grad = None
+
+    return run
+
+
+def make_workloads(case: BenchCase, mode: str, device="cpu", impls: Sequence[str] = IMPLS,
+                   seed: int = 0) -> dict[str, Callable[[], None]]:
+    """{impl: zero-argument callable running one `mode` call}; all share the same weights,
+    input and output gradient."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    device = torch.device(device)
+    modules = build_modules(case, device, seed)
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    x = torch.randn(case.T, case.B, case.input_size, generator=g, device=device,
+                    dtype=case.torch_dtype)
+    if mode == "forward":
+        return {impl: _forward(modules[impl], x) for impl in impls}
+    out_size = (case.proj_size or case.H) * (2 if case.bidirectional else 1)
+    grad_output = torch.randn(case.T, case.B, out_size, generator=g, device=device,
+                              dtype=case.torch_dtype)
+    x.requires_grad_()
+    return {impl: _forward_backward(modules[impl], x, grad_output) for impl in impls}
+
+
+# -- timing and memory -----------------------------------------------------------------------
+
+def _time_cpu_ms(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _time_cuda_ms(fn: Callable[[], None]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def time_interleaved(fns: Mapping[str, Callable[[], None]], repeats: int, warmup: int = 1,
+                     device="cpu") -> dict[str, list[float]]:
+    """Milliseconds per call of each fn, `repeats` samples each: all fns once per round,
+    in alternating order, after `warmup` untimed rounds. CUDA events on a CUDA device."""
+    timer = _time_cuda_ms if torch.device(device).type == "cuda" else _time_cpu_ms
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        # alternate the order so neither always runs right after the other's cache effects
+        for name in names if round_index % 2 == 0 else reversed(names):
+            samples[name].append(timer(fns[name]))
+    return samples
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    # The profiler's native layer prints start/stop lines straight to file descriptor 2.
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _cpu_peak_bytes(fn: Callable[[], None]) -> int:
+    # torch's CPU allocator keeps no statistics: replay the profiler's allocation and free
+    # events in time order. Memory a library allocates on its own (oneDNN scratchpads) is
+    # not seen.
+    from torch.profiler import ProfilerActivity, profile
+
+    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _stderr_silenced(), profiler as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
+def _cuda_peak_bytes(fn: Callable[[], None]) -> int:
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - baseline
+
+
+def peak_memory_bytes(fn: Callable[[], None], device="cpu") -> int | None:
+    """Peak bytes allocated during one call of fn above what was allocated before it, or
+    None when it cannot be measured here."""
+    try:
+        if torch.device(device).type == "cuda":
+            return _cuda_peak_bytes(fn)
+        return _cpu_peak_bytes(fn)
+    except (RuntimeError, AttributeError):  # profiler API differences between torch versions
+        return None
+
+
+# -- a whole run -----------------------------------------------------------------------------
+
+def _summary(samples: list[float]) -> dict:
+    quartiles = statistics.quantiles(samples, n=4) if len(samples) > 1 else samples * 3
+    return {"median_ms": statistics.median(samples), "min_ms": min(samples),
+            "q1_ms": quartiles[0], "q3_ms": quartiles[2], "times_ms": samples}
+
+
+def run_benchmark(grid: Sequence[BenchCase], device="cpu", repeats: int = 15, warmup: int = 3,
+                  measure_memory: bool = True,
+                  progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Time every case of `grid` in both MODES for both IMPLS. One row per (case, mode):
+    {"case", "config", "mode", "nn.LSTM": summary, "lstm_fused": summary, "speedup",
+    "peak_bytes": {impl: bytes} (forward+backward only)}; speedup = nn.LSTM median /
+    lstm_fused median (> 1: lstm_fused is faster)."""
+    rows = []
+    for case in grid:
+        for mode in MODES:
+            if progress:
+                progress(f"{case.name} {mode}")
+            workloads = make_workloads(case, mode, device)
+            samples = time_interleaved(workloads, repeats, warmup, device)
+            row = {"case": case.name, "config": asdict(case), "mode": mode}
+            row.update({impl: _summary(samples[impl]) for impl in IMPLS})
+            row["speedup"] = row["nn.LSTM"]["median_ms"] / row["lstm_fused"]["median_ms"]
+            if measure_memory and mode == "forward+backward":
+                row["peak_bytes"] = {impl: peak_memory_bytes(fn, device)
+                                     for impl, fn in workloads.items()}
+            rows.append(row)
+    return rows
+
+
+def geomean_speedup(rows: Sequence[dict], mode: str = "forward+backward",
+                    dtype: str = "float32") -> float | None:
+    """Geometric mean of the speedups of the `mode` rows in `dtype`; None when there are none."""
+    speedups = [r["speedup"] for r in rows if r["mode"] == mode and r["config"]["dtype"] == dtype]
+    if not speedups:
+        return None
+    return math.exp(sum(math.log(s) for s in speedups) / len(speedups))
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device="cpu") -> dict:
+    """Where and when a benchmark ran: date (UTC), CPU, threads, load, versions, GPU."""
+    from . import __version__
+    from ._loader import build_info
+
+    build = build_info()
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lstm_fused": __version__,
+        "lstm_fused_with_cuda": getattr(build, "WITH_CUDA", None),
+        "onednn": torch.backends.mkldnn.is_available(),
+    }
+    if torch.device(device).type == "cuda":
+        # TF32 settings change float32 speed (and accuracy) of both, so they are recorded
+        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version(),
+                    matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32)
+    return info
+
+
+def _mib(nbytes: int | None) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 2**20:.1f}"
+
+
+def markdown_report(rows: Sequence[dict], info: Mapping, command: str) -> str:
+    """The results as a Markdown page section: how and where they were made, one table row
+    per case (milliseconds, medians), the float32 fwd+bwd geometric-mean speedup."""
+    by_case: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_case.setdefault(r["case"], {})[r["mode"]] = r
+    lines = [
+        f"Command: `{command}`  ",
+        f"Date: {info['date']} · device: {info.get('gpu', info['device'])} · CPU: {info['cpu']} "
+        f"({info['cpu_count']} cores, {info['torch_threads']} torch threads, load "
+        f"{info['load_average_1min']}) · torch {info['torch']} · lstm_fused {info['lstm_fused']}",
+        "",
+        "Milliseconds per call, median; speedup = nn.LSTM / lstm_fused (> 1: lstm_fused is "
+        "faster). Peak memory: MiB allocated during one forward+backward.",
+        "",
+        "| case | nn.LSTM fwd | lstm_fused fwd | speedup fwd | nn.LSTM fwd+bwd "
+        "| lstm_fused fwd+bwd | speedup fwd+bwd | peak MiB nn.LSTM / lstm_fused |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, modes in by_case.items():
+        cells = [name]
+        for mode in MODES:
+            r = modes.get(mode)
+            if r is None:
+                cells += ["", "", ""]
+                continue
+            cells += [f"{r['nn.LSTM']['median_ms']:.2f}", f"{r['lstm_fused']['median_ms']:.2f}",
+                      f"{r['speedup']:.2f}x"]
+        peak = modes.get("forward+backward", {}).get("peak_bytes")
+        cells.append(f"{_mib(peak['nn.LSTM'])} / {_mib(peak['lstm_fused'])}" if peak else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    geomean = geomean_speedup(rows)
+    if geomean is not None:
+        lines += ["", f"Geometric-mean speedup, forward+backward, float32 rows: **{geomean:.2f}x**"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_speedups(rows: Sequence[dict], path: str, title: str) -> bool:
+    """Speedup against batch size (one line per hidden size, dtype and layer variant; one
+    panel per mode) as a PNG at `path`. False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(MODES), figsize=(12, 4.5), sharey=True)
+    for ax, mode in zip(axes, MODES):
+        lines: dict[tuple, list[tuple[int, float, int]]] = {}
+        for r in rows:
+            if r["mode"] != mode:
+                continue
+            c = BenchCase(**r["config"])
+            variant = "".join(f" {v}" for v in (
+                f"L{c.layers}" if c.layers > 1 else "", "bi" if c.bidirectional else "",
+                f"P{c.proj_size}" if c.proj_size else "") if v)
+            key = (c.H, c.dtype, variant)  # sorts the legend by hidden size
+            lines.setdefault(key, []).append((c.B, r["speedup"], c.T))
+        for (hidden, dtype, variant), points in sorted(lines.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                    label=f"H={hidden} {dtype}{variant}")
+            for b, speedup, steps in points:
+                ax.annotate(f"T={steps}", (b, speedup), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)  # 2x faster and 2x slower equally far from 1
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("batch size B")
+        ax.set_title(mode)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("speedup over nn.LSTM (x)")
+    axes[-1].legend(fontsize=8, loc="best")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_results(out_dir: str, rows: Sequence[dict], info: Mapping, settings: Mapping,
+                  command: str) -> dict[str, str]:
+    """Write results.json, results.md and speedup.png (when matplotlib is there) into
+    out_dir; returns {kind: path} of the files written."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "results.json"),
+             "markdown": os.path.join(out_dir, "results.md")}
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump({"command": command, "machine": info, "settings": dict(settings),
+                   "geomean_speedup_fwd_bwd_float32": geomean_speedup(rows),
+                   "rows": list(rows)}, f, indent=1)
+    with open(paths["markdown"], "w", encoding="utf-8") as f:
+        f.write(f"# lstm_fused vs nn.LSTM on {info.get('gpu', info['device'])}\n\n")
+        f.write(markdown_report(rows, info, command))
+    png = os.path.join(out_dir, "speedup.png")
+    title = (f"lstm_fused vs nn.LSTM, {info.get('gpu', info['cpu'])}, "
+             f"{info['torch_threads']} threads, {info['date'][:10]}")
+    if plot_speedups(rows, png, title):
+        paths["plot"] = png
+    return paths
+
+
+def update_results_page(page: str, section: str, body: str) -> None:
+    """Replace the text between `<!-- results:{section}:begin -->` and its `end` marker in
+    the Markdown file `page` by `body` (appending the marked block when it is absent)."""
+    begin, end = f"<!-- results:{section}:begin -->", f"<!-- results:{section}:end -->"
+    text = ""
+    if os.path.exists(page):
+        with open(page, encoding="utf-8") as f:
+            text = f.read()
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
+    with open(page, "w", encoding="utf-8") as f:
+        f.write(text)

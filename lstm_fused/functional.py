@@ -1,0 +1,106 @@
+"""Functional multi-layer LSTM over a registry of per-layer backends.
+
+Every backend is a callable with the `lstm_fused::layer_forward` signature
+(input, hx, cx, params, has_biases, has_proj, bidirectional, batch_sizes, flow_probe,
+bptt_clip, bptt_clip_mode) that returns a differentiable (output, hy, cy); see
+docs/ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import reference
+
+__all__ = ["BACKENDS", "available_backends", "backend_unavailable_reason", "lstm"]
+
+# Set on the first successful load of the compiled ops; kept as a module global so that
+# torch.compile sees a constant after the library has been loaded once (LSTM.__init__ with
+# backend="fused" tries to load it).
+_fused_ops = None
+
+
+def _load_fused():
+    global _fused_ops
+    if _fused_ops is None:
+        from . import _ops  # loads the library and registers fake kernels / autograd
+
+        _fused_ops = _ops
+    return _fused_ops
+
+
+def _fused_layer(input, hx, cx, params, has_biases, has_proj, bidirectional,
+                 batch_sizes=None, flow_probe=None, bptt_clip=0.0, bptt_clip_mode=0):
+    if _fused_ops is None:
+        _load_fused()
+    out = torch.ops.lstm_fused.layer_forward(
+        input, hx, cx, list(params), has_biases, has_proj, bidirectional, batch_sizes,
+        flow_probe, float(bptt_clip), int(bptt_clip_mode))
+    return out[0], out[1], out[2]
+
+
+BACKENDS = {
+    "fused": _fused_layer,
+    "reference": reference.lstm_layer,
+}
+
+
+def backend_unavailable_reason(name: str) -> str | None:
+    """None when backend `name` can run here, else a one-line reason."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; known: {sorted(BACKENDS)}"
+    if name == "fused":
+        try:
+            _load_fused()
+            torch.ops.lstm_fused.layer_forward  # noqa: B018 - raises if not registered
+        except (ImportError, OSError, RuntimeError, AttributeError) as e:
+            return f"fused backend unavailable: {type(e).__name__}: {e}"
+    return None
+
+
+def available_backends() -> list[str]:
+    """Names of the backends in BACKENDS that can run in this process."""
+    return [name for name in BACKENDS if backend_unavailable_reason(name) is None]
+
+
+def lstm(input: Tensor, hx: Tensor, cx: Tensor, flat_weights, has_biases: bool,
+         proj_size: int, num_layers: int, dropout: float, training: bool,
+         bidirectional: bool, batch_sizes: Tensor | None = None, backend: str = "fused",
+         flow_probes=None, bptt_clip: float = 0.0, bptt_clip_mode: int = 0):
+    """Multi-layer LSTM, time-major: input (T, B, I) or packed data (N, I) with batch_sizes.
+
+    hx (L*D, B, P), cx (L*D, B, H); flat_weights as RNNBase._flat_weights. Dropout with
+    probability `dropout` is applied to the output of every layer but the last when
+    `training`. flow_probes: None or one tensor (or None) per layer.
+    Returns (output, hy (L*D, B, P), cy (L*D, B, H)).
+    """
+    try:
+        layer_fn = BACKENDS[backend]
+    except KeyError:
+        raise ValueError(f"unknown LSTM backend {backend!r}; known: {sorted(BACKENDS)}") from None
+    D = 2 if bidirectional else 1
+    has_proj = proj_size > 0
+    n = (2 + (2 if has_biases else 0) + (1 if has_proj else 0)) * D
+    if len(flat_weights) != n * num_layers:
+        raise ValueError(f"expected {n * num_layers} weights for {num_layers} layer(s), "
+                         f"got {len(flat_weights)}")
+    if flow_probes is not None and len(flow_probes) != num_layers:
+        raise ValueError(f"flow_probes must have one entry per layer ({num_layers}), "
+                         f"got {len(flow_probes)}")
+    x = input
+    hys, cys = [], []
+    for layer in range(num_layers):
+        if layer > 0 and dropout > 0 and training:
+            x = F.dropout(x, p=dropout, training=True)
+        probe = flow_probes[layer] if flow_probes is not None else None
+        x, hy, cy = layer_fn(
+            x, hx[layer * D:(layer + 1) * D], cx[layer * D:(layer + 1) * D],
+            flat_weights[layer * n:(layer + 1) * n], has_biases, has_proj, bidirectional,
+            batch_sizes, probe, bptt_clip, bptt_clip_mode)
+        hys.append(hy)
+        cys.append(cy)
+    if num_layers == 1:
+        return x, hys[0], cys[0]
+    return x, torch.cat(hys, 0), torch.cat(cys, 0)

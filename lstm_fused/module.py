@@ -1,0 +1,341 @@
+"""`lstm_fused.LSTM`: a drop-in replacement for torch.nn.LSTM over the backends registry.
+
+It subclasses nn.RNNBase (mode "LSTM"), not nn.LSTM: Dynamo refuses any nn.LSTM instance,
+so a subclass could never compile with fullgraph=True. RNNBase provides the constructor
+validation, parameter names and init, `_flat_weights`, `_apply`, `extra_repr` and pickling;
+the LSTM-specific argument checks are nn.LSTM's own methods, so messages are identical.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from . import functional
+
+__all__ = ["LSTM", "convert"]
+
+# c10's names for dtypes, as nn.LSTM's C++ checks print them
+_C10_DTYPE_NAMES = {
+    torch.float32: "Float",
+    torch.float64: "Double",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+}
+
+
+# bptt_clip_mode names -> the ops' int codes (0 is off)
+_BPTT_CLIP_MODES = {"value": 1, "norm": 2}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return _C10_DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+class LSTM(nn.RNNBase):
+    r"""Multi-layer LSTM with fused kernels; same arguments, parameters, inputs and outputs
+    as :class:`torch.nn.LSTM`.
+
+    Extra keyword-only argument ``backend``: a key of
+    :data:`lstm_fused.functional.BACKENDS` ("fused" — the compiled ops, default — or
+    "reference", plain PyTorch).
+
+    Extra keyword-only arguments that depart from nn.LSTM (off by default):
+
+    - ``bptt_clip`` (float or None) and ``bptt_clip_mode`` ("value" or "norm"): clip the
+      gradient inside backpropagation through time, at every step, before it flows on to the
+      earlier steps: ``"value"`` clamps dL/dh[t] and dL/dc[t] element-wise to
+      [-bptt_clip, bptt_clip] (Graves 2013), ``"norm"`` rescales each so that its L2 norm over
+      the batch is at most bptt_clip. This CHANGES the gradients (the forward is unchanged);
+      see :meth:`set_bptt_clip`.
+    - ``forget_bias`` (float or None): None keeps nn.LSTM's initialisation exactly; a float
+      sets the forget-gate slice [H:2H] of every ``bias_ih`` to forget_bias and of every
+      ``bias_hh`` to 0, so the forget gate's total bias is forget_bias (1.0 is Jozefowicz et
+      al. 2015, Keras' unit_forget_bias). Applied again by reset_parameters().
+
+    Attributes used by the gradient-flow tooling (defaults leave the computation unchanged):
+    ``bptt_clip`` (float, 0 = off) and ``bptt_clip_mode`` (0 off, 1 element-wise, 2 norm):
+    clipping of dL/dh[t] and dL/dc[t] inside BPTT; ``flow_recorder``: None, or a callable
+    ``recorder(module, input, batch_sizes) -> list | None`` returning one flow probe (or
+    None) per layer for this forward (see functional.lstm and lstm_fused.gradflow).
+    """
+
+    def __init__(self, *args, backend: str = "fused", bptt_clip: float | None = None,
+                 bptt_clip_mode: str = "value", forget_bias: float | None = None, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+        if backend not in functional.BACKENDS:
+            raise ValueError(
+                f"backend must be one of {sorted(functional.BACKENDS)}, got {backend!r}")
+        self.backend = backend
+        self.flow_recorder = None
+        self.set_bptt_clip(bptt_clip, bptt_clip_mode)
+        if forget_bias is not None and not self.bias:
+            raise ValueError("forget_bias needs bias=True")
+        self.forget_bias = forget_bias
+        self._init_forget_bias()
+        if backend == "fused":
+            # Load the op library now (not inside a compiled forward); a failure is reported
+            # by the first forward, so that constructing the module never needs the build.
+            functional.backend_unavailable_reason("fused")
+
+    # nn.LSTM's own argument checks and hidden-state handling (identical messages)
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def __setstate__(self, d):
+        super().__setstate__(d)
+        self.__dict__.setdefault("backend", "fused")
+        self.__dict__.setdefault("flow_recorder", None)
+        self.__dict__.setdefault("bptt_clip", 0.0)
+        self.__dict__.setdefault("bptt_clip_mode", 0)
+        self.__dict__.setdefault("forget_bias", None)
+
+    def flatten_parameters(self) -> None:
+        """No-op: the kernels read the parameters where they are (kept for API parity)."""
+
+    def set_bptt_clip(self, clip: float | None, mode: str = "value") -> None:
+        """Clip dL/dh[t] and dL/dc[t] at every step of BPTT: mode "value" clamps element-wise
+        to [-clip, clip], "norm" rescales to L2 norm <= clip; clip None turns it off."""
+        if mode not in _BPTT_CLIP_MODES:
+            raise ValueError(f"bptt_clip_mode must be one of {list(_BPTT_CLIP_MODES)}, got {mode!r}")
+        if clip is not None and not clip > 0:
+            raise ValueError(f"bptt_clip must be None (off) or > 0, got {clip!r}")
+        self.bptt_clip = 0.0 if clip is None else float(clip)
+        self.bptt_clip_mode = 0 if clip is None else _BPTT_CLIP_MODES[mode]
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self._init_forget_bias()
+
+    def _init_forget_bias(self) -> None:
+        # RNNBase.__init__ calls reset_parameters before forget_bias is set
+        forget_bias = getattr(self, "forget_bias", None)
+        if forget_bias is None:
+            return
+        gate = slice(self.hidden_size, 2 * self.hidden_size)  # gate order i, f, g, o
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.startswith("bias_ih"):
+                    p[gate].fill_(forget_bias)
+                elif name.startswith("bias_hh"):
+                    p[gate].zero_()
+
+    def extra_repr(self) -> str:
+        # nn.LSTM's repr, plus the options that depart from it when they are set
+        extras = []
+        if self.bptt_clip_mode:
+            mode = next(k for k, v in _BPTT_CLIP_MODES.items() if v == self.bptt_clip_mode)
+            extras.append(f"bptt_clip={self.bptt_clip}, bptt_clip_mode={mode!r}")
+        if self.forget_bias is not None:
+            extras.append(f"forget_bias={self.forget_bias}")
+        return ", ".join([super().extra_repr(), *extras])
+
+    def _check_packed_args(self, input: Tensor, hx, batch_sizes: Tensor) -> None:
+        # nn.LSTM runs no Python checks for PackedSequence input and fails later inside
+        # the kernels with RuntimeErrors; we check up front with nn.LSTM's unpacked wording
+        # but keep RuntimeError as the exception type.
+        if hx is not None and len(hx) != 2:  # before check_forward_args indexes hx[1]
+            raise RuntimeError("lstm expects two hidden states")
+        try:
+            if hx is None:
+                self.check_input(input, batch_sizes)
+            else:
+                self.check_forward_args(input, hx, batch_sizes)
+        except ValueError as e:
+            raise RuntimeError(str(e)) from None
+
+    def _check_attributes(self, input: Tensor, hx) -> None:
+        # what nn.LSTM's C++ entry (aten/src/ATen/native/RNN.cpp) checks, in its order; the
+        # hidden dtype check is ours (nn.LSTM fails later with kernel-specific messages),
+        # skipped under autocast, which casts input and hidden state alike
+        if len(hx) != 2:
+            raise RuntimeError("lstm expects two hidden states")
+        for name, tensors in (("hidden", hx), ("parameter", self._flat_weights)):
+            for t in tensors:
+                if t.device != input.device:
+                    raise RuntimeError(
+                        f"Input and {name} tensors are not at the same device, found input "
+                        f"tensor at {input.device} and {name} tensor at {t.device}")
+        if torch.is_autocast_enabled(input.device.type):
+            return
+        for t in hx:
+            if t.dtype != input.dtype:
+                raise RuntimeError(
+                    "Input and hidden tensors are not the same dtype, found input tensor "
+                    f"with {_dtype_name(input.dtype)} and hidden tensor with "
+                    f"{_dtype_name(t.dtype)}")
+
+    def forward(self, input, hx=None):  # noqa: C901 - mirrors nn.LSTM.forward
+        self._update_flat_weights()
+
+        orig_input = input
+        batch_sizes = None
+        num_directions = 2 if self.bidirectional else 1
+        real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        is_packed = isinstance(orig_input, PackedSequence)
+        if is_packed:
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            max_batch_size = int(batch_sizes[0])
+            self._check_packed_args(input, hx, batch_sizes)
+            if hx is None:
+                h_zeros = torch.zeros(self.num_layers * num_directions, max_batch_size,
+                                      real_hidden_size, dtype=input.dtype, device=input.device)
+                c_zeros = torch.zeros(self.num_layers * num_directions, max_batch_size,
+                                      self.hidden_size, dtype=input.dtype, device=input.device)
+                hx = (h_zeros, c_zeros)
+            else:
+                self._check_attributes(input, hx)
+                # Each batch of the hidden state should match the input sequence that
+                # the user believes he/she is passing in.
+                hx = self.permute_hidden(hx, sorted_indices)
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(
+                    f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            max_batch_size = input.size(0) if self.batch_first else input.size(1)
+            sorted_indices = None
+            unsorted_indices = None
+            if hx is None:
+                h_zeros = torch.zeros(self.num_layers * num_directions, max_batch_size,
+                                      real_hidden_size, dtype=input.dtype, device=input.device)
+                c_zeros = torch.zeros(self.num_layers * num_directions, max_batch_size,
+                                      self.hidden_size, dtype=input.dtype, device=input.device)
+                hx = (h_zeros, c_zeros)
+                self.check_forward_args(input, hx, batch_sizes)
+            else:
+                if is_batched:
+                    if hx[0].dim() != 3 or hx[1].dim() != 3:
+                        raise RuntimeError(
+                            "For batched 3-D input, hx and cx should also be 3-D but got "
+                            f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                else:
+                    if hx[0].dim() != 2 or hx[1].dim() != 2:
+                        raise RuntimeError(
+                            "For unbatched 2-D input, hx and cx should also be 2-D but got "
+                            f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+                self.check_forward_args(input, hx, batch_sizes)
+        self._check_attributes(input, hx)
+        seq_len = batch_sizes.size(0) if is_packed else input.size(1 if self.batch_first else 0)
+        if seq_len == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
+        h0, c0 = hx[0], hx[1]
+        weights = self._flat_weights
+        device_type = input.device.type
+        if torch.is_autocast_enabled(device_type):
+            # nn.LSTM is on autocast's lower-precision list (CPU and CUDA): cast like it does
+            ac_dtype = torch.get_autocast_dtype(device_type)
+
+            def cast(t):
+                return t.to(ac_dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+
+            input, h0, c0 = cast(input), cast(h0), cast(c0)
+            weights = [cast(w) for w in weights]
+        if not is_packed and self.batch_first:
+            input = input.transpose(0, 1)
+        flow_probes = None
+        if self.flow_recorder is not None:
+            flow_probes = self.flow_recorder(self, input, batch_sizes)
+        with torch.autocast(device_type, enabled=False):
+            output, hy, cy = functional.lstm(
+                input, h0, c0, weights, self.bias, self.proj_size, self.num_layers,
+                self.dropout, self.training, self.bidirectional, batch_sizes,
+                backend=self.backend, flow_probes=flow_probes, bptt_clip=self.bptt_clip,
+                bptt_clip_mode=self.bptt_clip_mode)
+        hidden = (hy, cy)
+        if is_packed:
+            output_packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            return output_packed, self.permute_hidden(hidden, unsorted_indices)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
+        return output, self.permute_hidden(hidden, unsorted_indices)
+
+    # -- conversion -------------------------------------------------------------------------
+
+    def _config(self) -> dict:
+        return dict(input_size=self.input_size, hidden_size=self.hidden_size,
+                    num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first,
+                    dropout=self.dropout, bidirectional=self.bidirectional,
+                    proj_size=self.proj_size)
+
+    @classmethod
+    def from_torch(cls, m: nn.LSTM, *, backend: str = "fused",
+                   share_parameters: bool = False) -> LSTM:
+        """A new LSTM with `m`'s configuration, device, dtype, weights and training mode.
+
+        Weights are copied (requires_grad flags too), or with share_parameters=True the new
+        module holds `m`'s own Parameter objects (so optimizers keep working).
+        """
+        if not isinstance(m, nn.LSTM):
+            raise TypeError(f"from_torch expects an nn.LSTM, got {type(m).__name__}")
+        ref = m._flat_weights[0]
+        with warnings.catch_warnings():
+            # the dropout/num_layers warning was already shown for m
+            warnings.simplefilter("ignore", UserWarning)
+            new = cls(**LSTM._config(m), device=ref.device, dtype=ref.dtype, backend=backend)
+        _move_parameters(m, new, share_parameters)
+        new.train(m.training)
+        return new
+
+    def to_torch(self, *, share_parameters: bool = False) -> nn.LSTM:
+        """An nn.LSTM with this module's configuration, device, dtype, weights, mode."""
+        ref = self._flat_weights[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            new = nn.LSTM(**self._config(), device=ref.device, dtype=ref.dtype)
+        _move_parameters(self, new, share_parameters)
+        new.train(self.training)
+        return new
+
+
+def _move_parameters(src: nn.RNNBase, dst: nn.RNNBase, share: bool) -> None:
+    src_params = dict(src.named_parameters())
+    if set(src_params) != set(dict(dst.named_parameters())):
+        raise RuntimeError("parameter names differ between the LSTM modules")
+    for name, p in src_params.items():
+        if share:
+            setattr(dst, name, p)  # RNNBase.__setattr__ keeps _flat_weights in sync
+        else:
+            q = getattr(dst, name)
+            with torch.no_grad():
+                q.copy_(p)
+            q.requires_grad_(p.requires_grad)
+    if share:
+        dst._init_flat_weights()
+
+
+def convert(model: nn.Module, *, backend: str = "fused") -> nn.Module:
+    """Replace every torch.nn.LSTM inside `model` (in place) by an lstm_fused.LSTM holding
+    the same Parameter objects (optimizers stay valid) and training mode; returns the model,
+    or the new module when `model` itself is an nn.LSTM.
+
+    Only modules whose type is exactly nn.LSTM are replaced: a subclass may override forward.
+    Forward hooks registered on a replaced module are not carried over.
+    """
+    def conv(m):
+        return LSTM.from_torch(m, backend=backend, share_parameters=True)
+
+    if type(model) is nn.LSTM:
+        return conv(model)
+    done: dict[int, nn.Module] = {}
+    for parent in list(model.modules()):
+        # _modules, not named_children(): that skips a module seen under another name
+        for name, child in list(parent._modules.items()):
+            if type(child) is nn.LSTM:
+                if id(child) not in done:
+                    done[id(child)] = conv(child)
+                setattr(parent, name, done[id(child)])
+    return model

@@ -1,0 +1,191 @@
+"""Pure-PyTorch LSTM layer: the oracle every fused kernel is tested against.
+
+`lstm_layer` has the exact semantics of the `lstm_fused::layer_forward` op (see
+docs/ARCHITECTURE.md) and is differentiable by autograd to any order when neither
+gradient clipping nor flow recording is asked for. Gate order i, f, g, o as in nn.LSTM.
+
+Unpacked input is handled as packed data with T equal batch sizes, so there is one code
+path: a step works on the `bs = batch_sizes[t]` active rows; the forward direction drops
+finished rows as the batch shrinks (their state is that sequence's hy/cy), the reverse
+direction adds rows from hx/cx as the batch grows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["lstm_layer", "acc_dtype"]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the layer computes in: float32 for 16-bit inputs, else the input dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class _Tap(torch.autograd.Function):
+    """Identity in the forward; in the backward, clips the gradient of one state tensor
+    (h[t] or c[t] of one direction) and reports its norm as the gradient of `probe`.
+
+    The tapped tensor's incoming gradient is the total dL/dh[t] (resp. dL/dc[t]):
+    autograd sums every consumer (output, next step, hy/cy) before calling this backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, probe, d, t, slot, f_mean, clip, mode):
+        ctx.d, ctx.t, ctx.slot, ctx.clip, ctx.mode = d, t, slot, clip, mode
+        ctx.f_mean = f_mean
+        ctx.has_probe = probe is not None
+        if probe is not None:
+            ctx.probe_meta = (probe.shape, probe.dtype, probe.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.clip > 0 and ctx.mode == 1:
+            g = g.clamp(-ctx.clip, ctx.clip)
+        elif ctx.clip > 0 and ctx.mode == 2:
+            # scale = clip / max(norm, clip): exactly 1 when the norm is within the bound
+            norm = torch.linalg.vector_norm(g)
+            g = g * (ctx.clip / norm.clamp_min(ctx.clip))
+        grad_probe = None
+        if ctx.has_probe:
+            shape, dtype, device = ctx.probe_meta
+            grad_probe = torch.zeros(shape, dtype=dtype, device=device)
+            # slot 0: ||dL/dc[t]|| (+ mean f[t]), slot 1: ||dL/dh[t]||
+            grad_probe[ctx.d, ctx.t, ctx.slot] = torch.linalg.vector_norm(g.detach()).to(dtype)
+            if ctx.f_mean is not None:
+                grad_probe[ctx.d, ctx.t, 2] = ctx.f_mean.to(dtype)
+        return g, grad_probe, None, None, None, None, None, None
+
+
+def _split_params(params, has_biases: bool, has_proj: bool, num_directions: int):
+    n = 2 + (2 if has_biases else 0) + (1 if has_proj else 0)
+    if len(params) != n * num_directions:
+        raise ValueError(
+            f"lstm_layer: expected {n * num_directions} parameters "
+            f"({num_directions} direction(s) x {n}), got {len(params)}"
+        )
+    out = []
+    for d in range(num_directions):
+        p = list(params[d * n:(d + 1) * n])
+        w_ih, w_hh = p[0], p[1]
+        b_ih, b_hh = (p[2], p[3]) if has_biases else (None, None)
+        w_hr = p[-1] if has_proj else None
+        out.append((w_ih, w_hh, b_ih, b_hh, w_hr))
+    return out
+
+
+def _direction(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, sizes, offsets, reverse,
+               d, probe, clip, mode):
+    """One direction over packed rows x (N, I). Returns (out (N, P), hy (B, P), cy (B, H))."""
+    T = len(sizes)
+    H = w_hh.shape[0] // 4
+    gx = x @ w_ih.t()
+    if b_ih is not None:
+        gx = gx + (b_ih + b_hh)
+    tapping = probe is not None or (clip > 0 and mode != 0)
+    outs: list[Tensor | None] = [None] * T
+    if not reverse:
+        h, c = h0, c0
+        done_h: list[Tensor] = []
+        done_c: list[Tensor] = []
+        steps = range(T)
+    else:
+        h = h0[: sizes[-1]] if T else h0
+        c = c0[: sizes[-1]] if T else c0
+        steps = range(T - 1, -1, -1)
+    for t in steps:
+        bs = sizes[t]
+        if not reverse and bs < h.shape[0]:
+            # rows bs.. finished at the previous step: their state is final
+            done_h.append(h[bs:])
+            done_c.append(c[bs:])
+            h, c = h[:bs], c[:bs]
+        elif reverse and bs > h.shape[0]:
+            h = torch.cat([h, h0[h.shape[0]:bs]], 0)
+            c = torch.cat([c, c0[c.shape[0]:bs]], 0)
+        g = gx[offsets[t]:offsets[t] + bs] + h @ w_hh.t()
+        i = torch.sigmoid(g[:, 0 * H:1 * H])
+        f = torch.sigmoid(g[:, 1 * H:2 * H])
+        gg = torch.tanh(g[:, 2 * H:3 * H])
+        o = torch.sigmoid(g[:, 3 * H:4 * H])
+        c = f * c + i * gg
+        if tapping:
+            f_mean = None
+            if probe is not None:
+                f_mean = f.detach().mean() if f.numel() else f.new_zeros(())
+            c = _Tap.apply(c, probe, d, t, 0, f_mean, clip, mode)
+        h = o * torch.tanh(c)
+        if w_hr is not None:
+            h = h @ w_hr.t()
+        if tapping:
+            h = _Tap.apply(h, probe, d, t, 1, None, clip, mode)
+        outs[t] = h
+    if not reverse:
+        done_h.append(h)
+        done_c.append(c)
+        hy = torch.cat(done_h[::-1], 0) if len(done_h) > 1 else done_h[0]
+        cy = torch.cat(done_c[::-1], 0) if len(done_c) > 1 else done_c[0]
+    else:
+        hy, cy = h, c
+        if T and hy.shape[0] < h0.shape[0]:
+            # batch_sizes[0] < B cannot happen for a valid PackedSequence; keep the rest
+            hy = torch.cat([hy, h0[hy.shape[0]:]], 0)
+            cy = torch.cat([cy, c0[cy.shape[0]:]], 0)
+    if T:
+        out = torch.cat(outs, 0) if T > 1 else outs[0]
+    else:
+        out = x.new_zeros((0, h0.shape[-1]))
+    return out, hy, cy
+
+
+def lstm_layer(input: Tensor, hx: Tensor, cx: Tensor, params, has_biases: bool,
+               has_proj: bool, bidirectional: bool, batch_sizes: Tensor | None = None,
+               flow_probe: Tensor | None = None, bptt_clip: float = 0.0,
+               bptt_clip_mode: int = 0):
+    """One LSTM layer, all its directions, in plain PyTorch.
+
+    input: (T, B, I) when batch_sizes is None, else packed data (N, I) with batch_sizes an
+    int64 CPU tensor (T,), non-increasing. hx (D, B, P), cx (D, B, H). params: per direction
+    w_ih (4H, I), w_hh (4H, P), [b_ih (4H), b_hh (4H)], [w_hr (P, H)].
+    Returns (output (T, B, D*P) or (N, D*P), hy (D, B, P), cy (D, B, H)) in the input dtype;
+    16-bit inputs are computed in float32.
+
+    bptt_clip > 0 with bptt_clip_mode 1 clamps dL/dh[t] and dL/dc[t] element-wise to
+    [-clip, clip]; mode 2 rescales each so that its L2 norm over the step's active rows is at
+    most clip. flow_probe: a (D, T, 3) tensor with requires_grad=True; its gradient becomes
+    [||dL/dc[t]||, ||dL/dh[t]||, mean f[t]] per direction and step, measured after clipping.
+    """
+    if bptt_clip_mode not in (0, 1, 2):
+        raise ValueError(f"bptt_clip_mode must be 0 (off), 1 (element) or 2 (norm), got {bptt_clip_mode}")
+    clip = float(bptt_clip) if bptt_clip_mode != 0 else 0.0
+    D = 2 if bidirectional else 1
+    dtype = input.dtype
+    acc = acc_dtype(dtype)
+    if batch_sizes is None:
+        T, B = input.shape[0], input.shape[1]
+        sizes = [B] * T
+        x = input.reshape(T * B, input.shape[2])
+    else:
+        sizes = [int(s) for s in batch_sizes.tolist()]
+        x = input
+    offsets = [0] * len(sizes)
+    for t in range(1, len(sizes)):
+        offsets[t] = offsets[t - 1] + sizes[t - 1]
+    x = x.to(acc)
+    h0, c0 = hx.to(acc), cx.to(acc)
+    outs, hys, cys = [], [], []
+    for d, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(
+            _split_params(params, has_biases, has_proj, D)):
+        cast = (lambda w: None if w is None else w.to(acc))
+        out, hy, cy = _direction(
+            x, h0[d], c0[d], cast(w_ih), cast(w_hh), cast(b_ih), cast(b_hh), cast(w_hr),
+            sizes, offsets, d == 1, d, flow_probe, clip, bptt_clip_mode)
+        outs.append(out)
+        hys.append(hy)
+        cys.append(cy)
+    output = torch.cat(outs, -1) if D > 1 else outs[0]
+    if batch_sizes is None:
+        output = output.reshape(input.shape[0], input.shape[1], output.shape[-1])
+    return output.to(dtype), torch.stack(hys).to(dtype), torch.stack(cys).to(dtype)

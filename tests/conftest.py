@@ -1,0 +1,156 @@
+"""Shared helpers: backends to test, module pairs with identical weights, and a runner that
+compares nn.LSTM and lstm_fused.LSTM on outputs and on every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import lstm_fused
+from lstm_fused import functional
+
+TOL = {
+    torch.float64: dict(atol=1e-9, rtol=1e-9),
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+}
+
+
+def _backend_params():
+    params = []
+    for name in functional.BACKENDS:
+        reason = functional.backend_unavailable_reason(name)
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param(name, id=name, marks=marks))
+    return params
+
+
+BACKEND_PARAMS = _backend_params()
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
+def backend(request):
+    """Each backend of lstm_fused.functional.BACKENDS that can run here."""
+    return request.param
+
+
+def make_pair(backend="reference", dtype=torch.float64, device="cpu", seed=0, **cfg):
+    """(nn.LSTM, lstm_fused.LSTM) with the same config and identical weights.
+
+    cfg: nn.LSTM constructor arguments (input_size, hidden_size, num_layers, ...).
+    The weights are loaded strictly in both directions, so the state_dicts agree on names.
+    """
+    torch.manual_seed(seed)
+    ref = nn.LSTM(**cfg, device=device, dtype=dtype)
+    ours = lstm_fused.LSTM(**cfg, device=device, dtype=dtype, backend=backend)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    # and back: proves the names match both ways; the values are already ref's
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    return ref, ours
+
+
+def make_input(m, kind="seq", T=5, B=3, lengths=None, dtype=torch.float64, device="cpu",
+               hx=True, seed=1):
+    """Inputs for module `m` (either class). Returns (input, hx or None, leaves).
+
+    kind: "seq" (3-D, honours m.batch_first), "unbatched" (2-D), "packed_sorted",
+    "packed_unsorted" (enforce_sorted=False). Packed inputs are packed from a padded leaf,
+    so the gradient w.r.t. the leaf covers the packing too. leaves: tensors to take
+    gradients for (input leaf, then h0, c0 when given).
+    """
+    g = torch.Generator().manual_seed(seed)
+    D = 2 if m.bidirectional else 1
+    P = m.proj_size or m.hidden_size
+    LD = m.num_layers * D
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype=dtype,
+                                                                         device=device)
+
+    if kind == "unbatched":
+        x = rnd(T, m.input_size).requires_grad_()
+        inp = x
+        hshape, cshape = (LD, P), (LD, m.hidden_size)
+    elif kind == "seq":
+        x = rnd(*((B, T) if m.batch_first else (T, B)), m.input_size).requires_grad_()
+        inp = x
+        hshape, cshape = (LD, B, P), (LD, B, m.hidden_size)
+    elif kind in ("packed_sorted", "packed_unsorted"):
+        if lengths is None:
+            lengths = [T] + [max(1, T - 2 * i - 1) for i in range(1, B)]
+            if kind == "packed_unsorted":
+                lengths = lengths[1:] + lengths[:1]
+        B, T = len(lengths), max(lengths)
+        x = rnd(B, T, m.input_size).requires_grad_()
+        inp = pack_padded_sequence(x, torch.tensor(lengths), batch_first=True,
+                                   enforce_sorted=(kind == "packed_sorted"))
+        hshape, cshape = (LD, B, P), (LD, B, m.hidden_size)
+    else:
+        raise ValueError(kind)
+    if not hx:
+        return inp, None, [x]
+    h0 = rnd(*hshape).requires_grad_()
+    c0 = rnd(*cshape).requires_grad_()
+    return inp, (h0, c0), [x, h0, c0]
+
+
+def _flatten_result(out):
+    output, (hy, cy) = out
+    data = output.data if isinstance(output, PackedSequence) else output
+    return data, hy, cy
+
+
+def run_and_grad(m, inp, hx, leaves, seed=2, create_graph=False):
+    """Forward m, then gradients of a random linear loss of (output, hy, cy) w.r.t.
+    `leaves` and every parameter of m. Returns (raw forward result, [data, hy, cy], grads)."""
+    out = m(inp) if hx is None else m(inp, hx)
+    data, hy, cy = _flatten_result(out)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((t * torch.randn(t.shape, generator=g, dtype=torch.float64)
+                .to(t.dtype).to(t.device)).sum() for t in (data, hy, cy))
+    params = [p for _, p in m.named_parameters()]
+    # retain_graph: a packed input is built from its leaf once and reused by both modules
+    grads = torch.autograd.grad(loss, list(leaves) + params, create_graph=create_graph,
+                                retain_graph=True,
+                                allow_unused=True)
+    return out, [data, hy, cy], grads
+
+
+def assert_same_structure(out_ref, out_ours):
+    """Same output types, shapes, dtypes, packing metadata as nn.LSTM."""
+    o1, h1 = out_ref
+    o2, h2 = out_ours
+    assert type(o1) is type(o2)
+    assert isinstance(h2, tuple) and len(h2) == 2
+    if isinstance(o1, PackedSequence):
+        assert torch.equal(o1.batch_sizes, o2.batch_sizes)
+        for a, b in ((o1.sorted_indices, o2.sorted_indices),
+                     (o1.unsorted_indices, o2.unsorted_indices)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert torch.equal(a, b)
+        o1, o2 = o1.data, o2.data
+    for a, b in ((o1, o2), (h1[0], h2[0]), (h1[1], h2[1])):
+        assert a.shape == b.shape
+        assert a.dtype == b.dtype
+        assert a.device == b.device
+
+
+def compare_modules(ref, ours, inp, hx, leaves, tol=None, check_grads=True):
+    """Run both modules on the same inputs; assert equal structure, outputs and the
+    gradients for the input, h0, c0 and every parameter (matched by name)."""
+    dtype = next(ref.parameters()).dtype
+    tol = tol or TOL[dtype]
+    out_ref, vals_ref, grads_ref = run_and_grad(ref, inp, hx, leaves)
+    out_ours, vals_ours, grads_ours = run_and_grad(ours, inp, hx, leaves)
+    assert_same_structure(out_ref, out_ours)
+    for name, a, b in zip(("output", "hy", "cy"), vals_ref, vals_ours):
+        torch.testing.assert_close(b, a, **tol, msg=lambda m, n=name: f"{n}: {m}")
+    if not check_grads:
+        return
+    names = [f"leaf{i}" for i in range(len(leaves))] + [n for n, _ in ref.named_parameters()]
+    assert names[len(leaves):] == [n for n, _ in ours.named_parameters()]
+    for name, a, b in zip(names, grads_ref, grads_ours):
+        assert a is not None and b is not None, name
+        torch.testing.assert_close(b, a, **tol, msg=lambda m, n=name: f"grad {n}: {m}")

@@ -1,0 +1,208 @@
+"""The compiled ops against the reference layer, op by op: outputs, every gradient, opcheck,
+packed layouts, clipping and gradient-flow telemetry, determinism."""
+
+import itertools
+
+import pytest
+import torch
+
+from lstm_fused import functional, reference
+
+pytestmark = pytest.mark.skipif(
+    functional.backend_unavailable_reason("fused") is not None,
+    reason=str(functional.backend_unavailable_reason("fused")),
+)
+
+if functional.backend_unavailable_reason("fused") is None:
+    from lstm_fused import _ops
+
+
+def make_layer(T=5, B=3, I=4, H=6, proj=0, bias=True, bidirectional=False, lengths=None,
+               dtype=torch.float64, seed=0, requires_grad=True):
+    """Random inputs of one layer; `lengths` (decreasing) makes a packed layout."""
+    gen = torch.Generator().manual_seed(seed)
+    D = 2 if bidirectional else 1
+    P = proj or H
+
+    def rand(*shape):
+        t = torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+        return t.requires_grad_(requires_grad)
+
+    params = []
+    for _ in range(D):
+        params += [rand(4 * H, I) * 0.5, rand(4 * H, P) * 0.5]
+        if bias:
+            params += [rand(4 * H), rand(4 * H)]
+        if proj:
+            params.append(rand(P, H) * 0.5)
+    params = [p.detach().requires_grad_(requires_grad) for p in params]
+    if lengths is None:
+        batch_sizes = None
+        x = rand(T, B, I)
+    else:
+        B = len(lengths)
+        T = max(lengths)
+        batch_sizes = torch.tensor([sum(1 for n in lengths if n > t) for t in range(T)])
+        x = rand(int(batch_sizes.sum()), I)
+    hx = rand(D, B, P)
+    cx = rand(D, B, H)
+    return dict(input=x, hx=hx, cx=cx, params=params, has_biases=bias, has_proj=bool(proj),
+                bidirectional=bidirectional, batch_sizes=batch_sizes)
+
+
+def run(backend, layer, probe=None, clip=0.0, mode=0):
+    fn = functional.BACKENDS[backend]
+    return fn(layer["input"], layer["hx"], layer["cx"], layer["params"], layer["has_biases"],
+              layer["has_proj"], layer["bidirectional"], layer["batch_sizes"], probe, clip, mode)
+
+
+def grads_of(outputs, layer, seed=1, extra=()):
+    """Gradients of a random linear function of all three outputs w.r.t. every input."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
+               for o in outputs]
+    loss = sum((o * w).sum() for o, w in zip(outputs, weights))
+    inputs = [layer["input"], layer["hx"], layer["cx"], *layer["params"], *extra]
+    return torch.autograd.grad(loss, inputs)
+
+
+CONFIGS = [
+    dict(),
+    dict(bias=False),
+    dict(proj=3),
+    dict(bidirectional=True),
+    dict(bidirectional=True, proj=4, bias=False),
+    dict(lengths=[5, 3, 3, 1]),
+    dict(lengths=[4, 4, 2], bidirectional=True),
+    dict(lengths=[6, 2, 1], bidirectional=True, proj=2),
+    dict(T=1, B=1),
+    dict(B=0),
+    dict(H=17, I=9, B=5),  # sizes that are not a multiple of the SIMD width
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_matches_reference_float64(cfg):
+    layer = make_layer(**cfg)
+    fused = run("fused", layer)
+    ref = run("reference", layer)
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads_of(fused, layer), grads_of(ref, layer)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(bidirectional=True, proj=3, lengths=[4, 2, 2])])
+def test_matches_reference_float32(cfg):
+    layer = make_layer(dtype=torch.float32, H=37, **cfg)
+    fused = run("fused", layer)
+    ref = run("reference", layer)
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_of(fused, layer), grads_of(ref, layer)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_outputs_and_saved_state(dtype):
+    layer = make_layer(dtype=dtype, requires_grad=False)
+    output, hy, cy, gates, cells = _ops.layer_forward(
+        layer["input"], layer["hx"], layer["cx"], layer["params"], True, False, False, None,
+        None, 0.0, 0)
+    assert output.dtype == hy.dtype == cy.dtype == dtype
+    assert gates.dtype == cells.dtype == torch.float32  # fp32 gates and cell state
+    ref = run("reference", make_layer(dtype=torch.float32, requires_grad=False))
+    torch.testing.assert_close(output.float(), ref[0], rtol=2e-2, atol=2e-2)
+
+
+def test_gradcheck_all_inputs():
+    layer = make_layer(T=3, B=2, I=2, H=3, proj=2, bidirectional=True, lengths=[3, 1])
+
+    def fn(x, hx, cx, *params):
+        return functional.BACKENDS["fused"](x, hx, cx, list(params), True, True, True,
+                                           layer["batch_sizes"])
+
+    assert torch.autograd.gradcheck(fn, (layer["input"], layer["hx"], layer["cx"],
+                                         *layer["params"]))
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(proj=2, bidirectional=True, lengths=[3, 2, 2])])
+def test_opcheck(cfg):
+    layer = make_layer(T=3, B=2, I=3, H=4, **cfg)
+    args = (layer["input"], layer["hx"], layer["cx"], layer["params"], layer["has_biases"],
+            layer["has_proj"], layer["bidirectional"], layer["batch_sizes"], None, 0.0, 0)
+    torch.library.opcheck(torch.ops.lstm_fused.layer_forward.default, args)
+    out, hy, cy, gates, cells = _ops.layer_forward(*args)
+    detached = [t.detach() for t in (out, hy, cy)]
+    bargs = (*detached, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:3]],
+             [p.detach() for p in layer["params"]], out.detach(), gates.detach(), cells.detach(),
+             layer["has_biases"], layer["has_proj"], layer["bidirectional"],
+             layer["batch_sizes"], True, 0.5, 1)
+    torch.library.opcheck(torch.ops.lstm_fused.layer_backward.default, bargs)
+
+
+def test_deterministic_backward():
+    layer = make_layer(dtype=torch.float32, T=20, B=16, I=32, H=64, bidirectional=True)
+    first = grads_of(run("fused", layer), layer)
+    second = grads_of(run("fused", layer), layer)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_extreme_and_nan_inputs():
+    layer = make_layer(requires_grad=False)
+    x = layer["input"].clone()
+    x[0, 0] = 1e4
+    x[1, 1] = -1e4
+    out_big = run("fused", {**layer, "input": x})
+    ref_big = run("reference", {**layer, "input": x})
+    for a, b in zip(out_big, ref_big):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
+    x[2, 2, 0] = float("nan")
+    out_nan = run("fused", {**layer, "input": x})[0]
+    ref_nan = run("reference", {**layer, "input": x})[0]
+    assert torch.equal(out_nan.isnan(), ref_nan.isnan())
+    assert out_nan[2, 2].isnan().all() and not out_nan[:2].isnan().any()
+
+
+@pytest.mark.parametrize("mode,clip", [(1, 0.05), (2, 0.3)])
+@pytest.mark.parametrize("cfg", [dict(), dict(bidirectional=True, proj=3, lengths=[5, 3, 1])])
+def test_clipping_matches_reference(cfg, mode, clip):
+    layer = make_layer(**cfg)
+    fused = grads_of(run("fused", layer, clip=clip, mode=mode), layer)
+    ref = grads_of(run("reference", layer, clip=clip, mode=mode), layer)
+    unclipped = grads_of(run("reference", layer), layer)
+    assert any(not torch.allclose(a, b) for a, b in zip(ref, unclipped))  # clipping bites
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(bidirectional=True, proj=3, lengths=[5, 3, 1]),
+                                 dict(lengths=[4, 2])])
+@pytest.mark.parametrize("clip,mode", [(0.0, 0), (0.2, 2)])
+def test_flow_matches_reference(cfg, clip, mode):
+    layer = make_layer(**cfg)
+    D = 2 if layer["bidirectional"] else 1
+    T = layer["input"].shape[0] if layer["batch_sizes"] is None else len(layer["batch_sizes"])
+    probes = [torch.zeros(D, T, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    fused = grads_of(run("fused", layer, probes[0], clip, mode), layer, extra=probes[:1])
+    ref = grads_of(run("reference", layer, probes[1], clip, mode), layer, extra=probes[1:])
+    torch.testing.assert_close(fused[-1], ref[-1], rtol=1e-6, atol=1e-12)
+    plain = grads_of(run("fused", layer, None, clip, mode), layer)
+    for a, b in zip(fused[:-1], plain):  # telemetry does not change the gradients
+        assert torch.equal(a, b)
+
+
+def test_double_backward_falls_back_to_reference():
+    layer = make_layer(T=3, B=2, I=2, H=3)
+    fn = functional.BACKENDS["fused"]
+
+    def first_grad(backend):
+        out = functional.BACKENDS[backend](layer["input"], layer["hx"], layer["cx"],
+                                           layer["params"], True, False, False, None)
+        g = torch.autograd.grad(out[0].pow(2).sum(), layer["input"], create_graph=True)[0]
+        return torch.autograd.grad(g.pow(2).sum(), layer["params"][1])[0]
+
+    assert fn is not None
+    torch.testing.assert_close(first_grad("fused"), first_grad("reference"))
