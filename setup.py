@@ -10,7 +10,9 @@ Environment:
     LSTM_FUSED_DEBUG=1       -O0 -g (C++) / -O0 -g -G (CUDA)
     CUDA_HOME                toolkit root (else found from `nvcc --dryrun`, then /usr/local/cuda*)
     TORCH_CUDA_ARCH_LIST     CUDA architectures; "8.0;9.0" when unset
+    LSTM_FUSED_CPU_SIMD      avx512|avx2|none for the CPU kernels (default: this machine's CPU)
     MAX_JOBS                 parallel compile jobs (default: available cores, at most 8)
+    LSTM_FUSED_TEMP_BUILD=1  objects in a throwaway folder instead of build/temp.* (no reuse)
 
 The library has no Python module init: it only registers TORCH_LIBRARY ops and is loaded
 with torch.ops.load_library (see lstm_fused/_loader.py).
@@ -247,11 +249,21 @@ class BuildExt(cpp_ext.BuildExtension):
                 torch.__version__.replace("+", "_"), "cuda" if with_cuda else "cpu")
             self.build_temp = os.path.join(ROOT, "build", "temp." + tag)
 
+    def copy_file(self, infile, outfile, *args, **kwargs):
+        # Replace the library by unlinking it first (new inode): overwriting it in place would
+        # crash processes that have it loaded (a test run during a rebuild).
+        if str(outfile).endswith(".so") and os.path.lexists(outfile):
+            os.unlink(outfile)
+        return super().copy_file(infile, outfile, *args, **kwargs)
+
     def run(self):
         super().run()
         # After a successful compile, so the info always describes the library next to it.
-        targets = {os.path.join(ROOT, PKG, "_build_info.py")}
-        if not self.inplace and self.build_lib:
+        # In-place/editable builds put the library in the source tree, wheels in build_lib.
+        targets = set()
+        if self.inplace or getattr(self, "editable_mode", False):
+            targets.add(os.path.join(ROOT, PKG, "_build_info.py"))
+        if self.build_lib:
             targets.add(os.path.join(self.build_lib, PKG, "_build_info.py"))
         for t in targets:
             write_build_info(t)

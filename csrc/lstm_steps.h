@@ -59,6 +59,43 @@ struct BackwardStepArgs {
   T* sum_squares;              // out (may be null): sum over rows of dL/dc[t]^2 after clipping
 };
 
+// One direction's whole time loop in one call (persistent kernels: the recurrent weight stays
+// on chip / in each core's cache, one barrier per step). Only for the plain case: no
+// projection (P == H), no clipping, no telemetry. Batch sizes as in a PackedSequence (equal
+// for unpacked input); rows of step t are [offsets[t], offsets[t] + batch_sizes[t]).
+template <typename T>
+struct ForwardSequenceArgs {
+  int64_t steps, batch, hidden;
+  const int64_t* batch_sizes;  // host memory
+  const int64_t* offsets;      // host memory
+  bool reverse;
+  T* gates;                    // [N, 4H] in: input projection incl. biases; out: activations
+  const T* w_hh;               // [4H, H]
+  const T* h0;                 // [B, H]
+  T* hidden_state;             // [B, H] out: h_n
+  T* cell_state;               // [B, H] in: c0, out: c_n
+  T* cells;                    // [N, H] out: c[t]
+  T* output;                   // [N, >=H] out: h[t], row stride output_stride
+  int64_t output_stride;
+};
+
+template <typename T>
+struct BackwardSequenceArgs {
+  int64_t steps, batch, hidden;
+  const int64_t* batch_sizes;
+  const int64_t* offsets;
+  bool reverse;
+  const T* gates;              // [N, 4H] activated gates
+  const T* cells;              // [N, H] c[t]
+  const T* c0;                 // [B, H]
+  const T* grad_output;        // [N, >=H] row stride grad_output_stride; may be null
+  int64_t grad_output_stride;
+  const T* w_hh;               // [4H, H]
+  T* dhidden;                  // [B, H] in: dL/dh_n, out: dL/dh0
+  T* dcell;                    // [B, H] in: dL/dc_n, out: dL/dc0
+  T* dgates;                   // [N, 4H] out
+};
+
 // One device's step kernels for one compute type. The CUDA ones run on the current stream of
 // the current device (the driver sets the device guard) and never synchronise the host.
 // sum_squares pointers point to memory of the same device as the other buffers.
@@ -67,6 +104,10 @@ struct StepKernels {
   void (*forward)(const ForwardStepArgs<T>&);
   void (*hidden_grad)(const HiddenGradStepArgs<T>&);
   void (*backward)(const BackwardStepArgs<T>&);
+  // Optional (null: the driver loops over the step kernels). They return false when they do
+  // not take the case (sizes, resources); the driver then loops over the step kernels.
+  bool (*forward_sequence)(const ForwardSequenceArgs<T>&) = nullptr;
+  bool (*backward_sequence)(const BackwardSequenceArgs<T>&) = nullptr;
 };
 
 struct DeviceKernels {

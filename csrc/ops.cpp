@@ -19,6 +19,7 @@
 
 #include "lstm_layer.h"
 #include "lstm_steps.h"
+#include "step_weight.h"
 
 namespace lstm_fused {
 namespace {
@@ -170,112 +171,6 @@ Sizes check_layer(const at::Tensor& input, const at::Tensor& hx, const at::Tenso
   return {D, I, H, P};
 }
 
-// BLAS from the running libtorch (MKL or OpenBLAS builds export the Fortran symbols). Weak:
-// where a torch build does not export them the pointers are null and at:: ops are used.
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
-// MKL's packed GEMM (x86 builds of torch link MKL statically and export these).
-size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
-void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
-                      const float* src, int ld, float* dest) __attribute__((weak));
-void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
-                         int lda, const float* b, int ldb, float beta, float* c, int ldc)
-    __attribute__((weak));
-}
-// CBLAS enum values (cblas.h / mkl_cblas.h).
-constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasPacked = 151,
-              kCblasBMatrix = 162;
-
-template <typename T>
-struct Blas;
-template <>
-struct Blas<float> {
-  static auto gemm() { return &sgemm_; }
-};
-template <>
-struct Blas<double> {
-  static auto gemm() { return &dgemm_; }
-};
-
-// The weight of one product per step (W_hh, W_hr): out (rows x n) [+]= a (rows x k) * op(W),
-// op(W) = W^T when `transposed` (W: n x k) else W (W: k x n); out and a are row-major with row
-// strides ldo/lda. Pointers, not tensor views: at the sizes of one step, creating views and
-// going through the dispatcher costs as much as the product itself. On the CPU the product is
-// a direct BLAS call, and in float32 with MKL, W is packed once per call into MKL's internal
-// layout so the per-step GEMMs skip re-packing it (at batch 8 that packing was a third of the
-// product's time); steps with fewer rows (packed sequences) use the plain call. Elsewhere
-// (CUDA) it is at::addmm/at::mm on the current stream.
-template <typename T>
-class StepWeight {
- public:
-  StepWeight(const at::Tensor& weight, bool transposed, int64_t max_rows)
-      : weight_(weight), transposed_(transposed), max_rows_(max_rows) {
-    n_ = transposed ? weight.size(0) : weight.size(1);
-    k_ = transposed ? weight.size(1) : weight.size(0);
-    constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-    blas_ = weight.device().is_cpu() && Blas<T>::gemm() != nullptr && max_rows <= kIntMax &&
-            n_ <= kIntMax && k_ <= kIntMax && weight.stride(0) <= kIntMax &&
-            weight.stride(1) == 1;
-    if constexpr (std::is_same_v<T, float>) {
-      if (blas_ && cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute &&
-          max_rows > 0 && n_ > 0 && k_ > 0) {
-        const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, max_rows, n_, k_);
-        packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 16},
-                            weight.options());
-        cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, transposed ? kCblasTrans : kCblasNoTrans,
-                         static_cast<int>(max_rows), n_, k_, 1.0f, weight.data_ptr<float>(),
-                         static_cast<int>(weight.stride(0)), packed_.data_ptr<float>());
-      }
-    }
-  }
-
-  void multiply(int64_t rows, T* out, int64_t ldo, const T* a, int64_t lda,
-                bool accumulate) const {
-    if (rows == 0 || n_ == 0) return;
-    if constexpr (std::is_same_v<T, float>) {
-      if (packed_.defined() && rows == max_rows_) {
-        cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, static_cast<int>(rows),
-                            n_, k_, a, static_cast<int>(lda), packed_.data_ptr<float>(), n_,
-                            accumulate ? 1.0f : 0.0f, out, static_cast<int>(ldo));
-        return;
-      }
-    }
-    if (blas_) {
-      // Row-major out = a op(W) is column-major out^T = op(W)^T a^T.
-      const char trans_w = transposed_ ? 'T' : 'N', trans_a = 'N';
-      const int m = n_, n = static_cast<int>(rows), k = k_;
-      const int ldw = static_cast<int>(weight_.stride(0)), lda_ = static_cast<int>(lda),
-                ldo_ = static_cast<int>(ldo);
-      const T alpha = 1, beta = accumulate ? 1 : 0;
-      Blas<T>::gemm()(&trans_w, &trans_a, &m, &n, &k, &alpha, weight_.data_ptr<T>(), &ldw, a,
-                      &lda_, &beta, out, &ldo_);
-      return;
-    }
-    const auto options = weight_.options();
-    at::Tensor out_view = at::from_blob(out, {rows, n_}, {ldo, 1}, options);
-    const at::Tensor a_view = at::from_blob(const_cast<T*>(a), {rows, k_}, {lda, 1}, options);
-    const at::Tensor rhs = transposed_ ? weight_.t() : weight_;
-    if (accumulate) {
-      out_view.addmm_(a_view, rhs);
-    } else {
-      at::mm_out(out_view, a_view, rhs);
-    }
-  }
-
- private:
-  at::Tensor weight_;
-  bool transposed_;
-  int64_t max_rows_;
-  bool blas_ = false;
-  int n_ = 0, k_ = 0;
-  at::Tensor packed_;
-};
-
 template <typename T>
 const StepKernels<T>& kernels_for(const DeviceKernels& kernels);
 template <>
@@ -308,10 +203,28 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
   }
   const bool has_proj = p.w_hr.defined();
   at::Tensor r_buffer = has_proj ? at::empty({layout.batch, H}, gates.options()) : at::Tensor();
+  const int64_t out_stride = output.size(1);
+  if (!has_proj && kernels.forward_sequence) {
+    ForwardSequenceArgs<T> args;
+    args.steps = layout.steps;
+    args.batch = layout.batch;
+    args.hidden = H;
+    args.batch_sizes = layout.batch_sizes.data();
+    args.offsets = layout.offsets.data();
+    args.reverse = reverse;
+    args.gates = gates.data_ptr<T>();
+    args.w_hh = p.w_hh.data_ptr<T>();
+    args.h0 = h_state.data_ptr<T>();
+    args.hidden_state = h_state.data_ptr<T>();
+    args.cell_state = c_state.data_ptr<T>();
+    args.cells = cells.data_ptr<T>();
+    args.output = output.data_ptr<T>() + d * P;
+    args.output_stride = out_stride;
+    if (kernels.forward_sequence(args)) return;
+  }
   const StepWeight<T> recurrent(p.w_hh, /*transposed=*/true, layout.batch);
   const std::optional<StepWeight<T>> projection =
       has_proj ? std::make_optional<StepWeight<T>>(p.w_hr, true, layout.batch) : std::nullopt;
-  const int64_t out_stride = output.size(1);
   T* const gates_data = gates.data_ptr<T>();
   T* const hidden_data = h_state.data_ptr<T>();
   T* const r_data = has_proj ? r_buffer.data_ptr<T>() : nullptr;
@@ -449,12 +362,36 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
     const at::Tensor gates_d = gates[d].to(compute).contiguous();
     const at::Tensor cells_d = cells[d].to(compute).contiguous();
     const at::Tensor c0_d = c0[d];
-    const StepWeight<T> recurrent(p.w_hh, /*transposed=*/false, layout.batch);
+    bool looped = false;
+    if (!has_proj && clip_mode == kClipOff && !record_flow && step_kernels.backward_sequence) {
+      BackwardSequenceArgs<T> args;
+      args.steps = layout.steps;
+      args.batch = layout.batch;
+      args.hidden = H;
+      args.batch_sizes = layout.batch_sizes.data();
+      args.offsets = layout.offsets.data();
+      args.reverse = reverse;
+      args.gates = gates_d.data_ptr<T>();
+      args.cells = cells_d.data_ptr<T>();
+      args.c0 = c0_d.data_ptr<T>();
+      args.grad_output = dy.defined() ? dy.data_ptr<T>() + d * P : nullptr;
+      args.grad_output_stride = D * P;
+      args.w_hh = p.w_hh.data_ptr<T>();
+      args.dhidden = dh.data_ptr<T>();
+      args.dcell = dc.data_ptr<T>();
+      args.dgates = dgates.data_ptr<T>();
+      looped = step_kernels.backward_sequence(args);
+    }
+    // The per-step loop (its weights are only packed when it runs).
+    const std::optional<StepWeight<T>> recurrent =
+        looped ? std::nullopt
+               : std::make_optional<StepWeight<T>>(p.w_hh, /*transposed=*/false, layout.batch);
     const std::optional<StepWeight<T>> projection =
-        has_proj ? std::make_optional<StepWeight<T>>(p.w_hr, false, layout.batch)
-                 : std::nullopt;
+        (has_proj && !looped)
+            ? std::make_optional<StepWeight<T>>(p.w_hr, false, layout.batch)
+            : std::nullopt;
     // Reverse of the forward processing order.
-    for (int64_t s = layout.steps - 1; s >= 0; --s) {
+    for (int64_t s = layout.steps - 1; s >= 0 && !looped; --s) {
       const int64_t t = layout.time(s, reverse);
       const int64_t rows = layout.rows(t), offset = layout.offsets[t];
       if (rows == 0) continue;
@@ -496,7 +433,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       step_kernels.backward(args);
 
       // Recurrent gradient for the previous step: dh_next = dG[t] W_hh.
-      recurrent.multiply(rows, dh_data, P, args.dgates, 4 * H, /*accumulate=*/false);
+      recurrent->multiply(rows, dh_data, P, args.dgates, 4 * H, /*accumulate=*/false);
     }
     // Weight, bias and input gradients as large GEMMs over all steps.
     const at::Tensor dgates_t = dgates.t();

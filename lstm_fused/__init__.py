@@ -1,3 +1,8 @@
+"""lstm_fused: fused LSTM kernels (C++ on the CPU, CUDA on the GPU) behind `LSTM`, a drop-in
+replacement for torch.nn.LSTM; `convert` swaps it into a model, `record_gradient_flow` shows
+the gradient flowing back through time. `python -m lstm_fused --help`: check, bench, demo.
+"""
+
 __version__ = "0.1.0"
 
 from . import functional, reference

@@ -354,6 +354,9 @@ def markdown_report(rows: Sequence[dict], info: Mapping, command: str) -> str:
         "Milliseconds per call, median; speedup = nn.LSTM / lstm_fused (> 1: lstm_fused is "
         "faster). Peak memory: MiB allocated during one forward+backward.",
         "",
+        *(["On the CPU nn.LSTM runs oneDNN's fused RNN for float32 without proj_size; the "
+           "float64 and proj_size rows use its native per-step path.", ""]
+          if info["device"] == "cpu" else []),
         "| case | nn.LSTM fwd | lstm_fused fwd | speedup fwd | nn.LSTM fwd+bwd "
         "| lstm_fused fwd+bwd | speedup fwd+bwd | peak MiB nn.LSTM / lstm_fused |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -370,6 +373,10 @@ def markdown_report(rows: Sequence[dict], info: Mapping, command: str) -> str:
         peak = modes.get("forward+backward", {}).get("peak_bytes")
         cells.append(f"{_mib(peak['nn.LSTM'])} / {_mib(peak['lstm_fused'])}" if peak else "")
         lines.append("| " + " | ".join(cells) + " |")
+    load, cores = info.get("load_average_1min"), info.get("cpu_count")
+    if load is not None and cores and load > 0.5 * cores:
+        lines += ["", f"**The machine was busy** (load average {load} on {cores} cores when the "
+                      "run started): timings are noisy and slower than on an idle machine."]
     geomean = geomean_speedup(rows)
     if geomean is not None:
         lines += ["", f"Geometric-mean speedup, forward+backward, float32 rows: **{geomean:.2f}x**"]
@@ -409,6 +416,7 @@ def plot_speedups(rows: Sequence[dict], path: str, title: str) -> bool:
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)  # 2x faster and 2x slower equally far from 1
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2, subs=(1.0, 1.5)))
         for axis in (ax.xaxis, ax.yaxis):
             axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("batch size B")
@@ -445,9 +453,15 @@ def write_results(out_dir: str, rows: Sequence[dict], info: Mapping, settings: M
     return paths
 
 
-def update_results_page(page: str, section: str, body: str) -> None:
-    """Replace the text between `<!-- results:{section}:begin -->` and its `end` marker in
-    the Markdown file `page` by `body` (appending the marked block when it is absent)."""
+def update_results_page(page: str, section: str, report: str, out_dir: str,
+                        plot: str | None = None) -> None:
+    """Put `report` (markdown_report's text), the results folder and the plot into the
+    Markdown file `page`, between `<!-- results:{section}:begin -->` and its `end` marker
+    (replacing what was there; appended with the markers when they are absent)."""
+    body = f"Files: `{out_dir}`\n\n{report}"
+    if plot:  # linked relative to the page, so that it shows wherever both are
+        link = os.path.relpath(plot, os.path.dirname(page) or ".")
+        body += f"\n![speedup against batch size]({link})\n"
     begin, end = f"<!-- results:{section}:begin -->", f"<!-- results:{section}:end -->"
     text = ""
     if os.path.exists(page):

@@ -13,6 +13,7 @@ import importlib
 import os
 import shlex
 import sys
+import warnings
 
 import torch
 
@@ -105,9 +106,12 @@ def _cmd_bench(args, argv) -> int:
     print(f"benchmarking {len(grid)} cases on {info.get('gpu', info['cpu'])}, "
           f"{info['torch_threads']} threads, {repeats} timed rounds after {warmup} warm-up",
           flush=True)
-    rows = benchmarking.run_benchmark(
-        grid, device, repeats=repeats, warmup=warmup,
-        progress=lambda what: print(f"  {what}", file=sys.stderr, flush=True))
+    with warnings.catch_warnings():
+        # said once in the report instead, not in the middle of the progress lines
+        warnings.filterwarnings("ignore", "LSTM with projections is not supported with oneDNN")
+        rows = benchmarking.run_benchmark(
+            grid, device, repeats=repeats, warmup=warmup,
+            progress=lambda what: print(f"  {what}", file=sys.stderr, flush=True))
     settings = {"grid": args.grid or device.type, "repeats": repeats, "warmup": warmup,
                 "quick": args.quick}
     paths = benchmarking.write_results(out_dir, rows, info, settings, command)
@@ -119,11 +123,8 @@ def _cmd_bench(args, argv) -> int:
     if "plot" not in paths:
         print("no plot: matplotlib is not installed (pip install matplotlib)")
     if args.page:
-        section = f"Files: `{out_dir}`\n\n{report}"
-        if "plot" in paths:  # linked relative to the page, so it shows wherever both are
-            plot_link = os.path.relpath(paths["plot"], os.path.dirname(args.page) or ".")
-            section += f"\n![speedup against batch size]({plot_link})\n"
-        benchmarking.update_results_page(args.page, device.type, section)
+        benchmarking.update_results_page(args.page, device.type, report, out_dir,
+                                         paths.get("plot"))
         print(f"updated {args.page}")
     return 0
 

@@ -109,14 +109,17 @@ class ModuleFlow:
 
     @property
     def dc_norm(self) -> Tensor:
+        """||dL/dc[t]||_2 over the active rows, (layers, directions, T)."""
         return self.data[..., 0]
 
     @property
     def dh_norm(self) -> Tensor:
+        """||dL/dh[t]||_2 over the active rows, (layers, directions, T)."""
         return self.data[..., 1]
 
     @property
     def forget_mean(self) -> Tensor:
+        """Mean forget-gate activation f[t], (layers, directions, T)."""
         return self.data[..., 2]
 
     def row_labels(self, name: str) -> list[str]:
@@ -132,6 +135,7 @@ class ModuleFlow:
         return values.reshape(-1, values.shape[-1])
 
     def summary(self, name: str = "") -> list[FlowVerdict]:
+        """One FlowVerdict per layer and direction (decay ratios and verdict)."""
         out = []
         for layer in range(self.data.shape[0]):
             for direction in range(self.data.shape[1]):
@@ -168,6 +172,7 @@ class GradientFlow(Mapping):
         return probes
 
     def forwards(self, name: str) -> list[ModuleFlow]:
+        """ModuleFlow of every recorded forward of module `name`, in call order."""
         return [self._module_flow(name, probes) for probes in self._probes[name]]
 
     @staticmethod

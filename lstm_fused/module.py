@@ -109,6 +109,7 @@ class LSTM(nn.RNNBase):
         self.bptt_clip_mode = 0 if clip is None else _BPTT_CLIP_MODES[mode]
 
     def reset_parameters(self) -> None:
+        """nn.LSTM's initialisation, then the forget_bias (when set)."""
         super().reset_parameters()
         self._init_forget_bias()
 

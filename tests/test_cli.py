@@ -83,12 +83,14 @@ def test_bench_quick_writes_table_json_plot_and_page(tmp_path, capsys):
 
 def test_results_page_section_is_replaced_not_appended(tmp_path):
     page = tmp_path / "page.md"
-    benchmarking.update_results_page(str(page), "cpu", "first")
-    benchmarking.update_results_page(str(page), "cuda", "gpu table")
-    benchmarking.update_results_page(str(page), "cpu", "second")
+    benchmarking.update_results_page(str(page), "cpu", "first", "run1")
+    benchmarking.update_results_page(str(page), "cuda", "gpu table", "run2")
+    benchmarking.update_results_page(str(page), "cpu", "second", str(tmp_path / "run3"),
+                                     plot=str(tmp_path / "run3" / "speedup.png"))
     text = page.read_text()
     assert "first" not in text and "second" in text and "gpu table" in text
     assert text.index("second") < text.index("gpu table")
+    assert "](run3/speedup.png)" in text  # relative to the page
 
 
 def test_peak_memory_counts_what_the_call_allocates():

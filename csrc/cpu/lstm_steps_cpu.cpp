@@ -1,86 +1,18 @@
-// CPU step kernels: the gate math of lstm_cell.h over at::vec::Vectorized<T> (SIMD exp/tanh
-// from Sleef when the build enables AVX2), parallel over batch rows with at::parallel_for.
-// Reductions (sum of squares for gradient-flow telemetry and norm clipping) are summed per row
-// by one thread and then over rows in order, so results do not depend on the thread count.
+// CPU step kernels: loops over the row kernels of lstm_rows_cpu.h, parallel over batch rows
+// with at::parallel_for. Reductions (sum of squares for gradient-flow telemetry and norm
+// clipping) are summed per row by one thread and then over rows in order, so results do not
+// depend on the thread count.
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
-#include "../lstm_cell.h"
-#include "../lstm_steps.h"
+#include "lstm_rows_cpu.h"
 
 namespace lstm_fused {
-
-using at::vec::Vectorized;
-
-template <typename T>
-struct CellMath<Vectorized<T>> {
-  static Vectorized<T> exp(const Vectorized<T>& x) { return x.exp(); }
-  static Vectorized<T> tanh(const Vectorized<T>& x) {
-    if constexpr (std::is_same_v<T, float>) {
-      // tanh(x) = 2 sigmoid(2x) - 1: one exp instead of Sleef's tanh, which costs as much as
-      // the step's GEMM at small sizes. Exact at +-inf, NaN stays NaN; near 0 the absolute
-      // error is a few float32 ulps of 1 (the tests hold it to nn.LSTM at 1e-5).
-      const Vectorized<T> two(2);
-      return two / (Vectorized<T>(1) + (Vectorized<T>(0) - two * x).exp()) - Vectorized<T>(1);
-    } else {
-      return x.tanh();
-    }
-  }
-  // at::vec::clamp is built on maximum/minimum, which propagate NaN.
-  static Vectorized<T> clamp(const Vectorized<T>& x, const Vectorized<T>& lo,
-                             const Vectorized<T>& hi) {
-    return at::vec::clamp(x, lo, hi);
-  }
-};
-
 namespace cpu {
 namespace {
-
-// Loads and stores that read the same for a SIMD vector and for a scalar tail element.
-template <typename V, typename T>
-struct Lanes;
-
-template <typename T>
-struct Lanes<Vectorized<T>, T> {
-  static constexpr int64_t width = Vectorized<T>::size();
-  static Vectorized<T> load(const T* ptr) { return Vectorized<T>::loadu(ptr); }
-  static void store(const Vectorized<T>& value, T* ptr) { value.store(ptr); }
-  static T sum_squares(const Vectorized<T>& value) {
-    T lanes[Vectorized<T>::size()];
-    (value * value).store(lanes);
-    T total = 0;
-    for (int64_t k = 0; k < width; ++k) total += lanes[k];
-    return total;
-  }
-};
-
-template <typename T>
-struct Lanes<T, T> {
-  static constexpr int64_t width = 1;
-  static T load(const T* ptr) { return *ptr; }
-  static void store(T value, T* ptr) { *ptr = value; }
-  static T sum_squares(T value) { return value * value; }
-};
-
-template <typename V>
-struct LaneType {
-  using type = V;
-};
-
-// Runs body(LaneType<V>{}, j) over j in [0, n): SIMD vectors first, scalars for the tail.
-template <typename T, typename Body>
-inline void for_each_lane(int64_t n, const Body& body) {
-  using Vec = Vectorized<T>;
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) body(LaneType<Vec>{}, j);
-  for (; j < n; ++j) body(LaneType<T>{}, j);
-}
 
 // Rows per task: enough elements that a thread's share outweighs waking it.
 inline int64_t row_grain(int64_t elements_per_row) {
@@ -107,28 +39,9 @@ void forward_step_impl(const ForwardStepArgs<T>& args) {
   const int64_t H = args.hidden;
   at::parallel_for(0, args.rows, row_grain(4 * H), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      T* gates = args.gates + r * 4 * H;
-      T* cell = args.cell_state + r * H;
-      T* saved_cell = args.cells + r * H;
-      T* hidden = args.hidden_state + r * H;
-      T* output = args.output ? args.output + r * args.output_stride : nullptr;
-      for_each_lane<T>(H, [&](auto lane, int64_t j) {
-        using V = typename decltype(lane)::type;
-        using L = Lanes<V, T>;
-        GateValues<V> act = activate_gates(L::load(gates + j), L::load(gates + H + j),
-                                           L::load(gates + 2 * H + j),
-                                           L::load(gates + 3 * H + j));
-        V cell_new = next_cell(act, L::load(cell + j));
-        V hidden_new = cell_output(act, cell_new);
-        L::store(act.i, gates + j);
-        L::store(act.f, gates + H + j);
-        L::store(act.g, gates + 2 * H + j);
-        L::store(act.o, gates + 3 * H + j);
-        L::store(cell_new, cell + j);
-        L::store(cell_new, saved_cell + j);
-        L::store(hidden_new, hidden + j);
-        if (output) L::store(hidden_new, output + j);
-      });
+      forward_row<T>(args.gates + r * 4 * H, H, nullptr, 0, args.cell_state + r * H,
+                     args.cells + r * H, args.hidden_state + r * H,
+                     args.output ? args.output + r * args.output_stride : nullptr, 0, H);
     }
   });
 }
@@ -140,19 +53,10 @@ void hidden_grad_impl(const HiddenGradStepArgs<T>& args) {
   std::vector<T> row_sums(kRowSums ? args.rows : 0);
   at::parallel_for(0, args.rows, row_grain(P), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      T* dhidden = args.dhidden + r * P;
       const T* grad_output =
           args.grad_output ? args.grad_output + r * args.grad_output_stride : nullptr;
-      T row_sum = 0;
-      for_each_lane<T>(P, [&](auto lane, int64_t j) {
-        using V = typename decltype(lane)::type;
-        using L = Lanes<V, T>;
-        V dh = L::load(dhidden + j);
-        if (grad_output) dh = dh + L::load(grad_output + j);
-        if constexpr (kClip == kClipValue) dh = clamp_gradient(dh, V(args.clip));
-        if constexpr (kRowSums) row_sum += L::sum_squares(dh);
-        L::store(dh, dhidden + j);
-      });
+      const T row_sum = hidden_grad_row<T, kClip, kRowSums>(args.dhidden + r * P, grad_output, args.clip,
+                                                  0, P);
       if constexpr (kRowSums) row_sums[r] = row_sum;
     }
   });
@@ -171,48 +75,16 @@ void hidden_grad_impl(const HiddenGradStepArgs<T>& args) {
   if (kSumSquares && args.sum_squares) *args.sum_squares = sum_squares;
 }
 
-// One row of the backward step. With kClip == kClipNorm it runs twice: first (kFirstPass)
-// it only stores the unclipped dc in dcell and returns its sum of squares; then, with the
-// scale known, it reads that dc back and finishes.
-template <typename T, int64_t kClip, bool kFirstPass>
-T backward_row(const BackwardStepArgs<T>& args, int64_t r, T scale) {
+// Row r of a backward step.
+template <typename T, int64_t kClip, bool kFirstPass, bool kSums>
+T backward_step_row(const BackwardStepArgs<T>& args, int64_t r, T scale) {
   const int64_t H = args.hidden;
-  const T* gates = args.gates + r * 4 * H;
-  const T* cell = args.cells + r * H;
   const T* cell_prev =
       r < args.prev_split ? args.cells_prev + r * H : args.cell_initial + r * H;
-  const T* grad_r = args.grad_r + r * H;
-  T* dcell = args.dcell + r * H;
-  T* dgates = args.dgates + r * 4 * H;
-  T row_sum = 0;
-  for_each_lane<T>(H, [&](auto lane, int64_t j) {
-        using V = typename decltype(lane)::type;
-    using L = Lanes<V, T>;
-    GateValues<V> act{L::load(gates + j), L::load(gates + H + j), L::load(gates + 2 * H + j),
-                      L::load(gates + 3 * H + j)};
-    V dr = L::load(grad_r + j);
-    V tanh_cell;
-    V dc;
-    if constexpr (kClip == kClipNorm && !kFirstPass) {
-      tanh_cell = CellMath<V>::tanh(L::load(cell + j));
-      dc = L::load(dcell + j) * V(scale);
-    } else {
-      dc = cell_gradient(act, L::load(cell + j), dr, L::load(dcell + j), tanh_cell);
-    }
-    if constexpr (kClip == kClipValue) dc = clamp_gradient(dc, V(args.clip));
-    row_sum += L::sum_squares(dc);
-    if constexpr (kFirstPass) {
-      L::store(dc, dcell + j);
-      return;
-    }
-    GateValues<V> grads = gate_gradients(act, L::load(cell_prev + j), tanh_cell, dr, dc);
-    L::store(grads.i, dgates + j);
-    L::store(grads.f, dgates + H + j);
-    L::store(grads.g, dgates + 2 * H + j);
-    L::store(grads.o, dgates + 3 * H + j);
-    L::store(carry_cell_gradient(act, dc), dcell + j);
-  });
-  return row_sum;
+  return backward_row<T, kClip, kFirstPass, kSums>(args.gates + r * 4 * H, H, args.cells + r * H,
+                                            cell_prev, args.grad_r + r * H, args.dcell + r * H,
+                                                   args.dgates + r * 4 * H, args.clip, scale, 0,
+                                                   H);
 }
 
 template <typename T, int64_t kClip, bool kSumSquares>
@@ -223,13 +95,13 @@ void backward_impl(const BackwardStepArgs<T>& args) {
   if constexpr (kClip == kClipNorm) {
     at::parallel_for(0, args.rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
-        row_sums[r] = backward_row<T, kClip, true>(args, r, T(1));
+        row_sums[r] = backward_step_row<T, kClip, true, true>(args, r, T(1));
     });
     scale = norm_clip_scale(total(row_sums), args.clip);
   }
   at::parallel_for(0, args.rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
-      row_sums[r] = backward_row<T, kClip, false>(args, r, scale);
+      row_sums[r] = backward_step_row<T, kClip, false, kSumSquares>(args, r, scale);
   });
   if (kSumSquares && args.sum_squares) *args.sum_squares = total(row_sums);
 }
@@ -279,8 +151,10 @@ void backward_step(const BackwardStepArgs<T>& args) {
 
 const DeviceKernels& kernels() {
   static const DeviceKernels table{
-      {&forward_step<float>, &hidden_grad_step<float>, &backward_step<float>},
-      {&forward_step<double>, &hidden_grad_step<double>, &backward_step<double>}};
+      {&forward_step<float>, &hidden_grad_step<float>, &backward_step<float>,
+       &forward_sequence<float>, &backward_sequence<float>},
+      {&forward_step<double>, &hidden_grad_step<double>, &backward_step<double>,
+       &forward_sequence<double>, &backward_sequence<double>}};
   return table;
 }
 

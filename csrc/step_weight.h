@@ -1,0 +1,121 @@
+// Products with a weight that is reused at every time step (W_hh, W_hr): direct BLAS calls
+// and MKL's packed GEMM on the CPU, at:: ops elsewhere. Used by the layer driver (ops.cpp) and
+// the CPU sequence kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+namespace lstm_fused {
+
+// BLAS from the running libtorch (MKL or OpenBLAS builds export the Fortran symbols). Weak:
+// where a torch build does not export them the pointers are null and at:: ops are used.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+// MKL's packed GEMM (x86 builds of torch link MKL statically and export these).
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                      const float* src, int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
+                         int lda, const float* b, int ldb, float beta, float* c, int ldc)
+    __attribute__((weak));
+}
+// CBLAS enum values (cblas.h / mkl_cblas.h).
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasPacked = 151,
+              kCblasBMatrix = 162;
+
+template <typename T>
+struct Blas;
+template <>
+struct Blas<float> {
+  static auto gemm() { return &sgemm_; }
+};
+template <>
+struct Blas<double> {
+  static auto gemm() { return &dgemm_; }
+};
+
+// The weight of one product per step (W_hh, W_hr): out (rows x n) [+]= a (rows x k) * op(W),
+// op(W) = W^T when `transposed` (W: n x k) else W (W: k x n); out and a are row-major with row
+// strides ldo/lda. Pointers, not tensor views: at the sizes of one step, creating views and
+// going through the dispatcher costs as much as the product itself. On the CPU the product is
+// a direct BLAS call, and in float32 with MKL, W is packed once per call into MKL's internal
+// layout so the per-step GEMMs skip re-packing it (at batch 8 that packing was a third of the
+// product's time); steps with fewer rows (packed sequences) use the plain call. Elsewhere
+// (CUDA) it is at::addmm/at::mm on the current stream.
+template <typename T>
+class StepWeight {
+ public:
+  StepWeight(const at::Tensor& weight, bool transposed, int64_t max_rows)
+      : weight_(weight), transposed_(transposed), max_rows_(max_rows) {
+    n_ = transposed ? weight.size(0) : weight.size(1);
+    k_ = transposed ? weight.size(1) : weight.size(0);
+    constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+    blas_ = weight.device().is_cpu() && Blas<T>::gemm() != nullptr && max_rows <= kIntMax &&
+            n_ <= kIntMax && k_ <= kIntMax && weight.stride(0) <= kIntMax &&
+            weight.stride(1) == 1;
+    if constexpr (std::is_same_v<T, float>) {
+      if (blas_ && cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute &&
+          max_rows > 0 && n_ > 0 && k_ > 0) {
+        const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, max_rows, n_, k_);
+        packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 16},
+                            weight.options());
+        cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, transposed ? kCblasTrans : kCblasNoTrans,
+                         static_cast<int>(max_rows), n_, k_, 1.0f, weight.data_ptr<float>(),
+                         static_cast<int>(weight.stride(0)), packed_.data_ptr<float>());
+      }
+    }
+  }
+
+  void multiply(int64_t rows, T* out, int64_t ldo, const T* a, int64_t lda,
+                bool accumulate) const {
+    if (rows == 0 || n_ == 0) return;
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed_.defined() && rows == max_rows_) {
+        cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, static_cast<int>(rows),
+                            n_, k_, a, static_cast<int>(lda), packed_.data_ptr<float>(), n_,
+                            accumulate ? 1.0f : 0.0f, out, static_cast<int>(ldo));
+        return;
+      }
+    }
+    if (blas_) {
+      // Row-major out = a op(W) is column-major out^T = op(W)^T a^T.
+      const char trans_w = transposed_ ? 'T' : 'N', trans_a = 'N';
+      const int m = n_, n = static_cast<int>(rows), k = k_;
+      const int ldw = static_cast<int>(weight_.stride(0)), lda_ = static_cast<int>(lda),
+                ldo_ = static_cast<int>(ldo);
+      const T alpha = 1, beta = accumulate ? 1 : 0;
+      Blas<T>::gemm()(&trans_w, &trans_a, &m, &n, &k, &alpha, weight_.data_ptr<T>(), &ldw, a,
+                      &lda_, &beta, out, &ldo_);
+      return;
+    }
+    const auto options = weight_.options();
+    at::Tensor out_view = at::from_blob(out, {rows, n_}, {ldo, 1}, options);
+    const at::Tensor a_view = at::from_blob(const_cast<T*>(a), {rows, k_}, {lda, 1}, options);
+    const at::Tensor rhs = transposed_ ? weight_.t() : weight_;
+    if (accumulate) {
+      out_view.addmm_(a_view, rhs);
+    } else {
+      at::mm_out(out_view, a_view, rhs);
+    }
+  }
+
+ private:
+  at::Tensor weight_;
+  bool transposed_;
+  int64_t max_rows_;
+  bool blas_ = false;
+  int n_ = 0, k_ = 0;
+  at::Tensor packed_;
+};
+
+}  // namespace lstm_fused
