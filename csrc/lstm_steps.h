@@ -63,13 +63,21 @@ struct BackwardStepArgs {
 // on chip / in each core's cache, one barrier per step). Only for the plain case: no
 // projection (P == H), no clipping, no telemetry. Batch sizes as in a PackedSequence (equal
 // for unpacked input); rows of step t are [offsets[t], offsets[t] + batch_sizes[t]).
-template <typename T>
-struct ForwardSequenceArgs {
+struct SequenceShape {
   int64_t steps, batch, hidden;
   const int64_t* batch_sizes;  // host memory
   const int64_t* offsets;      // host memory
   bool reverse;
-  T* gates;                    // [N, 4H] in: input projection incl. biases; out: activations
+  // N, the number of rows of all steps.
+  int64_t offsets_end() const {
+    return steps == 0 ? 0 : offsets[steps - 1] + batch_sizes[steps - 1];
+  }
+};
+
+template <typename T>
+struct ForwardSequenceArgs : SequenceShape {
+  T* gates;                    // [N, 4H] in: input projection x W_ih^T; out: activations
+  const T* bias;               // [4H] b_ih + b_hh, added to the pre-activations; may be null
   const T* w_hh;               // [4H, H]
   const T* h0;                 // [B, H]
   T* hidden_state;             // [B, H] out: h_n
@@ -80,11 +88,7 @@ struct ForwardSequenceArgs {
 };
 
 template <typename T>
-struct BackwardSequenceArgs {
-  int64_t steps, batch, hidden;
-  const int64_t* batch_sizes;
-  const int64_t* offsets;
-  bool reverse;
+struct BackwardSequenceArgs : SequenceShape {
   const T* gates;              // [N, 4H] activated gates
   const T* cells;              // [N, H] c[t]
   const T* c0;                 // [B, H]

@@ -46,6 +46,9 @@ struct Steps {
     const int64_t prev = reverse ? t + 1 : t - 1;
     return (prev < 0 || prev >= steps) ? -1 : prev;
   }
+  SequenceShape shape(int64_t hidden, bool reverse) const {
+    return {steps, batch, hidden, batch_sizes.data(), offsets.data(), reverse};
+  }
   // Rows of step t whose sequence was already active at the previous step (the rest start
   // from h0/c0: only in the reverse direction of packed input).
   int64_t continuing_rows(int64_t t, bool reverse) const {
@@ -182,6 +185,12 @@ const StepKernels<double>& kernels_for<double>(const DeviceKernels& kernels) {
   return kernels.f64;
 }
 
+// Memory a StepWeight may spend on packing: a quarter of the saved gates of the direction.
+template <typename T>
+int64_t pack_budget_bytes(const at::Tensor& gates) {
+  return gates.numel() * static_cast<int64_t>(sizeof(T)) / 4;
+}
+
 // Columns of direction d in a (rows, D*P) tensor.
 at::Tensor direction_columns(const at::Tensor& t, int64_t d, int64_t width) {
   return t.narrow(1, d * width, width);
@@ -193,26 +202,24 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
                        at::Tensor c_state, at::Tensor gates, at::Tensor cells,
                        at::Tensor output, const StepKernels<T>& kernels) {
   const int64_t H = sz.hidden, P = sz.out_size, N = layout.rows_total;
-  // All steps' input projections at once; both biases folded in.
+  const bool has_proj = p.w_hr.defined();
+  const bool try_sequence = !has_proj && kernels.forward_sequence;
+  const at::Tensor bias = p.b_ih.defined() ? p.b_ih + p.b_hh : at::Tensor();
+  // All steps' input projections at once. A sequence kernel adds the biases in its gate math
+  // (saving a pass over the (N, 4H) gates); the step kernels get them folded in here.
   if (N > 0) {
-    if (p.b_ih.defined()) {
-      at::addmm_out(gates, p.b_ih + p.b_hh, x2d, p.w_ih.t());
+    if (bias.defined() && !try_sequence) {
+      at::addmm_out(gates, bias, x2d, p.w_ih.t());
     } else {
       at::mm_out(gates, x2d, p.w_ih.t());
     }
   }
-  const bool has_proj = p.w_hr.defined();
-  at::Tensor r_buffer = has_proj ? at::empty({layout.batch, H}, gates.options()) : at::Tensor();
   const int64_t out_stride = output.size(1);
-  if (!has_proj && kernels.forward_sequence) {
+  if (try_sequence) {
     ForwardSequenceArgs<T> args;
-    args.steps = layout.steps;
-    args.batch = layout.batch;
-    args.hidden = H;
-    args.batch_sizes = layout.batch_sizes.data();
-    args.offsets = layout.offsets.data();
-    args.reverse = reverse;
+    static_cast<SequenceShape&>(args) = layout.shape(H, reverse);
     args.gates = gates.data_ptr<T>();
+    args.bias = bias.defined() ? bias.data_ptr<T>() : nullptr;
     args.w_hh = p.w_hh.data_ptr<T>();
     args.h0 = h_state.data_ptr<T>();
     args.hidden_state = h_state.data_ptr<T>();
@@ -221,10 +228,14 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     args.output = output.data_ptr<T>() + d * P;
     args.output_stride = out_stride;
     if (kernels.forward_sequence(args)) return;
+    if (bias.defined() && N > 0) gates.add_(bias);  // declined: the step kernels need them in
   }
-  const StepWeight<T> recurrent(p.w_hh, /*transposed=*/true, layout.batch);
+  at::Tensor r_buffer = has_proj ? at::empty({layout.batch, H}, gates.options()) : at::Tensor();
+  const int64_t pack_budget = pack_budget_bytes<T>(gates);
+  const StepWeight<T> recurrent(p.w_hh, /*transposed=*/true, layout.batch, pack_budget);
   const std::optional<StepWeight<T>> projection =
-      has_proj ? std::make_optional<StepWeight<T>>(p.w_hr, true, layout.batch) : std::nullopt;
+      has_proj ? std::make_optional<StepWeight<T>>(p.w_hr, true, layout.batch, pack_budget)
+               : std::nullopt;
   T* const gates_data = gates.data_ptr<T>();
   T* const hidden_data = h_state.data_ptr<T>();
   T* const r_data = has_proj ? r_buffer.data_ptr<T>() : nullptr;
@@ -365,12 +376,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
     bool looped = false;
     if (!has_proj && clip_mode == kClipOff && !record_flow && step_kernels.backward_sequence) {
       BackwardSequenceArgs<T> args;
-      args.steps = layout.steps;
-      args.batch = layout.batch;
-      args.hidden = H;
-      args.batch_sizes = layout.batch_sizes.data();
-      args.offsets = layout.offsets.data();
-      args.reverse = reverse;
+      static_cast<SequenceShape&>(args) = layout.shape(H, reverse);
       args.gates = gates_d.data_ptr<T>();
       args.cells = cells_d.data_ptr<T>();
       args.c0 = c0_d.data_ptr<T>();
@@ -385,10 +391,12 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
     // The per-step loop (its weights are only packed when it runs).
     const std::optional<StepWeight<T>> recurrent =
         looped ? std::nullopt
-               : std::make_optional<StepWeight<T>>(p.w_hh, /*transposed=*/false, layout.batch);
+               : std::make_optional<StepWeight<T>>(p.w_hh, /*transposed=*/false, layout.batch,
+                                                   pack_budget_bytes<T>(gates_d));
     const std::optional<StepWeight<T>> projection =
         (has_proj && !looped)
-            ? std::make_optional<StepWeight<T>>(p.w_hr, false, layout.batch)
+            ? std::make_optional<StepWeight<T>>(p.w_hr, false, layout.batch,
+                                                pack_budget_bytes<T>(gates_d))
             : std::nullopt;
     // Reverse of the forward processing order.
     for (int64_t s = layout.steps - 1; s >= 0 && !looped; --s) {

@@ -10,6 +10,8 @@
 #include <limits>
 #include <type_traits>
 
+#include "cpu/small_gemm_cpu.h"
+
 namespace lstm_fused {
 
 // BLAS from the running libtorch (MKL or OpenBLAS builds export the Fortran symbols). Weak:
@@ -50,12 +52,16 @@ struct Blas<double> {
 // going through the dispatcher costs as much as the product itself. On the CPU the product is
 // a direct BLAS call, and in float32 with MKL, W is packed once per call into MKL's internal
 // layout so the per-step GEMMs skip re-packing it (at batch 8 that packing was a third of the
-// product's time); steps with fewer rows (packed sequences) use the plain call. Elsewhere
-// (CUDA) it is at::addmm/at::mm on the current stream.
+// product's time). MKL's packed buffer is at least ~7.5 MiB whatever W's size, so W is packed
+// only when that fits `pack_budget_bytes` (the driver allows a quarter of the saved gates:
+// long sequences, where the buffer is noise in the peak memory). Steps with fewer rows
+// (packed sequences) use the plain call. Elsewhere (CUDA) it is at::addmm/at::mm on the
+// current stream.
 template <typename T>
 class StepWeight {
  public:
-  StepWeight(const at::Tensor& weight, bool transposed, int64_t max_rows)
+  StepWeight(const at::Tensor& weight, bool transposed, int64_t max_rows,
+             int64_t pack_budget_bytes = 0)
       : weight_(weight), transposed_(transposed), max_rows_(max_rows) {
     n_ = transposed ? weight.size(0) : weight.size(1);
     k_ = transposed ? weight.size(1) : weight.size(0);
@@ -63,10 +69,19 @@ class StepWeight {
     blas_ = weight.device().is_cpu() && Blas<T>::gemm() != nullptr && max_rows <= kIntMax &&
             n_ <= kIntMax && k_ <= kIntMax && weight.stride(0) <= kIntMax &&
             weight.stride(1) == 1;
+    if (weight.device().is_cpu() && n_ * k_ <= kSmallWeightElements && max_rows > 0) {
+      // Small weights: our own register-blocked loop over W laid out as (k x n_pad).
+      const int64_t width = at::vec::Vectorized<T>::size();
+      n_pad_ = (n_ + width - 1) / width * width;
+      prepared_ = at::zeros({k_, n_pad_}, weight.options());
+      prepared_.narrow(1, 0, n_).copy_(transposed ? weight.t() : weight);
+      return;
+    }
     if constexpr (std::is_same_v<T, float>) {
       if (blas_ && cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute &&
           max_rows > 0 && n_ > 0 && k_ > 0) {
         const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, max_rows, n_, k_);
+        if (static_cast<int64_t>(bytes) > pack_budget_bytes) return;
         packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 16},
                             weight.options());
         cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, transposed ? kCblasTrans : kCblasNoTrans,
@@ -79,6 +94,11 @@ class StepWeight {
   void multiply(int64_t rows, T* out, int64_t ldo, const T* a, int64_t lda,
                 bool accumulate) const {
     if (rows == 0 || n_ == 0) return;
+    if (prepared_.defined()) {
+      cpu::small_gemm<T>(rows, a, lda, prepared_.data_ptr<T>(), k_, n_pad_, n_, out, ldo,
+                         accumulate);
+      return;
+    }
     if constexpr (std::is_same_v<T, float>) {
       if (packed_.defined() && rows == max_rows_) {
         cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, static_cast<int>(rows),
@@ -113,9 +133,14 @@ class StepWeight {
   at::Tensor weight_;
   bool transposed_;
   int64_t max_rows_;
+  // Weights up to this many elements (512 KiB in float32: a core's L2 holds them) use
+  // cpu::small_gemm; larger ones BLAS, whose cache blocking wins there.
+  static constexpr int64_t kSmallWeightElements = int64_t(1) << 17;
   bool blas_ = false;
   int n_ = 0, k_ = 0;
   at::Tensor packed_;
+  at::Tensor prepared_;  // (k x n_pad) for cpu::small_gemm
+  int64_t n_pad_ = 0;
 };
 
 }  // namespace lstm_fused

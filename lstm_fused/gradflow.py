@@ -260,8 +260,9 @@ def plot_heatmaps(panels: Mapping[str, Mapping[str, Tensor]], path, *, title: st
                   linear_panels=(), relative: bool = False) -> Path:
     """Write a PNG with one heatmap per panel: panels = {panel title: {row label: values (T,)}}.
 
-    Time on x, one row per label, log10 colour scale except for the panels named in
-    `linear_panels` (drawn on [0, 1]). relative=True divides each log-scale row by its maximum.
+    Time on x, one row per label, log10 colour scale (one range for all such panels) except
+    for the panels named in `linear_panels` (drawn on [0, 1]). relative=True divides each
+    log-scale row by its maximum.
     Needs matplotlib.
     """
     try:
@@ -270,26 +271,30 @@ def plot_heatmaps(panels: Mapping[str, Mapping[str, Tensor]], path, *, title: st
     except ImportError:
         raise ImportError("plotting the gradient flow needs matplotlib: "
                           "pip install matplotlib (or pip install lstm_fused[plot])") from None
-    panels = {t: rows for t, rows in panels.items() if rows}
-    num_rows = sum(len(rows) for rows in panels.values())
-    fig = Figure(figsize=(10, 1.2 + 0.32 * num_rows + 0.9 * len(panels)), layout="constrained")
-    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    grids = {}  # panel title -> (rows, T) values as drawn
+    for panel_title, rows in panels.items():
+        if rows:
+            values = torch.stack([torch.as_tensor(r).detach().double().cpu()
+                                  for r in rows.values()])
+            log = panel_title not in linear_panels
+            grids[panel_title] = (list(rows), _log10_rows(values, relative) if log else values, log)
+    # one colour range for all log panels, so that their colours compare
+    finite = [v[torch.isfinite(v)] for _, v, log in grids.values() if log]
+    finite = torch.cat(finite) if finite else torch.zeros(0)
+    log_range = (float(finite.min()), float(finite.max())) if finite.numel() else (-1.0, 0.0)
+    num_rows = sum(len(labels) for labels, _, _ in grids.values())
+    fig = Figure(figsize=(10, 1.2 + 0.32 * num_rows + 0.9 * len(grids)), layout="constrained")
+    axes = fig.subplots(len(grids), 1, squeeze=False)[:, 0]
     cmap = colormaps["viridis"].with_extremes(bad="lightgrey")  # -inf/nan: no gradient there
-    for ax, (panel_title, rows) in zip(axes, panels.items()):
-        values = torch.stack([torch.as_tensor(r).detach().double().cpu() for r in rows.values()])
-        if panel_title not in linear_panels:
-            values = _log10_rows(values, relative)
-            finite = values[torch.isfinite(values)]
-            vmin, vmax = (float(finite.min()), float(finite.max())) if finite.numel() else (-1, 0)
-            label = "log10 (norm / row max)" if relative else "log10 norm"
-        else:
-            vmin, vmax, label = 0.0, 1.0, None
+    for ax, (panel_title, (labels, values, log)) in zip(axes, grids.items()):
+        vmin, vmax = log_range if log else (0.0, 1.0)
         image = ax.imshow(values.numpy(), aspect="auto", interpolation="nearest",
                           vmin=vmin, vmax=vmax, cmap=cmap)
-        ax.set_yticks(range(len(rows)), list(rows))
+        ax.set_yticks(range(len(labels)), labels)
         ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("time step t")
-        fig.colorbar(image, ax=ax, label=label, pad=0.01)
+        colour_label = ("log10 (norm / row max)" if relative else "log10 norm") if log else None
+        fig.colorbar(image, ax=ax, label=colour_label, pad=0.01)
     if title:
         fig.suptitle(title)
     path = Path(path)

@@ -19,7 +19,17 @@ using at::vec::Vectorized;
 
 template <typename T>
 struct CellMath<Vectorized<T>> {
-  static Vectorized<T> exp(const Vectorized<T>& x) { return x.exp(); }
+  static Vectorized<T> exp(const Vectorized<T>& x) {
+    if constexpr (std::is_same_v<T, float>) {
+      // ATen's polynomial exp (about 2 ulp) instead of Sleef's (1 ulp): the gate math is
+      // five exps per element, as costly as the step's GEMM at small sizes. It saturates
+      // instead of overflowing (sigmoid and tanh still reach exactly 0 / +-1) and would map
+      // NaN to a finite value, so NaN is passed through explicitly.
+      return Vectorized<T>::blendv(x.exp_u20(), x, x.isnan());
+    } else {
+      return x.exp();
+    }
+  }
   static Vectorized<T> tanh(const Vectorized<T>& x) {
     if constexpr (std::is_same_v<T, float>) {
       // tanh(x) = 2 sigmoid(2x) - 1: one exp instead of Sleef's tanh, which costs as much as
@@ -84,18 +94,20 @@ inline void for_each_lane(int64_t begin, int64_t end, const Body& body) {
 // (i, f, g, o blocks of H), the other rows H. Shared by the per-step kernels (all units) and
 // the sequence kernels (each thread its slice of units).
 
-// Forward: pre-activations (gates + recurrent when given; recurrent holds the slice's four
-// gate blocks at q * recurrent_stride) -> activated gates (in place), c (cell in/out, saved
-// copy), r = o*tanh(c) into hidden and output when given.
+// Forward: pre-activations (gates, + bias (4H) when given, + recurrent when given: the
+// slice's four gate blocks at q * recurrent_stride) -> activated gates (in place), c (cell
+// in/out, saved copy), r = o*tanh(c) into hidden and output when given.
 template <typename T>
-inline void forward_row(T* gates, int64_t H, const T* recurrent, int64_t recurrent_stride,
-                        T* cell, T* saved_cell, T* hidden, T* output, int64_t j0, int64_t j1) {
+inline void forward_row(T* gates, int64_t H, const T* bias, const T* recurrent,
+                        int64_t recurrent_stride, T* cell, T* saved_cell, T* hidden, T* output,
+                        int64_t j0, int64_t j1) {
   for_each_lane<T>(j0, j1, [&](auto lane, int64_t j) {
     using V = typename decltype(lane)::type;
     using L = Lanes<V, T>;
     V pre[4];
     for (int64_t q = 0; q < 4; ++q) {
       pre[q] = L::load(gates + q * H + j);
+      if (bias) pre[q] = pre[q] + L::load(bias + q * H + j);
       if (recurrent) pre[q] = pre[q] + L::load(recurrent + q * recurrent_stride + (j - j0));
     }
     GateValues<V> act = activate_gates(pre[0], pre[1], pre[2], pre[3]);

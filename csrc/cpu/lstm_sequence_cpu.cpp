@@ -15,20 +15,45 @@
 #include "../step_weight.h"
 #include "lstm_rows_cpu.h"
 
+// MKL's C API (mkl_service.h maps mkl_set_num_threads_local to it; the lower-case symbol
+// is the Fortran one, which takes a pointer). Weak: absent from torch builds without MKL.
+extern "C" int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
+
 namespace lstm_fused {
 namespace cpu {
 namespace {
 
-// Hidden units [begin[k], begin[k+1]) of slice k: whole SIMD vectors, at most one per thread.
+// Hidden units [begin[k], begin[k+1]) of slice k: whole SIMD vectors, at most one slice per
+// thread, and enough multiply-adds per step in each slice (batch x 4 x width x H) that the
+// step's barrier is small next to them. A barrier waits for the slowest thread, so on a busy
+// machine every extra thread risks a lost time slice per step: small problems run on one.
 template <typename T>
-std::vector<int64_t> slice_bounds(int64_t hidden, int64_t threads) {
+std::vector<int64_t> slice_bounds(int64_t hidden, int64_t batch, int64_t threads) {
+  constexpr int64_t kMinWorkPerSlice = int64_t(1) << 18;
   const int64_t width = Vectorized<T>::size();
   const int64_t vectors = (hidden + width - 1) / width;
-  const int64_t count = std::max<int64_t>(1, std::min(threads, vectors));
+  const int64_t work = std::max<int64_t>(1, batch) * 4 * hidden * hidden;
+  const int64_t count = std::max<int64_t>(
+      1, std::min({threads, vectors, work / kMinWorkPerSlice}));
   std::vector<int64_t> begin;
   for (int64_t k = 0; k <= count; ++k) begin.push_back(std::min(hidden, vectors * k / count * width));
   return begin;
 }
+
+// BLAS inside our parallel region must run on the calling thread alone (MKL would otherwise
+// start its own threads inside a one-thread team, which is not an active parallel region).
+class SequentialBlas {
+ public:
+  SequentialBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  int previous_;
+};
 
 // The step processed before t in a direction, or -1 at its first step.
 int64_t previous_step(int64_t t, int64_t steps, bool reverse) {
@@ -45,8 +70,10 @@ template <typename T>
 bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
   if (Blas<T>::gemm() == nullptr) return false;
   const int64_t H = a.hidden, B = a.batch, ld = a.output_stride;
-  const std::vector<int64_t> bounds = slice_bounds<T>(H, at::get_num_threads());
+  const std::vector<int64_t> bounds = slice_bounds<T>(H, B, at::get_num_threads());
   const int64_t slices = static_cast<int64_t>(bounds.size()) - 1;
+  // MKL's packed buffers (see StepWeight) only where they are small next to the saved gates.
+  const int64_t pack_budget = a.offsets_end() * 4 * H * int64_t(sizeof(T)) / (4 * slices);
   const at::Tensor w_hh =
       at::from_blob(const_cast<T*>(a.w_hh), {4, H, H}, options_of<T>());
   std::vector<StepWeight<T>> weights;
@@ -54,7 +81,7 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
   for (int64_t k = 0; k < slices; ++k) {
     const int64_t width = bounds[k + 1] - bounds[k];
     weights.emplace_back(w_hh.narrow(1, bounds[k], width).reshape({4 * width, H}).contiguous(),
-                         /*transposed=*/true, B);
+                         /*transposed=*/true, B, pack_budget);
     recurrent.push_back(at::empty({B, 4 * width}, options_of<T>()));
   }
   // Each row's last step, whose h is its h_n.
@@ -65,7 +92,7 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
   }
 #pragma omp parallel num_threads(slices)
   {
-    // BLAS called inside an OpenMP parallel region runs on the calling thread alone.
+    const SequentialBlas sequential;
     const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
     for (int64_t s = 0; s < a.steps; ++s) {
       const int64_t t = a.reverse ? a.steps - 1 - s : s;
@@ -85,7 +112,7 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
                               a.h0 + continuing * H, H, /*accumulate=*/false);
         }
         for (int64_t r = 0; r < rows; ++r) {
-          forward_row<T>(a.gates + (offset + r) * 4 * H, H, rec + r * 4 * width, width,
+          forward_row<T>(a.gates + (offset + r) * 4 * H, H, a.bias, rec + r * 4 * width, width,
                          a.cell_state + r * H, a.cells + (offset + r) * H, nullptr,
                          a.output + (offset + r) * ld, j0, j1);
         }
@@ -107,17 +134,18 @@ template <typename T>
 bool backward_sequence_impl(const BackwardSequenceArgs<T>& a) {
   if (Blas<T>::gemm() == nullptr) return false;
   const int64_t H = a.hidden, B = a.batch;
-  const std::vector<int64_t> bounds = slice_bounds<T>(H, at::get_num_threads());
+  const std::vector<int64_t> bounds = slice_bounds<T>(H, B, at::get_num_threads());
   const int64_t slices = static_cast<int64_t>(bounds.size()) - 1;
+  const int64_t pack_budget = a.offsets_end() * 4 * H * int64_t(sizeof(T)) / (4 * slices);
   const at::Tensor w_hh = at::from_blob(const_cast<T*>(a.w_hh), {4 * H, H}, options_of<T>());
   std::vector<StepWeight<T>> weights;  // per slice: the columns of W_hh of its units
   for (int64_t k = 0; k < slices; ++k) {
     weights.emplace_back(w_hh.narrow(1, bounds[k], bounds[k + 1] - bounds[k]).contiguous(),
-                         /*transposed=*/false, B);
+                         /*transposed=*/false, B, pack_budget);
   }
 #pragma omp parallel num_threads(slices)
   {
-    // BLAS called inside an OpenMP parallel region runs on the calling thread alone.
+    const SequentialBlas sequential;
     const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
     // Reverse of the forward processing order.
     for (int64_t s = a.steps - 1; s >= 0; --s) {

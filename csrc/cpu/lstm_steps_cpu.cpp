@@ -39,7 +39,7 @@ void forward_step_impl(const ForwardStepArgs<T>& args) {
   const int64_t H = args.hidden;
   at::parallel_for(0, args.rows, row_grain(4 * H), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      forward_row<T>(args.gates + r * 4 * H, H, nullptr, 0, args.cell_state + r * H,
+      forward_row<T>(args.gates + r * 4 * H, H, nullptr, nullptr, 0, args.cell_state + r * H,
                      args.cells + r * H, args.hidden_state + r * H,
                      args.output ? args.output + r * args.output_stride : nullptr, 0, H);
     }

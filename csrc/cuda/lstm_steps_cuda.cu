@@ -26,6 +26,7 @@
 #include "../lstm_cell.h"
 #include "../lstm_layer.h"
 #include "../lstm_steps.h"
+#include "persistent_plan.h"
 
 namespace lstm_fused {
 namespace cuda {
@@ -429,8 +430,12 @@ void backward_step(const BackwardStepArgs<T>& args) {
 }  // namespace
 
 const DeviceKernels& kernels() {
+  // float32 also gets the persistent sequence kernels (lstm_persistent_cuda.cu): off unless
+  // LSTM_FUSED_CUDA_PERSISTENT=1 or lstm_fused::set_cuda_persistent(True); they decline
+  // (the driver then loops over the step kernels) when a case does not fit.
   static const DeviceKernels table{
-      {&forward_step<float>, &hidden_grad_step<float>, &backward_step<float>},
+      {&forward_step<float>, &hidden_grad_step<float>, &backward_step<float>,
+       &persistent_forward_sequence, &persistent_backward_sequence},
       {&forward_step<double>, &hidden_grad_step<double>, &backward_step<double>}};
   return table;
 }

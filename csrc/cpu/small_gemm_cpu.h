@@ -1,0 +1,69 @@
+// A register-blocked product for the small per-step GEMMs of the recurrence on the CPU:
+// out (rows x n) [+]= a (rows x k) * wt, with wt (k x n_pad) prepared once per call (n padded
+// to whole SIMD vectors with zeros). At the sizes of one step (a few rows, a weight that fits
+// in the core's cache) BLAS spends more time re-packing the weight and dispatching than
+// multiplying; this loop reads the prepared weight straight from cache, 4 rows x 2 vectors of
+// accumulators at a time (11 vector registers: fits AVX2 and AVX-512 without spills).
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace lstm_fused {
+namespace cpu {
+
+template <typename T, int64_t kRows, int64_t kVectors>
+inline void small_gemm_block(const T* a, int64_t lda, const T* wt, int64_t k, int64_t n_pad,
+                             int64_t n, int64_t column, T* out, int64_t ldo, bool accumulate) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t width = Vec::size();
+  Vec sums[kRows][kVectors];
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int64_t v = 0; v < kVectors; ++v) sums[r][v] = Vec(T(0));
+  for (int64_t kk = 0; kk < k; ++kk) {
+    Vec w[kVectors];
+    for (int64_t v = 0; v < kVectors; ++v) w[v] = Vec::loadu(wt + kk * n_pad + column + v * width);
+    for (int64_t r = 0; r < kRows; ++r) {
+      const Vec a_value(a[r * lda + kk]);
+      for (int64_t v = 0; v < kVectors; ++v) sums[r][v] = at::vec::fmadd(a_value, w[v], sums[r][v]);
+    }
+  }
+  for (int64_t r = 0; r < kRows; ++r) {
+    for (int64_t v = 0; v < kVectors; ++v) {
+      const int64_t begin = column + v * width;
+      const int64_t count = std::min(width, n - begin);
+      if (count <= 0) break;
+      T* target = out + r * ldo + begin;
+      Vec value = sums[r][v];
+      if (accumulate) value = value + Vec::loadu(target, count);
+      value.store(target, count);
+    }
+  }
+}
+
+template <typename T, int64_t kRows>
+inline void small_gemm_rows(const T* a, int64_t lda, const T* wt, int64_t k, int64_t n_pad,
+                            int64_t n, T* out, int64_t ldo, bool accumulate) {
+  constexpr int64_t width = at::vec::Vectorized<T>::size();
+  int64_t column = 0;
+  for (; column + 2 * width <= n_pad; column += 2 * width)
+    small_gemm_block<T, kRows, 2>(a, lda, wt, k, n_pad, n, column, out, ldo, accumulate);
+  if (column < n_pad)
+    small_gemm_block<T, kRows, 1>(a, lda, wt, k, n_pad, n, column, out, ldo, accumulate);
+}
+
+template <typename T>
+inline void small_gemm(int64_t rows, const T* a, int64_t lda, const T* wt, int64_t k,
+                       int64_t n_pad, int64_t n, T* out, int64_t ldo, bool accumulate) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4)
+    small_gemm_rows<T, 4>(a + r * lda, lda, wt, k, n_pad, n, out + r * ldo, ldo, accumulate);
+  for (; r < rows; ++r)
+    small_gemm_rows<T, 1>(a + r * lda, lda, wt, k, n_pad, n, out + r * ldo, ldo, accumulate);
+}
+
+}  // namespace cpu
+}  // namespace lstm_fused

@@ -1,0 +1,102 @@
+// The switch of the persistent CUDA kernels and their debug ops. Compiled into every build
+// (also CPU-only), so the partition arithmetic (cuda/persistent_plan.h) is tested on the CPU.
+//
+//   lstm_fused::set_cuda_persistent(bool enabled) -> bool    previous state
+//   lstm_fused::cuda_persistent_enabled() -> bool
+//   lstm_fused::cuda_persistent_stats() -> int[]             [forward launches, backward launches]
+//   lstm_fused::persistent_plan(int hidden, int batch, int sm_count, int smem_per_block,
+//                               int max_blocks_per_sm, bool backward=False) -> int[]
+//   lstm_fused::persistent_steps(int[] batch_sizes, bool reverse, bool backward) -> int[]
+//
+// persistent_plan returns persistent::plan_fields (names in tests/test_persistent_plan.py);
+// persistent_steps returns, per step in the pass's processing order, [t, rows, offset,
+// continuing, prev_offset] as the kernels' step walker computes them.
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "cuda/persistent_plan.h"
+
+namespace lstm_fused {
+namespace persistent {
+namespace {
+
+bool env_enabled() {
+  const char* value = std::getenv("LSTM_FUSED_CUDA_PERSISTENT");
+  if (value == nullptr) return false;
+  for (const char* on : {"1", "true", "yes", "on", "TRUE", "True", "YES", "ON"}) {
+    if (std::strcmp(value, on) == 0) return true;
+  }
+  return false;
+}
+
+std::atomic<bool>& state() {
+  static std::atomic<bool> on{env_enabled()};  // the environment is read once, on first use
+  return on;
+}
+
+std::atomic<int64_t> forward_launches{0};
+std::atomic<int64_t> backward_launches{0};
+
+std::vector<int64_t> plan_op(int64_t hidden, int64_t batch, int64_t sm_count,
+                             int64_t smem_per_block, int64_t max_blocks_per_sm, bool backward) {
+  return plan_fields(plan(backward, hidden, batch, sm_count, smem_per_block, max_blocks_per_sm));
+}
+
+std::vector<int64_t> steps_op(std::vector<int64_t> batch_sizes, bool reverse, bool backward) {
+  const int64_t steps = static_cast<int64_t>(batch_sizes.size());
+  std::vector<int64_t> offsets;
+  int64_t total = 0;
+  for (int64_t t = 0; t < steps; ++t) {
+    TORCH_CHECK(batch_sizes[t] >= 0 && (t == 0 || batch_sizes[t] <= batch_sizes[t - 1]),
+                "persistent_steps: batch_sizes must be non-increasing and non-negative");
+    offsets.push_back(total);
+    total += batch_sizes[t];
+  }
+  SequenceShape shape{steps, steps > 0 ? batch_sizes[0] : 0, 1, batch_sizes.data(),
+                      offsets.data(), reverse};
+  StepSegments segments;
+  TORCH_CHECK(make_segments(shape, segments), "persistent_steps: more than ", kMaxSegments,
+              " distinct batch sizes (the kernels decline such a sequence)");
+  std::vector<int64_t> out;
+  int hint = 0;
+  for (int64_t i = 0; i < steps; ++i) {
+    const int64_t t = step_at(i, steps, reverse, backward);
+    const StepInfo info = step_info(segments, t, reverse, hint);
+    out.insert(out.end(), {t, info.rows, info.offset, info.continuing, info.prev_offset});
+  }
+  return out;
+}
+
+}  // namespace
+
+bool enabled() { return state().load(std::memory_order_relaxed); }
+
+bool set_enabled(bool on) { return state().exchange(on); }
+
+void count_launch(bool backward) {
+  (backward ? backward_launches : forward_launches).fetch_add(1, std::memory_order_relaxed);
+}
+
+}  // namespace persistent
+
+TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
+  m.def("set_cuda_persistent(bool enabled) -> bool",
+        [](bool enabled) { return persistent::set_enabled(enabled); });
+  m.def("cuda_persistent_enabled() -> bool", []() { return persistent::enabled(); });
+  m.def("cuda_persistent_stats() -> int[]", []() {
+    return std::vector<int64_t>{persistent::forward_launches.load(),
+                                persistent::backward_launches.load()};
+  });
+  m.def(
+      "persistent_plan(int hidden, int batch, int sm_count, int smem_per_block, "
+      "int max_blocks_per_sm, bool backward=False) -> int[]",
+      &persistent::plan_op);
+  m.def("persistent_steps(int[] batch_sizes, bool reverse, bool backward) -> int[]",
+        &persistent::steps_op);
+}
+
+}  // namespace lstm_fused
