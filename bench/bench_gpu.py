@@ -10,6 +10,11 @@ an idle GPU queue (synchronize), is bracketed by CUDA events, and the four measu
 (ours fwd, cuDNN fwd, ours fwd+bwd, cuDNN fwd+bwd) are interleaved iteration by iteration
 so that clock drift and thermals hit both alike. Medians are reported.
 
+When the build has the persistent CUDA kernels (lstm_fused::set_cuda_persistent), a third
+column times lstm_fused.LSTM with them switched on ("persistent"; the "ours" column has them
+off); rows where they decline (no launch during warm-up: float64, projection, W_hh too large
+for shared memory) record that and skip the third column's timing.
+
 Time is bounded: a row gets at most --row-cap seconds of measurement (the iteration count
 comes from the warm-up timing, between --min-iters and --max-iters), and rows that would
 start after --time-budget seconds are recorded as skipped. The JSON is rewritten after
@@ -95,6 +100,31 @@ def _time_call(fn):
     return start.elapsed_time(end)
 
 
+def _persistent_ops():
+    """The switch and launch counters of the persistent kernels, or None when not built."""
+    ops = torch.ops.lstm_fused
+    try:
+        return ops.set_cuda_persistent, ops.cuda_persistent_stats
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _switched(on, call):
+    """`call` with the persistent kernels switched on or off (restored afterwards)."""
+    persistent = _persistent_ops()
+    if persistent is None:
+        return call
+    set_switch = persistent[0]
+
+    def wrapped():
+        old = set_switch(on)
+        try:
+            call()
+        finally:
+            set_switch(old)
+    return wrapped
+
+
 def run_row(r, args, deadline):
     import lstm_fused
 
@@ -122,17 +152,30 @@ def run_row(r, args, deadline):
             torch.autograd.grad(out, [x, *params], gout)
         return call
 
-    calls = {("ours", "fwd"): fwd(ours), ("cudnn", "fwd"): fwd(ref),
-             ("ours", "fwdbwd"): fwdbwd(ours), ("cudnn", "fwdbwd"): fwdbwd(ref)}
+    calls = {("ours", "fwd"): _switched(False, fwd(ours)), ("cudnn", "fwd"): fwd(ref),
+             ("ours", "fwdbwd"): _switched(False, fwdbwd(ours)),
+             ("cudnn", "fwdbwd"): fwdbwd(ref)}
+    persistent = _persistent_ops()
+    if persistent is not None:
+        calls[("persistent", "fwd")] = _switched(True, fwd(ours))
+        calls[("persistent", "fwdbwd")] = _switched(True, fwdbwd(ours))
     result = dict(r, id=row_id(r), status="ok")
     errors = {}
 
-    # correctness sanity: forward outputs of the two implementations
+    # correctness sanity: forward outputs of the implementations
     try:
         with torch.no_grad():
             o1, _ = ours(x)
             o2, _ = ref(x)
             result["max_abs_diff_out"] = float((o1.float() - o2.float()).abs().max())
+            if persistent is not None:
+                old = persistent[0](True)
+                try:
+                    o3, _ = ours(x)
+                finally:
+                    persistent[0](old)
+                result["max_abs_diff_out_persistent"] = float((o3.float() - o2.float()).abs().max())
+                del o3
         del o1, o2
     except Exception as e:  # noqa: BLE001 - recorded, the row goes on
         result["max_abs_diff_out"] = None
@@ -140,16 +183,28 @@ def run_row(r, args, deadline):
 
     # warm-up; its last timing estimates the cost of one call
     estimate = {}
+    launches = {}
     for key, call in calls.items():
         try:
+            before = persistent[1]() if persistent is not None else None
             for _ in range(args.warmup):
                 t0 = time.perf_counter()
                 call()
                 torch.cuda.synchronize()
                 estimate[key] = time.perf_counter() - t0
+            if before is not None:
+                launches[key] = [a - b for a, b in zip(persistent[1](), before)]
         except Exception as e:  # noqa: BLE001
             errors[f"{key[0]}_{key[1]}"] = f"{type(e).__name__}: {e}"[:500]
             torch.cuda.synchronize()
+    if persistent is not None:
+        # persistent launches (forward, backward) during the warm-up of each call
+        result["persistent_launches"] = {f"{k[0]}_{k[1]}": v for k, v in launches.items()
+                                         if k[0] == "persistent"}
+        if not any(n for k, v in launches.items() if k[0] == "persistent" for n in v):
+            result["persistent_declined"] = True  # same code path as "ours": not timed again
+            for key in [k for k in calls if k[0] == "persistent"]:
+                estimate.pop(key, None)
     live = [k for k in calls if k in estimate and f"{k[0]}_{k[1]}" not in errors]
     per_iter = sum(estimate[k] for k in live) or 1e-3
     room = min(args.row_cap, max(0.0, deadline - time.monotonic()))
@@ -161,7 +216,9 @@ def run_row(r, args, deadline):
         order = live if i % 2 == 0 else list(reversed(live))
         for key in order:
             times[key].append(_time_call(calls[key]))
-    for impl in ("ours", "cudnn"):
+    for impl in ("ours", "cudnn", "persistent"):
+        if impl == "persistent" and persistent is None:
+            continue
         entry = {}
         for mode in ("fwd", "fwdbwd"):
             ts = times.get((impl, mode), [])
@@ -172,6 +229,9 @@ def run_row(r, args, deadline):
     for mode in ("fwd", "fwdbwd"):
         a, b = result["ours"][f"{mode}_ms"], result["cudnn"][f"{mode}_ms"]
         result[f"speedup_{mode}"] = (b / a) if (a and b) else None
+        if "persistent" in result:
+            p = result["persistent"][f"{mode}_ms"]
+            result[f"speedup_persistent_{mode}"] = (b / p) if (p and b) else None
     if errors:
         result["errors"] = errors
         result["status"] = "error" if not times or not any(times.values()) else "partial"
@@ -234,9 +294,16 @@ def main(argv=None):
         def fmt(v):
             return "-" if v is None else f"{v:.3f}"
         o, c = res.get("ours", {}), res.get("cudnn", {})
+        pe = res.get("persistent")
+        pers = ""
+        if res.get("persistent_declined"):
+            pers = " | persistent: declined"
+        elif pe is not None:
+            pers = (f" | persistent fwd {fmt(pe.get('fwd_ms'))} fwd+bwd "
+                    f"{fmt(pe.get('fwdbwd_ms'))} ms")
         print(f"{rid}: {res['status']}  fwd ours {fmt(o.get('fwd_ms'))} cudnn "
               f"{fmt(c.get('fwd_ms'))} ms | fwd+bwd ours {fmt(o.get('fwdbwd_ms'))} cudnn "
-              f"{fmt(c.get('fwdbwd_ms'))} ms | iters {o.get('fwd_iters', 0)}"
+              f"{fmt(c.get('fwdbwd_ms'))} ms{pers} | iters {o.get('fwd_iters', 0)}"
               + (f" | errors {res['errors']}" if res.get("errors") else ""), flush=True)
     data["elapsed_s"] = round(time.monotonic() - t_start, 1)
     write_json(args.out, data)

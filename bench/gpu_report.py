@@ -166,24 +166,41 @@ def markdown(rep):
     lines.append("- stages: " + ", ".join(f"{s['stage']} rc={s['rc']} {s['seconds']}s"
                                           + (f" ({s['note']})" if s['note'] else "")
                                           for s in rep["stages"]))
+    # the persistent-kernel column (bench_gpu.py adds it when the build has them)
+    pers = any("persistent" in r or r.get("persistent_declined") for r in rep["bench"])
     lines += ["", f"Benchmark: {m.get('forward_mode', '')}; {m.get('timing', '')}. "
-              "Speed-up = nn.LSTM time / ours (> 1: ours faster).", ""]
-    lines.append("| T | B | I | H | layers | bi | proj | dtype | ours fwd ms | nn.LSTM fwd ms "
-                 "| speed-up | ours fwd+bwd ms | nn.LSTM fwd+bwd ms | speed-up | iters | status |")
-    lines.append("|" + "---|" * 16)
+              "Speed-up = nn.LSTM time / ours (> 1: ours faster)."
+              + (" persistent = ours with the persistent kernels switched on (`declined`: "
+                 "they do not take the row, it runs as ours)." if pers else ""), ""]
+    head = ("| T | B | I | H | layers | bi | proj | dtype | ours fwd ms | nn.LSTM fwd ms "
+            "| speed-up | ours fwd+bwd ms | nn.LSTM fwd+bwd ms | speed-up |")
+    if pers:
+        head += " persistent fwd ms | speed-up | persistent fwd+bwd ms | speed-up |"
+    lines.append(head + " iters | status |")
+    columns = 16 + (4 if pers else 0)
+    lines.append("|" + "---|" * columns)
     for r in rep["bench"]:
         o, c = r.get("ours", {}), r.get("cudnn", {})
         status = r.get("status", "")
         if r.get("errors"):
             status += ": " + "; ".join(f"{k}: {v[:80]}" for k, v in r["errors"].items())
-        lines.append(
+        row = (
             f"| {r['T']} | {r['B']} | {r['I']} | {r['H']} | {r['layers']} | "
             f"{'yes' if r['bidirectional'] else 'no'} | {r['proj'] or '-'} | {r['dtype']} | "
             f"{fmt(o.get('fwd_ms'), 3)} | {fmt(c.get('fwd_ms'), 3)} | {fmt(r.get('speedup_fwd'))} | "
             f"{fmt(o.get('fwdbwd_ms'), 3)} | {fmt(c.get('fwdbwd_ms'), 3)} | "
-            f"{fmt(r.get('speedup_fwdbwd'))} | {o.get('fwd_iters', '-')} | {status} |")
+            f"{fmt(r.get('speedup_fwdbwd'))} |")
+        if pers:
+            if r.get("persistent_declined"):
+                row += " declined | - | declined | - |"
+            else:
+                p = r.get("persistent", {})
+                row += (f" {fmt(p.get('fwd_ms'), 3)} | {fmt(r.get('speedup_persistent_fwd'))} | "
+                        f"{fmt(p.get('fwdbwd_ms'), 3)} | "
+                        f"{fmt(r.get('speedup_persistent_fwdbwd'))} |")
+        lines.append(row + f" {o.get('fwd_iters', '-')} | {status} |")
     if not rep["bench"]:
-        lines.append("| (no benchmark results) |" + " |" * 15)
+        lines.append("| (no benchmark results) |" + " |" * (columns - 1))
     return "\n".join(lines) + "\n"
 
 

@@ -8,7 +8,8 @@ Covered: float32 and float64; the vectorised path (hidden % 4 == 0, aligned) and
 path (odd sizes, an odd projection); unpacked and packed input, bidirectional, projection;
 clip modes off / element-wise / norm, with and without gradient-flow telemetry (the
 single-block reduction kernels); a step with more vectors than the reduction block has
-threads; a 16-bit input (computed in float32 by the driver).
+threads; a 16-bit input (computed in float32 by the driver); and with the persistent kernels
+switched on, float32 layers that take them (one cooperative launch per direction and pass).
 Exits non-zero if anything raises or a result is not finite.
 """
 
@@ -83,6 +84,20 @@ def main() -> int:
     cases.append(dict(dtype=torch.bfloat16, T=3, B=2, I=4, H=8))
     for k, case in enumerate(cases):
         layer_case(dev, **case, seed=k)
+    # The persistent kernels (float32, no projection / clipping / telemetry), switched on for
+    # these cases only: vector and scalar staging, packed bidirectional, two row chunks.
+    persistent = [
+        dict(dtype=torch.float32, T=4, B=3, I=5, H=8),
+        dict(dtype=torch.float32, T=3, B=3, I=3, H=7, bidirectional=True, lengths=[3, 2, 2, 1]),
+        dict(dtype=torch.float32, T=2, B=20, I=4, H=40),
+    ]
+    old = torch.ops.lstm_fused.set_cuda_persistent(True)
+    try:
+        for k, case in enumerate(persistent):
+            layer_case(dev, **case, seed=100 + k)
+    finally:
+        torch.ops.lstm_fused.set_cuda_persistent(old)
+    cases += persistent
     # the module path once (two layers, bidirectional, projection, packed)
     torch.manual_seed(0)
     m = lstm_fused.LSTM(5, 8, num_layers=2, bidirectional=True, proj_size=4).to(dev)

@@ -61,8 +61,9 @@ struct BackwardStepArgs {
 
 // One direction's whole time loop in one call (persistent kernels: the recurrent weight stays
 // on chip / in each core's cache, one barrier per step). Only for the plain case: no
-// projection (P == H), no clipping, no telemetry. Batch sizes as in a PackedSequence (equal
-// for unpacked input); rows of step t are [offsets[t], offsets[t] + batch_sizes[t]).
+// projection (P == H), no clipping; telemetry only where StepKernels::backward_sequence_flow.
+// Batch sizes as in a PackedSequence (equal for unpacked input); rows of step t are
+// [offsets[t], offsets[t] + batch_sizes[t]).
 struct SequenceShape {
   int64_t steps, batch, hidden;
   const int64_t* batch_sizes;  // host memory
@@ -98,6 +99,9 @@ struct BackwardSequenceArgs : SequenceShape {
   T* dhidden;                  // [B, H] in: dL/dh_n, out: dL/dh0
   T* dcell;                    // [B, H] in: dL/dc_n, out: dL/dc0
   T* dgates;                   // [N, 4H] out
+  // [steps, 2] out, may be null (then no telemetry): per step t, the sums over its rows of
+  // dL/dc[t]^2 and dL/dh[t]^2. Only set for kernels with StepKernels::backward_sequence_flow.
+  T* sum_squares = nullptr;
 };
 
 // One device's step kernels for one compute type. The CUDA ones run on the current stream of
@@ -112,6 +116,8 @@ struct StepKernels {
   // not take the case (sizes, resources); the driver then loops over the step kernels.
   bool (*forward_sequence)(const ForwardSequenceArgs<T>&) = nullptr;
   bool (*backward_sequence)(const BackwardSequenceArgs<T>&) = nullptr;
+  // backward_sequence records telemetry (BackwardSequenceArgs::sum_squares).
+  bool backward_sequence_flow = false;
 };
 
 struct DeviceKernels {

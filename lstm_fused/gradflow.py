@@ -104,7 +104,8 @@ class ModuleFlow:
 
     def __init__(self, data: Tensor):
         if data.dim() != 4 or data.shape[-1] != len(_FLOW_FIELDS):
-            raise ValueError(f"ModuleFlow expects (layers, directions, T, 3), got {tuple(data.shape)}")
+            raise ValueError(
+                f"ModuleFlow expects (layers, directions, T, 3), got {tuple(data.shape)}")
         self.data = data
 
     @property
@@ -206,7 +207,8 @@ class GradientFlow(Mapping):
         """summary() as a text table."""
         lines = [f"{'module':<16}{'layer':>6}{'dir':>5}{'dh ratio':>12}{'dc ratio':>12}  verdict"]
         for v in self.summary():
-            lines.append(f"{v.module or '(model)':<16}{v.layer:>6}{'rev' if v.direction else 'fwd':>5}"
+            direction = "rev" if v.direction else "fwd"
+            lines.append(f"{v.module or '(model)':<16}{v.layer:>6}{direction:>5}"
                          f"{v.dh_ratio:>12.3g}{v.dc_ratio:>12.3g}  {v.verdict}")
         return "\n".join(lines)
 
@@ -278,6 +280,8 @@ def plot_heatmaps(panels: Mapping[str, Mapping[str, Tensor]], path, *, title: st
                                   for r in rows.values()])
             log = panel_title not in linear_panels
             grids[panel_title] = (list(rows), _log10_rows(values, relative) if log else values, log)
+    if not grids:
+        raise ValueError("nothing to plot: no rows (was any forward recorded?)")
     # one colour range for all log panels, so that their colours compare
     finite = [v[torch.isfinite(v)] for _, v, log in grids.values() if log]
     finite = torch.cat(finite) if finite else torch.zeros(0)

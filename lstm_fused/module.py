@@ -102,7 +102,8 @@ class LSTM(nn.RNNBase):
         """Clip dL/dh[t] and dL/dc[t] at every step of BPTT: mode "value" clamps element-wise
         to [-clip, clip], "norm" rescales to L2 norm <= clip; clip None turns it off."""
         if mode not in _BPTT_CLIP_MODES:
-            raise ValueError(f"bptt_clip_mode must be one of {list(_BPTT_CLIP_MODES)}, got {mode!r}")
+            raise ValueError(
+                f"bptt_clip_mode must be one of {list(_BPTT_CLIP_MODES)}, got {mode!r}")
         if clip is not None and not clip > 0:
             raise ValueError(f"bptt_clip must be None (off) or > 0, got {clip!r}")
         self.bptt_clip = 0.0 if clip is None else float(clip)

@@ -8,6 +8,11 @@ All skipped without a GPU (or without the CUDA kernels in the build).
 Sizes are chosen to hit both kernel shapes: hidden sizes that are a multiple of the 16-byte
 vector width (4 floats / 2 doubles) take the vectorised path, odd ones the scalar path; a
 step with more than 512 vectors makes every thread of the reduction block loop.
+
+The `persistent` fixture runs a test twice: with the persistent sequence kernels off (the
+per-step path) and on (lstm_fused::set_cuda_persistent; float32 layers without projection,
+clipping or telemetry then run one cooperative launch per direction and pass); the launch
+counters (lstm_fused::cuda_persistent_stats) show which path ran.
 """
 
 from __future__ import annotations
@@ -38,6 +43,36 @@ _SKIP = _cuda_unavailable_reason()
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
 
 CUDA = "cuda"
+OPS = torch.ops.lstm_fused
+
+
+@pytest.fixture(params=[False, True], ids=["steps", "persistent"])
+def persistent(request):
+    """The test runs with the persistent kernels off (per-step path) and on."""
+    old = OPS.set_cuda_persistent(request.param)
+    yield request.param
+    OPS.set_cuda_persistent(old)
+
+
+def _persistent_fits(hidden, batch):
+    """Whether this GPU's plan takes (hidden, batch), forward and backward."""
+    props = torch.cuda.get_device_properties(0)
+    smem = getattr(props, "shared_memory_per_block_optin", 0)
+    return all(OPS.persistent_plan(hidden, batch, props.multi_processor_count, smem, 1, bwd)[0]
+               for bwd in (False, True))
+
+
+class _Launches:
+    """Counts persistent launches over a block: `with _Launches() as n: ...; n.forward`."""
+
+    def __enter__(self):
+        self._before = OPS.cuda_persistent_stats()
+        return self
+
+    def __exit__(self, *exc):
+        after = OPS.cuda_persistent_stats()
+        self.forward, self.backward = (a - b for a, b in zip(after, self._before))
+        return False
 
 
 @pytest.fixture(autouse=True)
@@ -114,13 +149,19 @@ def _ordered(m, leaves, vals, grads):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_parity_cudnn_and_cpu(arch, kind, dtype):
+def test_parity_cudnn_and_cpu(arch, kind, dtype, persistent):
+    if persistent and dtype == torch.float64:
+        pytest.skip("float64 never takes the persistent path")
     ikind, batch_first, kw = KINDS[kind]
     ref, ours = make_pair("fused", dtype=dtype, device=CUDA, **_cfg(arch, batch_first))
     ours_cpu = copy.deepcopy(ours).cpu()
 
     out_ref, vals_ref, grads_ref, leaves = _run(ref, ikind, kw, CUDA, dtype)
-    out_ours, vals_ours, grads_ours, _ = _run(ours, ikind, kw, CUDA, dtype)
+    with _Launches() as launched:
+        out_ours, vals_ours, grads_ours, _ = _run(ours, ikind, kw, CUDA, dtype)
+    # every layer and direction of a layer without projection takes the persistent path
+    want = persistent and not ours.proj_size
+    assert (launched.forward > 0, launched.backward > 0) == (want, want)
     out_cpu, vals_cpu, grads_cpu, _ = _run(ours_cpu, ikind, kw, "cpu", dtype)
     assert_same_structure(out_ref, out_ours)
     for t in vals_ours + grads_ours:
@@ -132,7 +173,7 @@ def test_parity_cudnn_and_cpu(arch, kind, dtype):
 
 
 @pytest.mark.parametrize("hx", [True, False], ids=["hx", "nohx"])
-def test_parity_larger_float32(hx):
+def test_parity_larger_float32(hx, persistent):
     """Many vectors per step (B*H/4 > 512): every thread loops; longer recurrence."""
     cfg = dict(input_size=64, hidden_size=256, num_layers=2, bidirectional=True)
     ref, ours = make_pair("fused", dtype=torch.float32, device=CUDA, **cfg)
@@ -144,7 +185,7 @@ def test_parity_larger_float32(hx):
                       dict(rtol=5e-4, atol=5e-4))
 
 
-def test_no_grad_forward_and_eval():
+def test_no_grad_forward_and_eval(persistent):
     ref, ours = make_pair("fused", dtype=torch.float32, device=CUDA, input_size=8,
                           hidden_size=20, num_layers=2)
     ref.eval()
@@ -159,7 +200,7 @@ def test_no_grad_forward_and_eval():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("arch", ["L1", "L2-bi-proj"])
-def test_16bit_against_float32(arch, dtype):
+def test_16bit_against_float32(arch, dtype, persistent):
     """16-bit module vs a float32 copy fed the same (rounded) values and output gradients."""
     torch.manual_seed(0)
     m16 = lstm_fused.LSTM(**_cfg(arch), device=CUDA, dtype=dtype)
@@ -354,7 +395,7 @@ def _problem(device, dtype=torch.float32, T=16, B=8, I=24, H=48, layers=2, bidir
 TOL_SAME = dict(rtol=1e-6, atol=1e-6)
 
 
-def test_non_default_stream():
+def test_non_default_stream(persistent):
     m, x, h0, c0, gouts = _problem(CUDA)
     want = _fwd_bwd(m, x, h0, c0, gouts)
     side = torch.cuda.Stream()
@@ -381,7 +422,7 @@ def test_second_device():
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["seq", "packed"])
-def test_cuda_graph_capture_fwd_bwd(packed):
+def test_cuda_graph_capture_fwd_bwd(packed, persistent):
     """Capture forward+backward in one CUDA graph; replays on new inputs match eager."""
     m, x, h0, c0, gouts = _problem(CUDA, T=10, B=6, I=16, H=32)
     lengths = torch.tensor([10, 9, 7, 7, 3, 1])
@@ -432,7 +473,7 @@ def test_cuda_graph_capture_fwd_bwd(packed):
             torch.testing.assert_close(a, b, **TOL_SAME, msg=lambda s, k=k: f"{k}: {s}")
 
 
-def test_determinism_bitwise():
+def test_determinism_bitwise(persistent):
     m, x, h0, c0, gouts = _problem(CUDA, T=30, B=64, I=64, H=128)
     first = _fwd_bwd(m, x, h0, c0, gouts)
     second = _fwd_bwd(m, x, h0, c0, gouts)
@@ -444,6 +485,74 @@ def test_determinism_bitwise():
         r2 = _layer_grads(layer, clip, mode)
         for a, b in zip(r1, r2):
             assert torch.equal(a, b)
+
+
+# --- persistent kernels: real sizes, declines ----------------------------------------------
+
+PERSISTENT_SHAPES = {
+    "headline": dict(T=64, B=16, I=64, H=768),        # the benchmark's T=1024 row, shorter
+    "row-and-k-chunks": dict(T=6, B=40, I=32, H=1024),  # 3 row chunks, K in chunks (bwd)
+    "near-smem-limit": dict(T=5, B=3, I=16, H=1280),  # fits an H100 (227 KB), not an A100
+    "big-batch": dict(T=4, B=600, I=8, H=64),         # more rows than threads
+    "bi-odd": dict(T=7, B=5, I=8, H=45, bidirectional=True),  # scalar staging, 2 directions
+}
+
+
+def _fwd_bwd_switch(on, *args):
+    old = OPS.set_cuda_persistent(on)
+    try:
+        with _Launches() as launched:
+            result = _fwd_bwd(*args)
+    finally:
+        OPS.set_cuda_persistent(old)
+    return result, launched
+
+
+@pytest.mark.parametrize("name", list(PERSISTENT_SHAPES))
+def test_persistent_matches_steps(name):
+    """Persistent kernels vs the per-step path on sizes that fill the GPU (float32)."""
+    cfg = dict(layers=1, bidirectional=False)
+    cfg.update(PERSISTENT_SHAPES[name])
+    m, x, h0, c0, gouts = _problem(CUDA, **cfg)
+    want, _ = _fwd_bwd_switch(False, m, x, h0, c0, gouts)
+    got, launched = _fwd_bwd_switch(True, m, x, h0, c0, gouts)
+    D = 2 if cfg["bidirectional"] else 1
+    n = D if _persistent_fits(cfg["H"], cfg["B"]) else 0
+    assert (launched.forward, launched.backward) == (n, n)
+    for k, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, **TOL_CUDNN[torch.float32],
+                                   msg=lambda s, k=k: f"result {k}: {s}")
+
+
+def test_persistent_declines_too_large_for_shared_memory():
+    """H = 2048: W_hh (16 MB per direction) does not fit on chip, so the kernels decline and
+    the per-step path runs: no launch, the same bits as with the switch off."""
+    assert not _persistent_fits(2048, 2)
+    m, x, h0, c0, gouts = _problem(CUDA, T=3, B=2, I=8, H=2048, layers=1, bidirectional=False)
+    want, _ = _fwd_bwd_switch(False, m, x, h0, c0, gouts)
+    got, launched = _fwd_bwd_switch(True, m, x, h0, c0, gouts)
+    assert (launched.forward, launched.backward) == (0, 0)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_persistent_declines_what_it_does_not_cover():
+    """float64, projection: never; clipping / telemetry: the forward only."""
+    old = OPS.set_cuda_persistent(True)
+    try:
+        for dtype, proj in ((torch.float64, 0), (torch.float32, 3)):
+            m = lstm_fused.LSTM(6, 8, proj_size=proj, device=CUDA, dtype=dtype)
+            x = torch.randn(4, 2, 6, device=CUDA, dtype=dtype, requires_grad=True)
+            with _Launches() as launched:
+                m(x)[0].sum().backward()
+            assert (launched.forward, launched.backward) == (0, 0), (dtype, proj)
+        layer = _layer(CUDA, torch.float32, B=4, H=16)
+        for clip, mode, probe in ((0.05, 1, False), (0.0, 0, True)):
+            with _Launches() as launched:
+                _layer_grads(layer, clip, mode, probe=probe)
+            assert (launched.forward, launched.backward) == (1, 0), (clip, mode, probe)
+    finally:
+        OPS.set_cuda_persistent(old)
 
 
 # --- errors --------------------------------------------------------------------------------

@@ -170,6 +170,24 @@ def test_clipped_gradients_match_unrolled_clipping(backend, mode, clip, packed):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["seq", "packed"])
+def test_fused_flow_at_sizes_that_split_the_hidden_units_over_threads(packed):
+    # large enough for the CPU sequence kernel to give each thread its own slice of units
+    size, lengths = 64, [8] * 48 if not packed else [8, 7, 7, 5] * 12
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, len(lengths), size, dtype=torch.float64, generator=gen)
+    flows = {}
+    for backend in ("fused", "reference"):
+        torch.manual_seed(0)
+        rnn = lstm_fused.LSTM(size, size, backend=backend, dtype=torch.float64)
+        inp = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False) if packed else x
+        with record_gradient_flow(rnn) as flow:
+            out = rnn(inp)[0]
+            (out.data if packed else out)[-40:].sum().backward()
+        flows[backend] = flow[""].data
+    torch.testing.assert_close(flows["fused"], flows["reference"], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["seq", "packed"])
 def test_gradients_identical_with_and_without_recording(packed):
     lengths = [6, 4, 6]
     x, mask = make_data(len(lengths), lengths)
@@ -354,3 +372,18 @@ def test_bptt_clip_options():
         lstm_fused.LSTM(I, H, bptt_clip=1.0, bptt_clip_mode="elementwise")
     with pytest.raises(ValueError, match="> 0"):
         lstm_fused.LSTM(I, H, bptt_clip=0.0)
+
+
+def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    from lstm_fused import demo
+
+    tiny = demo.Budget(timing_length=6, timing_steps=3, adding_steps={8: 3, 12: 2}, batch=4,
+                       hidden=4)
+    monkeypatch.setattr(demo, "QUICK", tiny)
+    assert demo.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "gradient_flow_T12.png", "gradient_flow_T8.png", "losses.png"]
+    printed = capsys.readouterr().out
+    assert "torch.nn.LSTM" in printed and "nn.RNN tanh" in printed
+    assert torch.tensor([1e-40]).item() != 0  # flush-denormal mode restored

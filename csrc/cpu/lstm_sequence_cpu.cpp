@@ -130,7 +130,7 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
   return true;
 }
 
-template <typename T>
+template <typename T, bool kSums>
 bool backward_sequence_impl(const BackwardSequenceArgs<T>& a) {
   if (Blas<T>::gemm() == nullptr) return false;
   const int64_t H = a.hidden, B = a.batch;
@@ -143,6 +143,9 @@ bool backward_sequence_impl(const BackwardSequenceArgs<T>& a) {
     weights.emplace_back(w_hh.narrow(1, bounds[k], bounds[k + 1] - bounds[k]).contiguous(),
                          /*transposed=*/false, B, pack_budget);
   }
+  // Telemetry: per slice and step, the sums of dc^2 and dh^2 over the slice's units; added
+  // up in slice order after the loop (no atomics: the same bits for the same thread count).
+  std::vector<T> slice_sums(kSums ? slices * a.steps * 2 : 0, T(0));
 #pragma omp parallel num_threads(slices)
   {
     const SequentialBlas sequential;
@@ -156,16 +159,22 @@ bool backward_sequence_impl(const BackwardSequenceArgs<T>& a) {
       // dh[t], dc[t] and dG[t] of this thread's units (dh_next of its units is its own).
       for (int64_t k = thread; k < slices; k += team) {
         const int64_t j0 = bounds[k], j1 = bounds[k + 1];
+        T dc_sum = 0, dh_sum = 0;
         for (int64_t r = 0; r < rows; ++r) {
           const T* grad_output =
               a.grad_output ? a.grad_output + (offset + r) * a.grad_output_stride : nullptr;
-          hidden_grad_row<T, kClipOff, false>(a.dhidden + r * H, grad_output, T(0), j0, j1);
+          dh_sum += hidden_grad_row<T, kClipOff, kSums>(a.dhidden + r * H, grad_output, T(0),
+                                                        j0, j1);
           const T* cell_prev =
               r < continuing ? a.cells + (a.offsets[prev] + r) * H : a.c0 + r * H;
-          backward_row<T, kClipOff, false, false>(
+          dc_sum += backward_row<T, kClipOff, false, kSums>(
               a.gates + (offset + r) * 4 * H, H, a.cells + (offset + r) * H, cell_prev,
               a.dhidden + r * H, a.dcell + r * H, a.dgates + (offset + r) * 4 * H, T(0), T(1),
               j0, j1);
+        }
+        if constexpr (kSums) {
+          slice_sums[(k * a.steps + t) * 2] = dc_sum;
+          slice_sums[(k * a.steps + t) * 2 + 1] = dh_sum;
         }
       }
 #pragma omp barrier
@@ -174,6 +183,13 @@ bool backward_sequence_impl(const BackwardSequenceArgs<T>& a) {
         weights[k].multiply(rows, a.dhidden + bounds[k], H, a.dgates + offset * 4 * H, 4 * H,
                             /*accumulate=*/false);
       }
+    }
+  }
+  if constexpr (kSums) {
+    for (int64_t i = 0; i < a.steps * 2; ++i) {
+      T total = 0;
+      for (int64_t k = 0; k < slices; ++k) total += slice_sums[k * a.steps * 2 + i];
+      a.sum_squares[i] = total;
     }
   }
   return true;
@@ -188,7 +204,8 @@ bool forward_sequence(const ForwardSequenceArgs<T>& args) {
 
 template <typename T>
 bool backward_sequence(const BackwardSequenceArgs<T>& args) {
-  return backward_sequence_impl(args);
+  return args.sum_squares ? backward_sequence_impl<T, true>(args)
+                          : backward_sequence_impl<T, false>(args);
 }
 
 template bool forward_sequence<float>(const ForwardSequenceArgs<float>&);

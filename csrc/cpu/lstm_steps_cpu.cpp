@@ -152,9 +152,9 @@ void backward_step(const BackwardStepArgs<T>& args) {
 const DeviceKernels& kernels() {
   static const DeviceKernels table{
       {&forward_step<float>, &hidden_grad_step<float>, &backward_step<float>,
-       &forward_sequence<float>, &backward_sequence<float>},
+       &forward_sequence<float>, &backward_sequence<float>, /*backward_sequence_flow=*/true},
       {&forward_step<double>, &hidden_grad_step<double>, &backward_step<double>,
-       &forward_sequence<double>, &backward_sequence<double>}};
+       &forward_sequence<double>, &backward_sequence<double>, /*backward_sequence_flow=*/true}};
   return table;
 }
 

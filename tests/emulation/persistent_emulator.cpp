@@ -1,0 +1,402 @@
+// Runs the persistent CUDA kernels (csrc/cuda/lstm_persistent_kernels.cuh) on the CPU under
+// cuda_emulation.h and checks them against a float64 reference of the driver's semantics
+// (lstm_steps.h: ForwardSequenceArgs / BackwardSequenceArgs, csrc/ops.cpp's per-step loop).
+//
+//   persistent_emulator [case-name ...]      all cases when none is named
+//   persistent_emulator --list               the case names
+//
+// For every case: the plan the host side would use for an emulated device (SM count and
+// shared memory chosen to reach the code paths: several blocks, a last block with fewer units,
+// K split into chunks, rows split into chunks, the scalar staging path), then the forward and
+// the backward kernel, each in three scheduling orders (forward, reverse, shuffled). Checks:
+// every output written (outputs start as NaN), close to the reference (|d| <= 1e-4 + 1e-4|ref|),
+// the three orders bit-identical (a difference means a race between barriers). Prints one
+// line per case, PASS or FAIL with the reason; exit status 1 if any case failed.
+#include "cuda_emulation.h"
+
+#include "cuda/lstm_persistent_kernels.cuh"
+
+#include <cstring>
+#include <iostream>
+#include <sstream>
+
+using namespace lstm_fused;
+using namespace lstm_fused::cuda::persistent_detail;
+
+namespace {
+
+struct Case {
+  std::string name;
+  int64_t hidden;
+  std::vector<int64_t> lengths;  // one per batch row, non-increasing; equal = unpacked
+  bool reverse = false;
+  int directions = 1;            // output / grad_output hold D*H columns, this one at d*H
+  bool grad_output = true;
+  bool bias = true;              // the forward adds b_ih + b_hh itself (ForwardSequenceArgs::bias)
+  int64_t sm_count = 4;
+  int64_t avail_forward = 0;     // > 0: shared memory = W slice + state + this (forces chunks)
+  int64_t avail_backward = 0;
+};
+
+struct Layout {
+  int64_t steps = 0, batch = 0, rows = 0;
+  std::vector<int64_t> batch_sizes, offsets;
+};
+
+Layout layout_of(const Case& c) {
+  Layout l;
+  l.batch = static_cast<int64_t>(c.lengths.size());
+  l.steps = c.lengths.empty() ? 0 : c.lengths[0];
+  for (int64_t t = 0; t < l.steps; ++t) {
+    int64_t n = 0;
+    for (int64_t len : c.lengths) n += len > t;
+    l.batch_sizes.push_back(n);
+    l.offsets.push_back(l.rows);
+    l.rows += n;
+  }
+  return l;
+}
+
+double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+struct Problem {
+  int64_t H, B, N, T, ld, col;
+  std::vector<float> gx, bias, w, h0, c0, gy, dh_n, dc_n;  // bias empty: none
+};
+
+// float64 reference of one direction's forward: activated gates, cells, output columns, h_n, c_n.
+struct ForwardRef {
+  std::vector<double> gates, cells, output, h_n, c_n;
+};
+
+ForwardRef forward_reference(const Problem& p, const Layout& l, bool reverse) {
+  const int64_t H = p.H;
+  ForwardRef r;
+  r.gates.assign(p.N * 4 * H, 0);
+  r.cells.assign(p.N * H, 0);
+  r.output.assign(p.N * H, 0);
+  std::vector<double> c(p.c0.begin(), p.c0.end()), h_last(p.B * H, 0);
+  for (int64_t s = 0; s < l.steps; ++s) {
+    const int64_t t = reverse ? l.steps - 1 - s : s;
+    const int64_t prev = reverse ? t + 1 : t - 1;
+    const bool has_prev = prev >= 0 && prev < l.steps;
+    const int64_t rows = l.batch_sizes[t], off = l.offsets[t];
+    const int64_t cont = has_prev ? std::min(rows, l.batch_sizes[prev]) : 0;
+    for (int64_t b = 0; b < rows; ++b) {
+      std::vector<double> hp(H);
+      for (int64_t k = 0; k < H; ++k) {
+        hp[k] = b < cont ? r.output[(l.offsets[prev] + b) * H + k] : p.h0[b * H + k];
+      }
+      for (int64_t j = 0; j < H; ++j) {
+        double pre[4];
+        for (int g = 0; g < 4; ++g) {
+          double acc = p.gx[(off + b) * 4 * H + g * H + j];
+          if (!p.bias.empty()) acc += p.bias[g * H + j];
+          for (int64_t k = 0; k < H; ++k) acc += double(p.w[(g * H + j) * H + k]) * hp[k];
+          pre[g] = acc;
+        }
+        const double i = sigmoid(pre[0]), f = sigmoid(pre[1]), gg = std::tanh(pre[2]),
+                     o = sigmoid(pre[3]);
+        const double cn = f * c[b * H + j] + i * gg;
+        const double hn = o * std::tanh(cn);
+        double* G = &r.gates[(off + b) * 4 * H + j];
+        G[0] = i, G[H] = f, G[2 * H] = gg, G[3 * H] = o;
+        r.cells[(off + b) * H + j] = cn;
+        r.output[(off + b) * H + j] = hn;
+        c[b * H + j] = cn;
+        h_last[b * H + j] = hn;
+      }
+    }
+  }
+  r.h_n = h_last;
+  r.c_n = c;
+  return r;
+}
+
+struct BackwardRef {
+  std::vector<double> dgates, dh0, dc0;
+};
+
+// float64 reference of one direction's backward, from float gates/cells (what the kernel reads).
+BackwardRef backward_reference(const Problem& p, const Layout& l, bool reverse, bool with_gy,
+                               const std::vector<float>& gates, const std::vector<float>& cells) {
+  const int64_t H = p.H;
+  BackwardRef r;
+  r.dgates.assign(p.N * 4 * H, 0);
+  std::vector<double> dh(p.dh_n.begin(), p.dh_n.end()), dc(p.dc_n.begin(), p.dc_n.end());
+  for (int64_t s = l.steps - 1; s >= 0; --s) {
+    const int64_t t = reverse ? l.steps - 1 - s : s;
+    const int64_t prev = reverse ? t + 1 : t - 1;
+    const bool has_prev = prev >= 0 && prev < l.steps;
+    const int64_t rows = l.batch_sizes[t], off = l.offsets[t];
+    const int64_t cont = has_prev ? std::min(rows, l.batch_sizes[prev]) : 0;
+    for (int64_t b = 0; b < rows; ++b) {
+      for (int64_t j = 0; j < H; ++j) {
+        double d = dh[b * H + j];
+        if (with_gy) d += p.gy[(off + b) * p.ld + p.col + j];
+        const float* G = &gates[(off + b) * 4 * H + j];
+        const double i = G[0], f = G[H], g = G[2 * H], o = G[3 * H];
+        const double cell = cells[(off + b) * H + j];
+        const double cp = b < cont ? cells[(l.offsets[prev] + b) * H + j] : p.c0[b * H + j];
+        const double tc = std::tanh(cell);
+        const double dcell = dc[b * H + j] + d * o * (1 - tc * tc);
+        double* D = &r.dgates[(off + b) * 4 * H + j];
+        D[0] = dcell * g * i * (1 - i);
+        D[H] = dcell * cp * f * (1 - f);
+        D[2 * H] = dcell * i * (1 - g * g);
+        D[3 * H] = d * tc * o * (1 - o);
+        dc[b * H + j] = dcell * f;
+      }
+    }
+    for (int64_t b = 0; b < rows; ++b) {
+      for (int64_t j = 0; j < H; ++j) {
+        double acc = 0;
+        for (int64_t k = 0; k < 4 * H; ++k) {
+          acc += r.dgates[(off + b) * 4 * H + k] * double(p.w[k * H + j]);
+        }
+        dh[b * H + j] = acc;
+      }
+    }
+  }
+  r.dh0 = dh;
+  r.dc0 = dc;
+  return r;
+}
+
+std::string compare(const char* what, const std::vector<float>& got, const std::vector<double>& want,
+                    int64_t stride = 0, int64_t col = 0, int64_t width = 0) {
+  // (stride, col, width): got is a strided matrix, compare columns [col, col + width) of it.
+  const int64_t n = static_cast<int64_t>(want.size());
+  for (int64_t e = 0; e < n; ++e) {
+    const int64_t g = stride ? (e / width) * stride + col + e % width : e;
+    const double a = got[g], b = want[e];
+    const double err = std::fabs(a - b);
+    if (!(err <= 1e-4 + 1e-4 * std::fabs(b))) {
+      std::ostringstream os;
+      os << what << "[" << e << "] = " << a << ", want " << b;
+      return os.str();
+    }
+  }
+  return "";
+}
+
+std::vector<float> randn(std::mt19937& rng, int64_t n, double scale) {
+  std::normal_distribution<float> dist(0.f, static_cast<float>(scale));
+  std::vector<float> v(n);
+  for (auto& x : v) x = dist(rng);
+  return v;
+}
+
+const int64_t kSmemLarge = 232448;  // an H100's opt-in shared memory per block
+
+persistent::Plan plan_for(const Case& c, int64_t batch, bool backward) {
+  persistent::Plan p = persistent::plan(backward, c.hidden, batch, c.sm_count, kSmemLarge, 1);
+  const int64_t avail = backward ? c.avail_backward : c.avail_forward;
+  if (avail > 0 && p.ok) {
+    const int64_t smem = 4 * (p.w_rows * p.w_pitch + p.state_floats + avail);
+    p = persistent::plan(backward, c.hidden, batch, c.sm_count, smem, 1);
+  }
+  return p;
+}
+
+std::string describe(const persistent::Plan& p) {
+  std::ostringstream os;
+  os << "U=" << p.units << " blocks=" << p.blocks << " tiles=" << p.row_tiles << "x" << p.col_tiles
+     << " slices=" << p.k_slices << " rows_chunk=" << p.rows_chunk << " k_chunk=" << p.k_chunk
+     << "x" << p.k_chunks;
+  return os.str();
+}
+
+const emu::Order kOrders[] = {emu::Order::kForward, emu::Order::kReverse, emu::Order::kShuffled};
+
+std::string run_case(const Case& c, std::string& info) {
+  const Layout l = layout_of(c);
+  std::mt19937 rng(1234);
+  Problem p;
+  p.H = c.hidden;
+  p.B = l.batch;
+  p.N = l.rows;
+  p.T = l.steps;
+  p.ld = c.directions * c.hidden;
+  p.col = c.reverse && c.directions == 2 ? c.hidden : 0;
+  const int64_t H = p.H, B = p.B, N = p.N;
+  p.gx = randn(rng, N * 4 * H, 1.0);
+  if (c.bias) p.bias = randn(rng, 4 * H, 1.0);
+  p.w = randn(rng, 4 * H * H, 1.0 / std::sqrt(double(H)));
+  p.h0 = randn(rng, B * H, 1.0);
+  p.c0 = randn(rng, B * H, 1.0);
+  p.gy = randn(rng, N * p.ld, 1.0);
+  p.dh_n = randn(rng, B * H, 1.0);
+  p.dc_n = randn(rng, B * H, 1.0);
+  const float nan = std::nanf("");
+  SequenceShape shape{l.steps, l.batch, H, l.batch_sizes.data(), l.offsets.data(), c.reverse};
+
+  // ---- forward
+  const persistent::Plan fplan = plan_for(c, B, false);
+  const persistent::Plan bplan = plan_for(c, B, true);
+  info = "fwd " + describe(fplan) + " | bwd " + describe(bplan);
+  if (!fplan.ok || !bplan.ok) return "the plan declines";
+  const ForwardRef fref = forward_reference(p, l, c.reverse);
+  std::vector<float> first_fwd;
+  std::vector<float> gates_out, cells_out;
+  for (emu::Order order : kOrders) {
+    std::vector<float> gates = p.gx, cells(N * H, nan), output(N * p.ld, nan), h = p.h0,
+                       cstate = p.c0;
+    ForwardSequenceArgs<float> a;
+    static_cast<SequenceShape&>(a) = shape;
+    a.gates = gates.data();
+    a.bias = p.bias.empty() ? nullptr : p.bias.data();
+    a.w_hh = p.w.data();
+    a.h0 = h.data();
+    a.hidden_state = h.data();
+    a.cell_state = cstate.data();
+    a.cells = cells.data();
+    a.output = output.data() + p.col;
+    a.output_stride = p.ld;
+    ForwardParams params;
+    if (!persistent::make_segments(a, params.segments)) return "segments";
+    fill_forward_params(a, fplan, params);
+    emu::launch(static_cast<int>(fplan.blocks), persistent::kThreads,
+                static_cast<size_t>(fplan.smem_bytes), order, 7,
+                [&] { persistent_forward_kernel(params); });
+    std::string e;
+    if (!(e = compare("gates", gates, fref.gates)).empty()) return "forward: " + e;
+    if (!(e = compare("cells", cells, fref.cells)).empty()) return "forward: " + e;
+    if (!(e = compare("output", output, fref.output, p.ld, p.col, H)).empty()) return "forward: " + e;
+    if (!(e = compare("h_n", h, fref.h_n)).empty()) return "forward: " + e;
+    if (!(e = compare("c_n", cstate, fref.c_n)).empty()) return "forward: " + e;
+    for (int64_t r = 0; r < N; ++r) {  // the other direction's columns stay untouched
+      for (int64_t k = 0; k < p.ld; ++k) {
+        if ((k < p.col || k >= p.col + H) && !std::isnan(output[r * p.ld + k])) {
+          return "forward: wrote outside its columns";
+        }
+      }
+    }
+    std::vector<float> all = gates;
+    for (auto* v : {&cells, &output, &h, &cstate}) all.insert(all.end(), v->begin(), v->end());
+    if (first_fwd.empty()) {
+      first_fwd = all;
+      gates_out = gates;
+      cells_out = cells;
+    } else if (std::memcmp(all.data(), first_fwd.data(), all.size() * 4) != 0) {
+      return "forward: results depend on the scheduling order (race)";
+    }
+  }
+
+  // ---- backward, from the kernel's own (checked) forward results
+  const BackwardRef bref = backward_reference(p, l, c.reverse, c.grad_output, gates_out, cells_out);
+  std::vector<float> first_bwd;
+  for (emu::Order order : kOrders) {
+    std::vector<float> dgates(N * 4 * H, nan), dh = p.dh_n, dc = p.dc_n;
+    BackwardSequenceArgs<float> a;
+    static_cast<SequenceShape&>(a) = shape;
+    a.gates = gates_out.data();
+    a.cells = cells_out.data();
+    a.c0 = p.c0.data();
+    a.grad_output = c.grad_output ? p.gy.data() + p.col : nullptr;
+    a.grad_output_stride = p.ld;
+    a.w_hh = p.w.data();
+    a.dhidden = dh.data();
+    a.dcell = dc.data();
+    a.dgates = dgates.data();
+    BackwardParams params;
+    if (!persistent::make_segments(a, params.segments)) return "segments";
+    fill_backward_params(a, bplan, params);
+    emu::launch(static_cast<int>(bplan.blocks), persistent::kThreads,
+                static_cast<size_t>(bplan.smem_bytes), order, 11,
+                [&] { persistent_backward_kernel(params); });
+    std::string e;
+    if (!(e = compare("dgates", dgates, bref.dgates)).empty()) return "backward: " + e;
+    if (!(e = compare("dh0", dh, bref.dh0)).empty()) return "backward: " + e;
+    if (!(e = compare("dc0", dc, bref.dc0)).empty()) return "backward: " + e;
+    std::vector<float> all = dgates;
+    all.insert(all.end(), dh.begin(), dh.end());
+    all.insert(all.end(), dc.begin(), dc.end());
+    if (first_bwd.empty()) {
+      first_bwd = all;
+    } else if (std::memcmp(all.data(), first_bwd.data(), all.size() * 4) != 0) {
+      return "backward: results depend on the scheduling order (race)";
+    }
+  }
+  return "";
+}
+
+std::vector<Case> cases() {
+  std::vector<Case> v;
+  // 3 blocks of 8 units; one chunk of everything.
+  v.push_back({"seq", 24, {5, 5, 5}});
+  // reverse direction of packed input, second direction's columns (rows start from h0/c0
+  // mid-sequence), two K chunks and a partial last block in the backward
+  Case packed{"packed-reverse", 24, {6, 4, 4, 1}, true, 2};
+  v.push_back(packed);
+  Case packed_fwd{"packed-forward", 24, {6, 4, 4, 1}, false, 2};
+  v.push_back(packed_fwd);
+  // H % 4 != 0: scalar staging, zero padding of K; the last block has 5 of 8 units
+  Case odd{"odd-hidden", 13, {4, 4}, true, 2};
+  odd.sm_count = 3;
+  v.push_back(odd);
+  Case b1{"batch-1", 24, {7}};
+  v.push_back(b1);
+  // 5..8 rows: the forward computes 2 of its 4 rows per lane
+  Case b7{"batch-7", 20, {4, 4, 4, 4, 4, 4, 4}};
+  v.push_back(b7);
+  // 9..12 rows: 3 of 4 rows per lane are real (the full tile is computed)
+  Case b11{"batch-11", 16, std::vector<int64_t>(11, 3)};
+  v.push_back(b11);
+  // batch sizes 13, 12, 9, 8, 5, 4, 1 over the steps: every edge of rows per lane
+  Case edges{"row-edges", 16, {7, 6, 6, 6, 5, 4, 4, 4, 3, 2, 2, 2, 1}};
+  v.push_back(edges);
+  Case no_gy{"no-grad-output", 16, {3, 3, 2}};
+  no_gy.grad_output = false;
+  no_gy.bias = false;
+  v.push_back(no_gy);
+  // rows in two chunks (B = 20 > 16) and K in chunks (little shared memory)
+  Case chunks{"chunks", 40, {3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 2, 1}};
+  chunks.sm_count = 5;
+  chunks.avail_forward = 4096;
+  chunks.avail_backward = 2048;
+  v.push_back(chunks);
+  // forward K chunks: 8 blocks of 36 units (the last has 12), 9 column tiles, 1 slice
+  Case wide{"wide-k-chunks", 264, {2, 2}};
+  wide.sm_count = 8;
+  wide.avail_forward = 2400;
+  wide.avail_backward = 2400;
+  v.push_back(wide);
+  // more rows than threads: rows_chunk 256, three row chunks
+  Case big{"big-batch", 8, std::vector<int64_t>(600, 2)};
+  big.sm_count = 2;
+  v.push_back(big);
+  return v;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> wanted(argv + 1, argv + argc);
+  if (wanted.size() == 1 && wanted[0] == "--list") {
+    for (const Case& c : cases()) std::cout << c.name << "\n";
+    return 0;
+  }
+  int failed = 0, ran = 0;
+  for (const Case& c : cases()) {
+    if (!wanted.empty() && std::find(wanted.begin(), wanted.end(), c.name) == wanted.end()) continue;
+    ++ran;
+    std::string info, error;
+    try {
+      error = run_case(c, info);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    if (error.empty()) {
+      std::cout << "PASS " << c.name << " (" << info << ")" << std::endl;
+    } else {
+      ++failed;
+      std::cout << "FAIL " << c.name << " (" << info << "): " << error << std::endl;
+    }
+  }
+  if (ran == 0) {
+    std::cout << "no such case" << std::endl;
+    return 2;
+  }
+  return failed ? 1 : 0;
+}
