@@ -18,7 +18,8 @@
 
 namespace lstm_fused {
 
-// exp/tanh/clamp for one value type. Specialised here for float and double; the CPU kernels add a
+// exp/tanh/reciprocal/clamp for one value type. Specialised here for float and double; the CPU
+// kernels add a
 // specialisation for at::vec::Vectorized<T>. (A traits struct rather than overloads so a
 // specialisation declared after this header is still found at instantiation.)
 template <typename V>
@@ -33,6 +34,7 @@ struct CellMath<float> {
     return std::exp(x);
 #endif
   }
+  LSTM_HD static float reciprocal(float x) { return float(1) / x; }
   LSTM_HD static float clamp(float x, float lo, float hi) {
     return x > hi ? hi : (x < lo ? lo : x);  // NaN compares false: passes through
   }
@@ -54,6 +56,7 @@ struct CellMath<double> {
     return std::exp(x);
 #endif
   }
+  LSTM_HD static double reciprocal(double x) { return double(1) / x; }
   LSTM_HD static double clamp(double x, double lo, double hi) {
     return x > hi ? hi : (x < lo ? lo : x);  // NaN compares false: passes through
   }
@@ -70,7 +73,7 @@ struct CellMath<double> {
 // to 0 for x >> 0, giving exactly 1, so +-1e4 are finite and correct; NaN stays NaN.
 template <typename V>
 LSTM_HD V sigmoid(V x) {
-  return V(1) / (V(1) + CellMath<V>::exp(V(0) - x));
+  return CellMath<V>::reciprocal(V(1) + CellMath<V>::exp(V(0) - x));
 }
 
 template <typename V>

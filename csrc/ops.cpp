@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -191,6 +192,20 @@ int64_t pack_budget_bytes(const at::Tensor& gates) {
   return gates.numel() * static_cast<int64_t>(sizeof(T)) / 4;
 }
 
+// dst[r, :cols] = src[r, :cols] for rows r (row strides ldd, lds), on `device`. On the CPU a
+// plain loop: inside the time loop, at:: views and copy_ cost more than the copy itself.
+template <typename T>
+void copy_rows(const at::Device& device, T* dst, int64_t ldd, const T* src, int64_t lds,
+               int64_t rows, int64_t cols) {
+  if (device.is_cpu()) {
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ldd, src + r * lds, cols * sizeof(T));
+    return;
+  }
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value).device(device);
+  at::from_blob(dst, {rows, cols}, {ldd, 1}, options)
+      .copy_(at::from_blob(const_cast<T*>(src), {rows, cols}, {lds, 1}, options));
+}
+
 // Columns of direction d in a (rows, D*P) tensor.
 at::Tensor direction_columns(const at::Tensor& t, int64_t d, int64_t width) {
   return t.narrow(1, d * width, width);
@@ -257,8 +272,8 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     kernels.forward(args);
     if (has_proj) {
       projection->multiply(rows, hidden_data, P, r_data, H, /*accumulate=*/false);
-      direction_columns(output.narrow(0, offset, rows), d, P)
-          .copy_(h_state.narrow(0, 0, rows));
+      copy_rows<T>(output.device(), output.data_ptr<T>() + offset * out_stride + d * P,
+                   out_stride, hidden_data, P, rows, P);
     }
   }
 }
@@ -291,20 +306,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
           cy.to(input.scalar_type()), gates, cells};
 }
 
-// h[t-1] for every row of the flattened sequence (h0 where a sequence starts): the right
-// operand of dW_hh = dG^T h_prev.
-at::Tensor previous_hidden(const Steps& layout, int64_t d, bool reverse, int64_t P,
-                           const at::Tensor& output2d, const at::Tensor& h0) {
+// dW_hh = sum over rows of dG[row]^T h[t-1][row] (h0 where a sequence starts).
+at::Tensor grad_recurrent_weight(const Steps& layout, int64_t d, bool reverse, int64_t P,
+                                 const at::Tensor& output2d, const at::Tensor& h0,
+                                 const at::Tensor& dgates) {
   const int64_t N = layout.rows_total, B = layout.batch;
-  at::Tensor h_prev = at::empty({N, P}, h0.options());
   const at::Tensor outputs = direction_columns(output2d, d, P);
+  const at::Tensor dgates_t = dgates.t();
   if (N == layout.steps * B && N > 0) {
-    // Equal batch sizes: h_prev is h0 and the outputs shifted by one step, two block copies.
+    // Equal batch sizes: the outputs shifted by one step, and h0 for the first step; two
+    // GEMMs on views instead of gathering h[t-1] into an (N, P) copy.
     const int64_t first = reverse ? N - B : 0;
-    h_prev.narrow(0, first, B).copy_(h0);
-    h_prev.narrow(0, reverse ? 0 : B, N - B).copy_(outputs.narrow(0, reverse ? B : 0, N - B));
-    return h_prev;
+    at::Tensor grad = at::mm(dgates_t.narrow(1, first, B), h0);
+    return grad.addmm_(dgates_t.narrow(1, reverse ? 0 : B, N - B),
+                       outputs.narrow(0, reverse ? B : 0, N - B));
   }
+  at::Tensor h_prev = at::empty({N, P}, h0.options());
   for (int64_t t = 0; t < layout.steps; ++t) {
     const int64_t rows = layout.rows(t);
     if (rows == 0) continue;
@@ -319,7 +336,7 @@ at::Tensor previous_hidden(const Steps& layout, int64_t d, bool reverse, int64_t
           .copy_(h0.narrow(0, continuing, rows - continuing));
     }
   }
-  return h_prev;
+  return at::mm(dgates_t, h_prev);
 }
 
 template <typename T>
@@ -424,7 +441,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       T* const dh_data = dh.data_ptr<T>();
       const T* grad_r = dh_data;
       if (has_proj) {
-        dh_all.narrow(0, offset, rows).copy_(dh.narrow(0, 0, rows));
+        copy_rows<T>(dh_all.device(), dh_all.data_ptr<T>() + offset * P, P, dh_data, P, rows, P);
         projection->multiply(rows, dr_buffer.data_ptr<T>(), H, dh_data, P, /*accumulate=*/false);
         grad_r = dr_buffer.data_ptr<T>();
       }
@@ -451,16 +468,24 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
     // Weight, bias and input gradients as large GEMMs over all steps.
     const at::Tensor dgates_t = dgates.t();
     grad_params.push_back(at::mm(dgates_t, x2d));
-    grad_params.push_back(at::mm(dgates_t, previous_hidden(layout, d, reverse, P, output2d,
-                                                           h0[d])));
+    grad_params.push_back(grad_recurrent_weight(layout, d, reverse, P, output2d, h0[d], dgates));
     if (has_biases) {
       at::Tensor grad_bias = dgates.sum(0);
       grad_params.push_back(grad_bias);
       grad_params.push_back(grad_bias.clone());
     }
     if (has_proj) {
-      const at::Tensor r_all = gates_d.narrow(1, 3 * H, H) * at::tanh(cells_d);
-      grad_params.push_back(at::mm(dh_all.t(), r_all));
+      // dW_hr = sum over rows of dh^T r, r = o*tanh(c) recomputed in row chunks (not an
+      // (N, H) copy: this path is also held to nn.LSTM's peak memory).
+      at::Tensor grad_w_hr = at::zeros({P, H}, options);
+      const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 16) / H);
+      for (int64_t row = 0; row < N; row += chunk) {
+        const int64_t count = std::min(chunk, N - row);
+        const at::Tensor r = at::tanh(cells_d.narrow(0, row, count))
+                                 .mul_(gates_d.narrow(0, row, count).narrow(1, 3 * H, H));
+        grad_w_hr.addmm_(dh_all.narrow(0, row, count).t(), r);
+      }
+      grad_params.push_back(grad_w_hr);
     }
     if (d == 0) {
       at::mm_out(grad_input, dgates, p.w_ih);

@@ -32,13 +32,33 @@ struct CellMath<Vectorized<T>> {
   }
   static Vectorized<T> tanh(const Vectorized<T>& x) {
     if constexpr (std::is_same_v<T, float>) {
-      // tanh(x) = 2 sigmoid(2x) - 1: one exp instead of Sleef's tanh, which costs as much as
-      // the step's GEMM at small sizes. Exact at +-inf, NaN stays NaN; near 0 the absolute
-      // error is a few float32 ulps of 1 (the tests hold it to nn.LSTM at 1e-5).
+      // tanh(x) = 2 sigmoid(2x) - 1: one exp instead of Sleef's tanh. Exact at +-inf, NaN
+      // stays NaN; near 0 the absolute error is a few float32 ulps of 1 (the tests hold it to
+      // nn.LSTM at 1e-5).
       const Vectorized<T> two(2);
-      return two / (Vectorized<T>(1) + (Vectorized<T>(0) - two * x).exp()) - Vectorized<T>(1);
+      return two * reciprocal(Vectorized<T>(1) + exp(Vectorized<T>(0) - two * x)) -
+             Vectorized<T>(1);
     } else {
       return x.tanh();
+    }
+  }
+  // 1/x for the sigmoids' 1/(1 + exp(-x)), x in [1, FLT_MAX] or NaN: in float32 the
+  // hardware's approximate reciprocal refined by one Newton step (about 1 ulp; a division
+  // costs several times more and the gate math has five per element).
+  static Vectorized<T> reciprocal(const Vectorized<T>& x) {
+    if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+      const Vectorized<T> estimate(_mm512_rcp14_ps(x));
+#elif defined(CPU_CAPABILITY_AVX2)
+      const Vectorized<T> estimate(_mm256_rcp_ps(x));
+#else
+      return Vectorized<T>(1) / x;
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+      return estimate * (Vectorized<T>(2) - x * estimate);
+#endif
+    } else {
+      return Vectorized<T>(1) / x;
     }
   }
   // at::vec::clamp is built on maximum/minimum, which propagate NaN.

@@ -36,7 +36,9 @@ std::vector<int64_t> slice_bounds(int64_t hidden, int64_t batch, int64_t threads
   const int64_t count = std::max<int64_t>(
       1, std::min({threads, vectors, work / kMinWorkPerSlice}));
   std::vector<int64_t> begin;
-  for (int64_t k = 0; k <= count; ++k) begin.push_back(std::min(hidden, vectors * k / count * width));
+  for (int64_t k = 0; k <= count; ++k) {
+    begin.push_back(std::min(hidden, vectors * k / count * width));
+  }
   return begin;
 }
 

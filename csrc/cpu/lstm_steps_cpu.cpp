@@ -55,8 +55,8 @@ void hidden_grad_impl(const HiddenGradStepArgs<T>& args) {
     for (int64_t r = begin; r < end; ++r) {
       const T* grad_output =
           args.grad_output ? args.grad_output + r * args.grad_output_stride : nullptr;
-      const T row_sum = hidden_grad_row<T, kClip, kRowSums>(args.dhidden + r * P, grad_output, args.clip,
-                                                  0, P);
+      const T row_sum = hidden_grad_row<T, kClip, kRowSums>(args.dhidden + r * P, grad_output,
+                                                            args.clip, 0, P);
       if constexpr (kRowSums) row_sums[r] = row_sum;
     }
   });
