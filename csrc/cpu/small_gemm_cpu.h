@@ -2,8 +2,8 @@
 // out (rows x n) [+]= a (rows x k) * wt, with wt (k x n_pad) prepared once per call (n padded
 // to whole SIMD vectors with zeros). At the sizes of one step (a few rows, a weight that fits
 // in the core's cache) BLAS spends more time re-packing the weight and dispatching than
-// multiplying; this loop reads the prepared weight straight from cache, 4 rows x 2 vectors of
-// accumulators at a time (11 vector registers: fits AVX2 and AVX-512 without spills).
+// multiplying; this loop reads the prepared weight straight from cache, 4 rows x 4 vectors of
+// accumulators at a time with AVX-512 (4 x 2 with AVX2), without spilling registers.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -44,7 +44,7 @@ inline void small_gemm_block(const T* a, int64_t lda, const T* wt, int64_t k, in
   }
 }
 
-// Column blocks outer, rows inner: a column block of W (k x 2 vectors, 16 KiB at k=128 in
+// Column blocks outer, rows inner: a column block of W (k x 4 vectors, 32 KiB at k=128 in
 // float32) stays in L1 while every row reuses it, so W streams from L2 once per call.
 template <typename T, int64_t kVectors>
 inline void small_gemm_columns(int64_t rows, const T* a, int64_t lda, const T* wt, int64_t k,
@@ -65,10 +65,13 @@ template <typename T>
 inline void small_gemm(int64_t rows, const T* a, int64_t lda, const T* wt, int64_t k,
                        int64_t n_pad, int64_t n, T* out, int64_t ldo, bool accumulate) {
   constexpr int64_t width = at::vec::Vectorized<T>::size();
+  // Vectors per column block: 4 rows x 4 vectors = 16 accumulators (+ 4 + 1) fit the 32
+  // registers of AVX-512; AVX2 has 16, so 4 x 2 there.
+  constexpr int64_t kBlock = sizeof(at::vec::Vectorized<T>) >= 64 ? 4 : 2;
   int64_t column = 0;
-  for (; column + 2 * width <= n_pad; column += 2 * width)
-    small_gemm_columns<T, 2>(rows, a, lda, wt, k, n_pad, n, column, out, ldo, accumulate);
-  if (column < n_pad)
+  for (; column + kBlock * width <= n_pad; column += kBlock * width)
+    small_gemm_columns<T, kBlock>(rows, a, lda, wt, k, n_pad, n, column, out, ldo, accumulate);
+  for (; column < n_pad; column += width)
     small_gemm_columns<T, 1>(rows, a, lda, wt, k, n_pad, n, column, out, ldo, accumulate);
 }
 
