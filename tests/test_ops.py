@@ -225,3 +225,31 @@ def test_thread_slices_match_reference(cfg, threads):
         assert_matches_reference(make_layer(H=136, I=7, B=16, T=6, **cfg))
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gate_math_over_the_whole_range(dtype):
+    """Pre-activations from -1e4 to 1e4, densest around the float32 exp overflow (|x| ~ 88):
+    the input weights copy x into all four gates, so every sigmoid/tanh of the kernels sees
+    these values directly; outputs and gradients must be finite and match the reference."""
+    H = 64
+    values = torch.cat([torch.linspace(-100, 100, 4 * H * 3), torch.tensor([-1e4, 1e4, -88.73,
+                        88.73, -89.0, 89.0, -44.4, 44.4])]).to(dtype)
+    values = torch.cat([values, values.new_zeros((-values.numel()) % H)]).view(-1, 1, H)
+    eye = torch.eye(H, dtype=dtype)
+    params = [torch.cat([eye] * 4), torch.zeros(4 * H, H, dtype=dtype),
+              torch.zeros(4 * H, dtype=dtype), torch.zeros(4 * H, dtype=dtype)]
+    params = [p.requires_grad_() for p in params]
+    layer = dict(input=values.requires_grad_(),
+                 hx=torch.zeros(1, 1, H, dtype=dtype, requires_grad=True),
+                 cx=torch.zeros(1, 1, H, dtype=dtype, requires_grad=True), params=params,
+                 has_biases=True,
+                 has_proj=False, bidirectional=False, batch_sizes=None)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+    fused, ref = run("fused", layer), run("reference", layer)
+    for a, b in zip(fused, ref):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, **tol)
+    for a, b in zip(grads_of(fused, layer), grads_of(ref, layer)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, **tol)

@@ -55,7 +55,10 @@ struct CellMath<Vectorized<T>> {
       return Vectorized<T>(1) / x;
 #endif
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-      return estimate * (Vectorized<T>(2) - x * estimate);
+      // Where the estimate is 0 (x = inf or near FLT_MAX: exp saturated) the Newton step
+      // would compute 0 * inf = NaN; 0 is the answer there.
+      const Vectorized<T> refined = estimate * (Vectorized<T>(2) - x * estimate);
+      return Vectorized<T>::blendv(refined, estimate, estimate == Vectorized<T>(0));
 #endif
     } else {
       return Vectorized<T>(1) / x;
