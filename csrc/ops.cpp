@@ -525,6 +525,16 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
           grad_params, flow};
 }
 
+// fn(T{}) with T the compute type of the input (float for the 16-bit types, fp32 accumulation).
+template <typename Fn>
+auto dispatch_compute(const at::Tensor& input, const Fn& fn) {
+  const at::ScalarType compute = acc_type(input.scalar_type());
+  if (compute == at::kDouble) return fn(double{});
+  TORCH_CHECK(compute == at::kFloat, "lstm_fused: unsupported dtype ", input.scalar_type(),
+              " (expected float16, bfloat16, float32 or float64)");
+  return fn(float{});
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
@@ -535,15 +545,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
   const Sizes sz =
       check_layer(input, hx, cx, params, has_biases, has_proj, bidirectional, layout);
   c10::OptionalDeviceGuard device_guard(input.device());
-  const at::ScalarType compute = acc_type(input.scalar_type());
-  if (compute == at::kDouble) {
-    return forward_impl<double>(input, hx, cx, params, has_biases, has_proj, bidirectional,
-                                layout, sz, kernels);
-  }
-  TORCH_CHECK(compute == at::kFloat, "lstm_fused: unsupported dtype ", input.scalar_type(),
-              " (expected float16, bfloat16, float32 or float64)");
-  return forward_impl<float>(input, hx, cx, params, has_biases, has_proj, bidirectional, layout,
-                             sz, kernels);
+  return dispatch_compute(input, [&](auto compute) {
+    return forward_impl<decltype(compute)>(input, hx, cx, params, has_biases, has_proj,
+                                           bidirectional, layout, sz, kernels);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor>
@@ -559,16 +564,11 @@ layer_backward(const std::optional<at::Tensor>& grad_output,
   const Sizes sz =
       check_layer(input, hx, cx, params, has_biases, has_proj, bidirectional, layout);
   c10::OptionalDeviceGuard device_guard(input.device());
-  const at::ScalarType compute = acc_type(input.scalar_type());
-  if (compute == at::kDouble) {
-    return backward_impl<double>(grad_output, grad_hy, grad_cy, input, hx, cx, params, output,
-                                 gates, cells, has_biases, has_proj, layout, sz, record_flow,
-                                 bptt_clip, bptt_clip_mode, kernels);
-  }
-  TORCH_CHECK(compute == at::kFloat, "lstm_fused: unsupported dtype ", input.scalar_type());
-  return backward_impl<float>(grad_output, grad_hy, grad_cy, input, hx, cx, params, output,
-                              gates, cells, has_biases, has_proj, layout, sz, record_flow,
-                              bptt_clip, bptt_clip_mode, kernels);
+  return dispatch_compute(input, [&](auto compute) {
+    return backward_impl<decltype(compute)>(grad_output, grad_hy, grad_cy, input, hx, cx, params,
+                                            output, gates, cells, has_biases, has_proj, layout,
+                                            sz, record_flow, bptt_clip, bptt_clip_mode, kernels);
+  });
 }
 
 TORCH_LIBRARY(lstm_fused, m) {

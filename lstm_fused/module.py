@@ -172,24 +172,26 @@ class LSTM(nn.RNNBase):
                     f"with {_dtype_name(input.dtype)} and hidden tensor with "
                     f"{_dtype_name(t.dtype)}")
 
+    def _zero_state(self, input: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+        """(h_0, c_0) of zeros, as nn.LSTM uses when no hx is given."""
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        options = dict(dtype=input.dtype, device=input.device)
+        return (torch.zeros(layers, batch, real_hidden_size, **options),
+                torch.zeros(layers, batch, self.hidden_size, **options))
+
     def forward(self, input, hx=None):  # noqa: C901 - mirrors nn.LSTM.forward
         self._update_flat_weights()
 
         orig_input = input
         batch_sizes = None
-        num_directions = 2 if self.bidirectional else 1
-        real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         is_packed = isinstance(orig_input, PackedSequence)
         if is_packed:
             input, batch_sizes, sorted_indices, unsorted_indices = input
             max_batch_size = int(batch_sizes[0])
             self._check_packed_args(input, hx, batch_sizes)
             if hx is None:
-                h_zeros = torch.zeros(self.num_layers * num_directions, max_batch_size,
-                                      real_hidden_size, dtype=input.dtype, device=input.device)
-                c_zeros = torch.zeros(self.num_layers * num_directions, max_batch_size,
-                                      self.hidden_size, dtype=input.dtype, device=input.device)
-                hx = (h_zeros, c_zeros)
+                hx = self._zero_state(input, max_batch_size)
             else:
                 self._check_attributes(input, hx)
                 # Each batch of the hidden state should match the input sequence that
@@ -207,11 +209,7 @@ class LSTM(nn.RNNBase):
             sorted_indices = None
             unsorted_indices = None
             if hx is None:
-                h_zeros = torch.zeros(self.num_layers * num_directions, max_batch_size,
-                                      real_hidden_size, dtype=input.dtype, device=input.device)
-                c_zeros = torch.zeros(self.num_layers * num_directions, max_batch_size,
-                                      self.hidden_size, dtype=input.dtype, device=input.device)
-                hx = (h_zeros, c_zeros)
+                hx = self._zero_state(input, max_batch_size)
                 self.check_forward_args(input, hx, batch_sizes)
             else:
                 if is_batched:

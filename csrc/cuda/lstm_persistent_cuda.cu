@@ -90,26 +90,27 @@ bool usable(const SequenceShape& shape) {
 
 }  // namespace
 
-bool persistent_forward_sequence(const ForwardSequenceArgs<float>& a) {
+// Plans, fills the kernel parameters and launches one direction's persistent kernel; false
+// (nothing launched) where it declines.
+template <typename Params, typename Args, typename Kernel, typename Fill>
+bool run_sequence(const Args& a, Kernel kernel, bool backward, Fill fill) {
   if (!usable(a)) return false;
-  ForwardParams p;
+  Params p;
   if (!persistent::make_segments(a, p.segments)) return false;
-  const persistent::Plan plan =
-      plan_launch(persistent_forward_kernel, /*backward=*/false, a.hidden, a.batch);
+  const persistent::Plan plan = plan_launch(kernel, backward, a.hidden, a.batch);
   if (!plan.ok) return false;
-  fill_forward_params(a, plan, p);
-  return launch(persistent_forward_kernel, p, plan, /*backward=*/false);
+  fill(a, plan, p);
+  return launch(kernel, p, plan, backward);
+}
+
+bool persistent_forward_sequence(const ForwardSequenceArgs<float>& a) {
+  return run_sequence<ForwardParams>(a, persistent_forward_kernel, /*backward=*/false,
+                                     fill_forward_params);
 }
 
 bool persistent_backward_sequence(const BackwardSequenceArgs<float>& a) {
-  if (!usable(a)) return false;
-  BackwardParams p;
-  if (!persistent::make_segments(a, p.segments)) return false;
-  const persistent::Plan plan =
-      plan_launch(persistent_backward_kernel, /*backward=*/true, a.hidden, a.batch);
-  if (!plan.ok) return false;
-  fill_backward_params(a, plan, p);
-  return launch(persistent_backward_kernel, p, plan, /*backward=*/true);
+  return run_sequence<BackwardParams>(a, persistent_backward_kernel, /*backward=*/true,
+                                      fill_backward_params);
 }
 
 }  // namespace cuda

@@ -43,6 +43,20 @@ struct Layout {
   std::vector<int64_t> batch_sizes, offsets;
 };
 
+// Step t of a direction: its rows, their offset, the step before it (-1 at the first) and how
+// many of its rows continue a sequence of that step (the rest start from h0 / c0).
+struct StepRef {
+  int64_t t, rows, offset, prev, continuing;
+};
+
+StepRef step_ref(const Layout& l, int64_t s, bool reverse) {
+  const int64_t t = reverse ? l.steps - 1 - s : s;
+  int64_t prev = reverse ? t + 1 : t - 1;
+  if (prev < 0 || prev >= l.steps) prev = -1;
+  const int64_t rows = l.batch_sizes[t];
+  return {t, rows, l.offsets[t], prev, prev < 0 ? 0 : std::min(rows, l.batch_sizes[prev])};
+}
+
 Layout layout_of(const Case& c) {
   Layout l;
   l.batch = static_cast<int64_t>(c.lengths.size());
@@ -77,11 +91,7 @@ ForwardRef forward_reference(const Problem& p, const Layout& l, bool reverse) {
   r.output.assign(p.N * H, 0);
   std::vector<double> c(p.c0.begin(), p.c0.end()), h_last(p.B * H, 0);
   for (int64_t s = 0; s < l.steps; ++s) {
-    const int64_t t = reverse ? l.steps - 1 - s : s;
-    const int64_t prev = reverse ? t + 1 : t - 1;
-    const bool has_prev = prev >= 0 && prev < l.steps;
-    const int64_t rows = l.batch_sizes[t], off = l.offsets[t];
-    const int64_t cont = has_prev ? std::min(rows, l.batch_sizes[prev]) : 0;
+    const auto [t, rows, off, prev, cont] = step_ref(l, s, reverse);
     for (int64_t b = 0; b < rows; ++b) {
       std::vector<double> hp(H);
       for (int64_t k = 0; k < H; ++k) {
@@ -125,11 +135,7 @@ BackwardRef backward_reference(const Problem& p, const Layout& l, bool reverse, 
   r.dgates.assign(p.N * 4 * H, 0);
   std::vector<double> dh(p.dh_n.begin(), p.dh_n.end()), dc(p.dc_n.begin(), p.dc_n.end());
   for (int64_t s = l.steps - 1; s >= 0; --s) {
-    const int64_t t = reverse ? l.steps - 1 - s : s;
-    const int64_t prev = reverse ? t + 1 : t - 1;
-    const bool has_prev = prev >= 0 && prev < l.steps;
-    const int64_t rows = l.batch_sizes[t], off = l.offsets[t];
-    const int64_t cont = has_prev ? std::min(rows, l.batch_sizes[prev]) : 0;
+    const auto [t, rows, off, prev, cont] = step_ref(l, s, reverse);
     for (int64_t b = 0; b < rows; ++b) {
       for (int64_t j = 0; j < H; ++j) {
         double d = dh[b * H + j];
@@ -209,6 +215,29 @@ std::string describe(const persistent::Plan& p) {
 
 const emu::Order kOrders[] = {emu::Order::kForward, emu::Order::kReverse, emu::Order::kShuffled};
 
+// Runs one persistent kernel under the emulation: its parameters from the driver's arguments
+// and the plan, then the launch in the given scheduling order. False when the packed-sequence
+// segments do not fit the kernel parameters.
+template <typename Params, typename Args, typename Fill, typename Kernel>
+bool emulate_launch(const Args& a, const persistent::Plan& plan, emu::Order order, int seed,
+                    Fill fill, Kernel kernel) {
+  Params params;
+  if (!persistent::make_segments(a, params.segments)) return false;
+  fill(a, plan, params);
+  emu::launch(static_cast<int>(plan.blocks), persistent::kThreads,
+              static_cast<size_t>(plan.smem_bytes), order, seed, [&] { kernel(params); });
+  return true;
+}
+
+// The first order's results are the reference; any later order must give the same bits.
+bool same_bits_as_first(std::vector<float>& first, const std::vector<float>& all) {
+  if (first.empty()) {
+    first = all;
+    return true;
+  }
+  return std::memcmp(all.data(), first.data(), all.size() * sizeof(float)) == 0;
+}
+
 std::string run_case(const Case& c, std::string& info) {
   const Layout l = layout_of(c);
   std::mt19937 rng(1234);
@@ -253,12 +282,8 @@ std::string run_case(const Case& c, std::string& info) {
     a.cells = cells.data();
     a.output = output.data() + p.col;
     a.output_stride = p.ld;
-    ForwardParams params;
-    if (!persistent::make_segments(a, params.segments)) return "segments";
-    fill_forward_params(a, fplan, params);
-    emu::launch(static_cast<int>(fplan.blocks), persistent::kThreads,
-                static_cast<size_t>(fplan.smem_bytes), order, 7,
-                [&] { persistent_forward_kernel(params); });
+    if (!emulate_launch<ForwardParams>(a, fplan, order, 7, fill_forward_params,
+                                       persistent_forward_kernel)) return "segments";
     std::string e;
     if (!(e = compare("gates", gates, fref.gates)).empty()) return "forward: " + e;
     if (!(e = compare("cells", cells, fref.cells)).empty()) return "forward: " + e;
@@ -274,11 +299,11 @@ std::string run_case(const Case& c, std::string& info) {
     }
     std::vector<float> all = gates;
     for (auto* v : {&cells, &output, &h, &cstate}) all.insert(all.end(), v->begin(), v->end());
-    if (first_fwd.empty()) {
-      first_fwd = all;
+    if (gates_out.empty()) {
       gates_out = gates;
       cells_out = cells;
-    } else if (std::memcmp(all.data(), first_fwd.data(), all.size() * 4) != 0) {
+    }
+    if (!same_bits_as_first(first_fwd, all)) {
       return "forward: results depend on the scheduling order (race)";
     }
   }
@@ -299,12 +324,8 @@ std::string run_case(const Case& c, std::string& info) {
     a.dhidden = dh.data();
     a.dcell = dc.data();
     a.dgates = dgates.data();
-    BackwardParams params;
-    if (!persistent::make_segments(a, params.segments)) return "segments";
-    fill_backward_params(a, bplan, params);
-    emu::launch(static_cast<int>(bplan.blocks), persistent::kThreads,
-                static_cast<size_t>(bplan.smem_bytes), order, 11,
-                [&] { persistent_backward_kernel(params); });
+    if (!emulate_launch<BackwardParams>(a, bplan, order, 11, fill_backward_params,
+                                        persistent_backward_kernel)) return "segments";
     std::string e;
     if (!(e = compare("dgates", dgates, bref.dgates)).empty()) return "backward: " + e;
     if (!(e = compare("dh0", dh, bref.dh0)).empty()) return "backward: " + e;
@@ -312,9 +333,7 @@ std::string run_case(const Case& c, std::string& info) {
     std::vector<float> all = dgates;
     all.insert(all.end(), dh.begin(), dh.end());
     all.insert(all.end(), dc.begin(), dc.end());
-    if (first_bwd.empty()) {
-      first_bwd = all;
-    } else if (std::memcmp(all.data(), first_bwd.data(), all.size() * 4) != 0) {
+    if (!same_bits_as_first(first_bwd, all)) {
       return "backward: results depend on the scheduling order (race)";
     }
   }
