@@ -41,21 +41,14 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
 
 
 def grid():
-    """The benchmark rows (1 layer, I = H unless noted)."""
-    rows = []
-    for dt in ("fp16", "bf16", "fp32"):
-        rows.append(dict(T=1024, B=16, I=768, H=768, layers=1, bidirectional=False, proj=0,
-                         dtype=dt))
-    for dt in ("fp32", "bf16"):
-        for H in (256, 1024):
-            for B in (1, 8, 32, 128, 512):
-                rows.append(dict(T=100, B=B, I=H, H=H, layers=1, bidirectional=False, proj=0,
-                                 dtype=dt))
-    rows.append(dict(T=100, B=64, I=512, H=512, layers=2, bidirectional=True, proj=0,
-                     dtype="fp32"))
-    rows.append(dict(T=100, B=32, I=1024, H=1024, layers=1, bidirectional=False, proj=256,
-                     dtype="fp32"))
-    return rows
+    """The benchmark rows: lstm_fused.benchmarking.GPU_GRID (the one definition of the grid,
+    shared with `python -m lstm_fused bench --device cuda`), as this script's row dicts."""
+    from lstm_fused.benchmarking import GPU_GRID  # importable without the compiled library
+
+    short = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
+    return [dict(T=c.T, B=c.B, I=c.input_size, H=c.H, layers=c.layers,
+                 bidirectional=c.bidirectional, proj=c.proj_size, dtype=short[c.dtype])
+            for c in GPU_GRID]
 
 
 def row_id(r):

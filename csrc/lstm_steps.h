@@ -10,6 +10,7 @@
 // [-clip, clip], 2 rescale so the L2 norm over the step's rows is at most clip.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace lstm_fused {
@@ -72,6 +73,19 @@ struct SequenceShape {
   // N, the number of rows of all steps.
   int64_t offsets_end() const {
     return steps == 0 ? 0 : offsets[steps - 1] + batch_sizes[steps - 1];
+  }
+  // Step t at processing position s of this direction.
+  int64_t time(int64_t s) const { return reverse ? steps - 1 - s : s; }
+  // The step processed before t, or -1 when t is the direction's first step.
+  int64_t previous(int64_t t) const {
+    const int64_t prev = reverse ? t + 1 : t - 1;
+    return (prev < 0 || prev >= steps) ? -1 : prev;
+  }
+  // Rows of step t whose sequence was already active at the previous step (the rest start
+  // from h0/c0: only in the reverse direction of packed input).
+  int64_t continuing_rows(int64_t t) const {
+    const int64_t prev = previous(t);
+    return prev < 0 ? 0 : std::min(batch_sizes[t], batch_sizes[prev]);
   }
 };
 

@@ -40,21 +40,10 @@ struct Steps {
   std::vector<int64_t> offsets;
 
   int64_t rows(int64_t t) const { return batch_sizes[t]; }
-  // Step t in processing order s of a direction.
-  int64_t time(int64_t s, bool reverse) const { return reverse ? steps - 1 - s : s; }
-  // The step processed before t in that direction, or -1 when t is its first step.
-  int64_t previous(int64_t t, bool reverse) const {
-    const int64_t prev = reverse ? t + 1 : t - 1;
-    return (prev < 0 || prev >= steps) ? -1 : prev;
-  }
+  // The layout as the kernels see it, for one direction (its step walk: time, previous,
+  // continuing_rows).
   SequenceShape shape(int64_t hidden, bool reverse) const {
     return {steps, batch, hidden, batch_sizes.data(), offsets.data(), reverse};
-  }
-  // Rows of step t whose sequence was already active at the previous step (the rest start
-  // from h0/c0: only in the reverse direction of packed input).
-  int64_t continuing_rows(int64_t t, bool reverse) const {
-    const int64_t prev = previous(t, reverse);
-    return prev < 0 ? 0 : std::min(rows(t), rows(prev));
   }
 };
 
@@ -186,22 +175,19 @@ const StepKernels<double>& kernels_for<double>(const DeviceKernels& kernels) {
   return kernels.f64;
 }
 
-// Memory a StepWeight may spend on packing: a quarter of the saved gates of the direction.
-template <typename T>
-int64_t pack_budget_bytes(const at::Tensor& gates) {
-  return gates.numel() * static_cast<int64_t>(sizeof(T)) / 4;
-}
-
 // dst[r, :cols] = src[r, :cols] for rows r (row strides ldd, lds), on `device`. On the CPU a
 // plain loop: inside the time loop, at:: views and copy_ cost more than the copy itself.
 template <typename T>
 void copy_rows(const at::Device& device, T* dst, int64_t ldd, const T* src, int64_t lds,
                int64_t rows, int64_t cols) {
   if (device.is_cpu()) {
-    for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ldd, src + r * lds, cols * sizeof(T));
+    for (int64_t r = 0; r < rows; ++r) {
+      std::memcpy(dst + r * ldd, src + r * lds, cols * sizeof(T));
+    }
     return;
   }
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value).device(device);
+  const auto options =
+      at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value).device(device);
   at::from_blob(dst, {rows, cols}, {ldd, 1}, options)
       .copy_(at::from_blob(const_cast<T*>(src), {rows, cols}, {lds, 1}, options));
 }
@@ -246,7 +232,7 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     if (bias.defined() && N > 0) gates.add_(bias);  // declined: the step kernels need them in
   }
   at::Tensor r_buffer = has_proj ? at::empty({layout.batch, H}, gates.options()) : at::Tensor();
-  const int64_t pack_budget = pack_budget_bytes<T>(gates);
+  const int64_t pack_budget = pack_budget_bytes<T>(gates.numel());
   const StepWeight<T> recurrent(p.w_hh, /*transposed=*/true, layout.batch, pack_budget);
   const std::optional<StepWeight<T>> projection =
       has_proj ? std::make_optional<StepWeight<T>>(p.w_hr, true, layout.batch, pack_budget)
@@ -254,8 +240,9 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
   T* const gates_data = gates.data_ptr<T>();
   T* const hidden_data = h_state.data_ptr<T>();
   T* const r_data = has_proj ? r_buffer.data_ptr<T>() : nullptr;
+  const SequenceShape walk = layout.shape(H, reverse);
   for (int64_t s = 0; s < layout.steps; ++s) {
-    const int64_t t = layout.time(s, reverse);
+    const int64_t t = walk.time(s);
     const int64_t rows = layout.rows(t), offset = layout.offsets[t];
     if (rows == 0) continue;
     T* const step_gates = gates_data + offset * 4 * H;
@@ -322,13 +309,14 @@ at::Tensor grad_recurrent_weight(const Steps& layout, int64_t d, bool reverse, i
                        outputs.narrow(0, reverse ? B : 0, N - B));
   }
   at::Tensor h_prev = at::empty({N, P}, h0.options());
+  const SequenceShape walk = layout.shape(P, reverse);
   for (int64_t t = 0; t < layout.steps; ++t) {
     const int64_t rows = layout.rows(t);
     if (rows == 0) continue;
-    const int64_t continuing = layout.continuing_rows(t, reverse);
+    const int64_t continuing = walk.continuing_rows(t);
     at::Tensor target = h_prev.narrow(0, layout.offsets[t], rows);
     if (continuing > 0) {
-      const int64_t prev = layout.previous(t, reverse);
+      const int64_t prev = walk.previous(t);
       target.narrow(0, 0, continuing).copy_(outputs.narrow(0, layout.offsets[prev], continuing));
     }
     if (continuing < rows) {
@@ -390,11 +378,12 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
     const at::Tensor gates_d = gates[d].to(compute).contiguous();
     const at::Tensor cells_d = cells[d].to(compute).contiguous();
     const at::Tensor c0_d = c0[d];
+    const SequenceShape walk = layout.shape(H, reverse);
     bool looped = false;
     if (!has_proj && clip_mode == kClipOff && step_kernels.backward_sequence &&
         (!record_flow || step_kernels.backward_sequence_flow)) {
       BackwardSequenceArgs<T> args;
-      static_cast<SequenceShape&>(args) = layout.shape(H, reverse);
+      static_cast<SequenceShape&>(args) = walk;
       args.gates = gates_d.data_ptr<T>();
       args.cells = cells_d.data_ptr<T>();
       args.c0 = c0_d.data_ptr<T>();
@@ -409,18 +398,18 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       looped = step_kernels.backward_sequence(args);
     }
     // The per-step loop (its weights are only packed when it runs).
+    const int64_t pack_budget = pack_budget_bytes<T>(gates_d.numel());
     const std::optional<StepWeight<T>> recurrent =
         looped ? std::nullopt
                : std::make_optional<StepWeight<T>>(p.w_hh, /*transposed=*/false, layout.batch,
-                                                   pack_budget_bytes<T>(gates_d));
+                                                   pack_budget);
     const std::optional<StepWeight<T>> projection =
         (has_proj && !looped)
-            ? std::make_optional<StepWeight<T>>(p.w_hr, false, layout.batch,
-                                                pack_budget_bytes<T>(gates_d))
+            ? std::make_optional<StepWeight<T>>(p.w_hr, false, layout.batch, pack_budget)
             : std::nullopt;
     // Reverse of the forward processing order.
     for (int64_t s = layout.steps - 1; s >= 0 && !looped; --s) {
-      const int64_t t = layout.time(s, reverse);
+      const int64_t t = walk.time(s);
       const int64_t rows = layout.rows(t), offset = layout.offsets[t];
       if (rows == 0) continue;
       // (pointer arithmetic, not sum_squares[d][t]: two tensor ops per step add up)
@@ -445,7 +434,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
         projection->multiply(rows, dr_buffer.data_ptr<T>(), H, dh_data, P, /*accumulate=*/false);
         grad_r = dr_buffer.data_ptr<T>();
       }
-      const int64_t prev = layout.previous(t, reverse);
+      const int64_t prev = walk.previous(t);
       BackwardStepArgs<T> args;
       args.rows = rows;
       args.hidden = H;
@@ -453,7 +442,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       args.cells = cells_d.data_ptr<T>() + offset * H;
       args.cells_prev = prev >= 0 ? cells_d.data_ptr<T>() + layout.offsets[prev] * H : nullptr;
       args.cell_initial = c0_d.data_ptr<T>();
-      args.prev_split = layout.continuing_rows(t, reverse);
+      args.prev_split = walk.continuing_rows(t);
       args.grad_r = grad_r;
       args.dcell = dc.data_ptr<T>();
       args.dgates = dgates.data_ptr<T>() + offset * 4 * H;

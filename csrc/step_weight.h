@@ -46,6 +46,13 @@ struct Blas<double> {
   static auto gemm() { return &dgemm_; }
 };
 
+// Memory a StepWeight may spend on MKL's packed buffer: a quarter of the saved gates
+// (gate_elements values of T) of the time loop it serves.
+template <typename T>
+int64_t pack_budget_bytes(int64_t gate_elements) {
+  return gate_elements * static_cast<int64_t>(sizeof(T)) / 4;
+}
+
 // The weight of one product per step (W_hh, W_hr): out (rows x n) [+]= a (rows x k) * op(W),
 // op(W) = W^T when `transposed` (W: n x k) else W (W: k x n); out and a are row-major with row
 // strides ldo/lda. Pointers, not tensor views: at the sizes of one step, creating views and

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._loader import load_library
+from .reference import acc_dtype  # 16-bit inputs: float32 gates and cell state
 
 load_library()
 
@@ -18,9 +19,6 @@ layer_forward = torch.ops.lstm_fused.layer_forward.default
 layer_backward = torch.ops.lstm_fused.layer_backward.default
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # 16-bit inputs are computed with float32 gates and cell state.
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _layer_sizes(input, params, has_biases, has_proj, bidirectional, batch_sizes):
@@ -55,7 +53,7 @@ def _layer_forward_fake(input, hx, cx, params, has_biases, has_proj, bidirection
                  lambda: "lstm_fused: hx has the wrong shape")
     torch._check(cx.shape[0] == directions and cx.shape[2] == hidden,
                  lambda: "lstm_fused: cx has the wrong shape")
-    acc = _acc_dtype(input.dtype)
+    acc = acc_dtype(input.dtype)
     if batch_sizes is None:
         output = input.new_empty((input.shape[0], input.shape[1], directions * out_size))
     else:
@@ -71,7 +69,7 @@ def _layer_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, params, o
                          bptt_clip, bptt_clip_mode):
     directions, _, _, steps, _ = _layer_sizes(
         input, params, has_biases, has_proj, bidirectional, batch_sizes)
-    acc = _acc_dtype(input.dtype)
+    acc = acc_dtype(input.dtype)
     flow_shape = (directions, steps, 3) if record_flow else (0,)
     return (
         input.new_empty(input.shape),

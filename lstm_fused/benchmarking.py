@@ -87,7 +87,7 @@ CPU_GRID = (
     BenchCase(T=100, B=32, H=128, dtype="float64"),
 )
 
-# GPU grid, the rows of bench/bench_gpu.py: the shape of published cuDNN and FlashRNN
+# GPU grid (also the rows of bench/bench_gpu.py): the shape of published cuDNN and FlashRNN
 # figures (T=1024 B=16 H=768) in each dtype, a batch sweep, a bidirectional and a
 # projection row.
 GPU_GRID = (

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
+from .reference import acc_dtype
+
 __all__ = ["ParityCase", "CHECK_GRID", "TINY_CHECK_GRID", "TOLERANCES", "CaseResult",
            "run_case", "run_parity"]
 
@@ -98,10 +100,6 @@ def _tf32_disabled():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _reference_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def _run(module: nn.Module, case: ParityCase, inputs: dict, dtype: torch.dtype):
     """Forward and backward of `module` in `dtype`; returns {tensor name: value} for the
     outputs and every gradient, in float64 for comparison."""
@@ -139,7 +137,7 @@ def _make_inputs(case: ParityCase, dtype: torch.dtype, device, seed: int) -> dic
     }
     # Drawn in float64 and rounded to `dtype`, so both modules see the same values.
     inputs = {name: torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-              .to(device=device, dtype=_reference_dtype(dtype))
+              .to(device=device, dtype=acc_dtype(dtype))
               for name, shape in shapes.items()}
     inputs["lengths"] = lengths
     return inputs
@@ -155,7 +153,7 @@ def run_case(case: ParityCase, dtype: torch.dtype, device="cpu", seed: int = 0) 
         torch.manual_seed(seed)
         ref = nn.LSTM(case.input_size, case.hidden_size, num_layers=case.layers,
                       bidirectional=case.bidirectional, proj_size=case.proj_size,
-                      device=device, dtype=_reference_dtype(dtype))
+                      device=device, dtype=acc_dtype(dtype))
         with torch.no_grad():
             for p in ref.parameters():  # the values the 16-bit module will hold
                 p.copy_(p.to(dtype))
@@ -164,7 +162,7 @@ def run_case(case: ParityCase, dtype: torch.dtype, device="cpu", seed: int = 0) 
         with _tf32_disabled(), warnings.catch_warnings():
             # nn.LSTM's note that oneDNN does not do proj_size says nothing about parity
             warnings.filterwarnings("ignore", "LSTM with projections", UserWarning)
-            expected = _run(ref, case, inputs, _reference_dtype(dtype))
+            expected = _run(ref, case, inputs, acc_dtype(dtype))
             actual = _run(ours, case, inputs, dtype)
     except Exception as e:  # noqa: BLE001 - reported as a failed case, with its message
         return CaseResult(case, dtype, None, "", tolerance, error=f"{type(e).__name__}: {e}")

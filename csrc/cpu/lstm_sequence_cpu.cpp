@@ -57,12 +57,6 @@ class SequentialBlas {
   int previous_;
 };
 
-// The step processed before t in a direction, or -1 at its first step.
-int64_t previous_step(int64_t t, int64_t steps, bool reverse) {
-  const int64_t prev = reverse ? t + 1 : t - 1;
-  return (prev < 0 || prev >= steps) ? -1 : prev;
-}
-
 template <typename T>
 at::TensorOptions options_of() {
   return at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
@@ -74,8 +68,8 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
   const int64_t H = a.hidden, B = a.batch, ld = a.output_stride;
   const std::vector<int64_t> bounds = slice_bounds<T>(H, B, at::get_num_threads());
   const int64_t slices = static_cast<int64_t>(bounds.size()) - 1;
-  // MKL's packed buffers (see StepWeight) only where they are small next to the saved gates.
-  const int64_t pack_budget = a.offsets_end() * 4 * H * int64_t(sizeof(T)) / (4 * slices);
+  // MKL's packed buffers (see StepWeight), shared out between the slices.
+  const int64_t pack_budget = pack_budget_bytes<T>(a.offsets_end() * 4 * H) / slices;
   const at::Tensor w_hh =
       at::from_blob(const_cast<T*>(a.w_hh), {4, H, H}, options_of<T>());
   std::vector<StepWeight<T>> weights;
@@ -97,10 +91,9 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
     const SequentialBlas sequential;
     const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
     for (int64_t s = 0; s < a.steps; ++s) {
-      const int64_t t = a.reverse ? a.steps - 1 - s : s;
+      const int64_t t = a.time(s);
       const int64_t rows = a.batch_sizes[t], offset = a.offsets[t];
-      const int64_t prev = previous_step(t, a.steps, a.reverse);
-      const int64_t continuing = prev < 0 ? 0 : std::min(rows, a.batch_sizes[prev]);
+      const int64_t prev = a.previous(t), continuing = a.continuing_rows(t);
       for (int64_t k = thread; k < slices; k += team) {
         const int64_t j0 = bounds[k], j1 = bounds[k + 1], width = j1 - j0;
         T* rec = recurrent[k].data_ptr<T>();
@@ -138,7 +131,7 @@ bool backward_sequence_impl(const BackwardSequenceArgs<T>& a) {
   const int64_t H = a.hidden, B = a.batch;
   const std::vector<int64_t> bounds = slice_bounds<T>(H, B, at::get_num_threads());
   const int64_t slices = static_cast<int64_t>(bounds.size()) - 1;
-  const int64_t pack_budget = a.offsets_end() * 4 * H * int64_t(sizeof(T)) / (4 * slices);
+  const int64_t pack_budget = pack_budget_bytes<T>(a.offsets_end() * 4 * H) / slices;
   const at::Tensor w_hh = at::from_blob(const_cast<T*>(a.w_hh), {4 * H, H}, options_of<T>());
   std::vector<StepWeight<T>> weights;  // per slice: the columns of W_hh of its units
   for (int64_t k = 0; k < slices; ++k) {
@@ -154,10 +147,9 @@ bool backward_sequence_impl(const BackwardSequenceArgs<T>& a) {
     const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
     // Reverse of the forward processing order.
     for (int64_t s = a.steps - 1; s >= 0; --s) {
-      const int64_t t = a.reverse ? a.steps - 1 - s : s;
+      const int64_t t = a.time(s);
       const int64_t rows = a.batch_sizes[t], offset = a.offsets[t];
-      const int64_t prev = previous_step(t, a.steps, a.reverse);
-      const int64_t continuing = prev < 0 ? 0 : std::min(rows, a.batch_sizes[prev]);
+      const int64_t prev = a.previous(t), continuing = a.continuing_rows(t);
       // dh[t], dc[t] and dG[t] of this thread's units (dh_next of its units is its own).
       for (int64_t k = thread; k < slices; k += team) {
         const int64_t j0 = bounds[k], j1 = bounds[k + 1];

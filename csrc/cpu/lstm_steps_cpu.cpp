@@ -81,10 +81,9 @@ T backward_step_row(const BackwardStepArgs<T>& args, int64_t r, T scale) {
   const int64_t H = args.hidden;
   const T* cell_prev =
       r < args.prev_split ? args.cells_prev + r * H : args.cell_initial + r * H;
-  return backward_row<T, kClip, kFirstPass, kSums>(args.gates + r * 4 * H, H, args.cells + r * H,
-                                            cell_prev, args.grad_r + r * H, args.dcell + r * H,
-                                                   args.dgates + r * 4 * H, args.clip, scale, 0,
-                                                   H);
+  return backward_row<T, kClip, kFirstPass, kSums>(
+      args.gates + r * 4 * H, H, args.cells + r * H, cell_prev, args.grad_r + r * H,
+      args.dcell + r * H, args.dgates + r * 4 * H, args.clip, scale, 0, H);
 }
 
 template <typename T, int64_t kClip, bool kSumSquares>
