@@ -1,15 +1,21 @@
-"""Collect the outputs of bench/gpu_check.sh into one report: bench/results/gpu-<date>-<card>.json
-and a Markdown table next to it (copies go to the log folder, which is what comes back from a
-lent GPU machine).
+"""Collect the outputs of bench/gpu_check.sh into one report: gpu-<date>-<card>.json, a Markdown
+table (.md) and a one-screen summary (.summary.txt) in --results (default bench/results), with
+copies in the log folder (what comes back from a lent GPU machine).
 
-    python bench/gpu_report.py --logs LOGDIR --work WORKDIR [--results bench/results]
+    python bench/gpu_report.py --logs LOGDIR --work WORKDIR [--results DIR] [--dry-run]
 
 Reads (each optional; a missing piece is reported as missing, never fatal):
-  WORKDIR/stages.tsv          stage<TAB>exit code<TAB>seconds, one line per stage
+  WORKDIR/stages.tsv          stage<TAB>exit code<TAB>seconds<TAB>note, one line per stage
   WORKDIR/junit-*.xml         pytest results; else the -v lines of LOGDIR/tests.log are counted
-  WORKDIR/memcheck.log, WORKDIR/racecheck.log   compute-sanitizer output
-  WORKDIR/source.txt          key=value lines: git tree of csrc, its status, content hash
+  WORKDIR/<tool>.log          compute-sanitizer output (memcheck, racecheck, synccheck, initcheck)
+  WORKDIR/source.txt          key=value lines (bench/tree_hash.py): csrc tree, status; driver
   LOGDIR/bench.json           bench/bench_gpu.py output
+
+The verdict (last line of the summary, "verdict: PASS" or "verdict: FAIL: reasons") is the
+script's exit status: a GPU run passes only when every stage succeeded, no CUDA test failed or
+was skipped, every sanitizer tool reported zero errors and no benchmark row failed. A dry run
+(--dry-run) allows the skips (no GPU) and checks instead that the report holds every field;
+it exits 1 when it does not.
 """
 
 from __future__ import annotations
@@ -105,8 +111,11 @@ def test_counts(work, logs):
 def sanitizer(work, tool):
     text = read(os.path.join(work, f"{tool}.log"))
     if text is None:
-        return dict(errors=None, note="not run")
+        return dict(errors=None, note="not run", case_finished=False)
     res = dict(errors=None)
+    if text.startswith("# dry run"):
+        case = re.search(r"sanitize_case: (\d+) cases ran", text)
+        return dict(errors=None, note=text.splitlines()[0][2:], case_finished=bool(case))
     m = re.findall(r"ERROR SUMMARY:\s*(\d+) error", text)
     if m:
         res["errors"] = int(m[-1])
@@ -137,70 +146,161 @@ def fmt(v, digits=2):
     return str(v)
 
 
+TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
+
+
 def markdown(rep):
     m = rep["meta"]
-    lines = [f"# GPU check {m['date']} — {m['device']}", ""]
-    lines.append(f"- torch {m.get('torch')}, CUDA {m.get('cuda')}, cuDNN {m.get('cudnn')}, "
-                 f"Python {m.get('python')}; TF32: matmul {m.get('matmul_allow_tf32')}, "
-                 f"cuDNN {m.get('cudnn_allow_tf32')}")
+    lines = [f"# GPU check {m['date']} — {m['device']}" + (" (dry run)" if rep["dry_run"] else ""),
+             ""]
+    lines.append(f"- driver {m.get('driver') or '-'}, torch {m.get('torch')}, CUDA {m.get('cuda')}, "
+                 f"cuDNN {m.get('cudnn', '-')}, Python {m.get('python')}")
     src = rep["source"]
-    lines.append(f"- sources: `git rev-parse HEAD:csrc` = `{src.get('csrc_tree', '-')}`, "
-                 f"csrc content sha256 = `{src.get('csrc_sha256', '-')}`")
+    lines.append(f"- sources: csrc tree `{src.get('csrc_tree', '-')}` (as measured; "
+                 f"`git rev-parse HEAD:csrc` = `{src.get('csrc_head_tree', '-')}`, "
+                 f"clean: {src.get('csrc_clean', '-')})")
     status = src.get("csrc_status") or []
-    lines.append("- `git status --porcelain csrc`: "
-                 + (", ".join(f"`{s}`" for s in status) if status else "clean (or no git)"))
+    if status:
+        lines.append("- `git status --porcelain csrc`: " + ", ".join(f"`{x}`" for x in status))
     t = rep["tests"]["total"]
-    lines.append(f"- tests: {t['passed']} passed, {t['failed']} failed, {t['errors']} errors, "
-                 f"{t['skipped']} skipped"
-                 + "".join(f"; {k}: {v.get('passed', '-')}/{v.get('failed', '-')}/"
-                           f"{v.get('skipped', '-')} ({v.get('source')})"
-                           for k, v in rep["tests"]["suites"].items()))
+    lines.append(f"- CUDA tests (`-m \"cuda and not multi_gpu\"`): {t['passed']} passed, "
+                 f"{t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped")
     if rep["tests"]["failed_tests"]:
         lines.append("  - failed: " + ", ".join(f"`{x}`" for x in rep["tests"]["failed_tests"][:20]))
-    for tool in ("memcheck", "racecheck"):
-        s = rep["sanitizer"][tool]
-        lines.append(f"- compute-sanitizer {tool}: {fmt(s.get('errors'))} errors"
-                     + (f", {s['hazards']} hazards" if "hazards" in s else "")
-                     + (f" ({s['note']})" if s.get("note") else "")
-                     + ("" if s.get("case_finished") else "; the case did not finish"))
-    lines.append("- stages: " + ", ".join(f"{s['stage']} rc={s['rc']} {s['seconds']}s"
-                                          + (f" ({s['note']})" if s['note'] else "")
-                                          for s in rep["stages"]))
-    # the persistent-kernel column (bench_gpu.py adds it when the build has them)
-    pers = any("persistent" in r or r.get("persistent_declined") for r in rep["bench"])
-    lines += ["", f"Benchmark: {m.get('forward_mode', '')}; {m.get('timing', '')}. "
-              "Speed-up = nn.LSTM time / ours (> 1: ours faster)."
-              + (" persistent = ours with the persistent kernels switched on (`declined`: "
-                 "they do not take the row, it runs as ours)." if pers else ""), ""]
-    head = ("| T | B | I | H | layers | bi | proj | dtype | ours fwd ms | nn.LSTM fwd ms "
-            "| speed-up | ours fwd+bwd ms | nn.LSTM fwd+bwd ms | speed-up |")
-    if pers:
-        head += " persistent fwd ms | speed-up | persistent fwd+bwd ms | speed-up |"
-    lines.append(head + " iters | status |")
-    columns = 16 + (4 if pers else 0)
-    lines.append("|" + "---|" * columns)
+    for tool in TOOLS:
+        sres = rep["sanitizer"][tool]
+        lines.append(f"- compute-sanitizer {tool}: {fmt(sres.get('errors'))} errors"
+                     + (f", {sres['hazards']} hazards" if "hazards" in sres else "")
+                     + (f" ({sres['note']})" if sres.get("note") else "")
+                     + ("" if sres.get("case_finished") else "; the case did not finish"))
+    lines.append("- stages: " + ", ".join(f"{x['stage']} rc={x['rc']} {x['seconds']}s"
+                                          + (f" ({x['note']})" if x['note'] else "")
+                                          for x in rep["stages"]))
+    lines.append(f"- verdict: {rep['verdict']}")
+    lines += ["", f"Benchmark: {m.get('forward_mode', '')}; {m.get('timing', '')}. Median ms; "
+              "(x) = nn.LSTM time / ours, > 1: ours faster. per-step = ours with the persistent "
+              "kernels off, persistent = on (`declined`: they do not take the row). TF32 `off` "
+              "is the headline for fp32 (both sides), `on` the second measurement. host = "
+              f"{m.get('host_time', '')}. path = the default dispatch (forward / backward).", ""]
+    head = ("| T | B | I | H | L | bi | proj | dtype | tf32 | nn.LSTM fwd | per-step fwd | "
+            "persistent fwd | nn.LSTM fwd+bwd | per-step fwd+bwd | persistent fwd+bwd | "
+            "host us/step | path | status |")
+    lines.append(head)
+    lines.append("|" + "---|" * (head.count("|") - 1))
     for r in rep["bench"]:
-        o, c = r.get("ours", {}), r.get("cudnn", {})
+        c, o, p = r.get("nn_lstm", {}), r.get("per_step", {}), r.get("persistent")
         status = r.get("status", "")
         if r.get("errors"):
             status += ": " + "; ".join(f"{k}: {v[:80]}" for k, v in r["errors"].items())
-        row = (
-            f"| {r['T']} | {r['B']} | {r['I']} | {r['H']} | {r['layers']} | "
-            f"{'yes' if r['bidirectional'] else 'no'} | {r['proj'] or '-'} | {r['dtype']} | "
-            f"{fmt(o.get('fwd_ms'), 3)} | {fmt(c.get('fwd_ms'), 3)} | {fmt(r.get('speedup_fwd'))} | "
-            f"{fmt(o.get('fwdbwd_ms'), 3)} | {fmt(c.get('fwdbwd_ms'), 3)} | "
-            f"{fmt(r.get('speedup_fwdbwd'))} |")
-        if pers:
+
+        def cell(entry, mode, speedup_key):
+            if entry is None:
+                return "-"
+            ms = entry.get(f"{mode}_ms")
+            return f"{fmt(ms, 3)} ({fmt(r.get(speedup_key))})" if ms is not None else "-"
+
+        def pers(mode):
             if r.get("persistent_declined"):
-                row += " declined | - | declined | - |"
-            else:
-                p = r.get("persistent", {})
-                row += (f" {fmt(p.get('fwd_ms'), 3)} | {fmt(r.get('speedup_persistent_fwd'))} | "
-                        f"{fmt(p.get('fwdbwd_ms'), 3)} | "
-                        f"{fmt(r.get('speedup_persistent_fwdbwd'))} |")
-        lines.append(row + f" {o.get('fwd_iters', '-')} | {status} |")
+                return "declined"
+            return cell(p, mode, f"speedup_persistent_{mode}")
+
+        path = r.get("default_path") or {}
+        tf32 = {None: "-", True: "on", False: "off"}[r.get("tf32")]
+        lines.append(
+            f"| {r['T']} | {r['B']} | {r['I']} | {r['H']} | {r['layers']} | "
+            f"{'yes' if r['bidirectional'] else 'no'} | {r['proj'] or '-'} | {r['dtype']} | {tf32} | "
+            f"{fmt(c.get('fwd_ms'), 3)} | {cell(o, 'fwd', 'speedup_per_step_fwd')} | {pers('fwd')} | "
+            f"{fmt(c.get('fwdbwd_ms'), 3)} | {cell(o, 'fwdbwd', 'speedup_per_step_fwdbwd')} | "
+            f"{pers('fwdbwd')} | {fmt(o.get('fwd_host_us_per_step'), 1)} / "
+            f"{fmt(o.get('fwdbwd_host_us_per_step'), 1)} | "
+            f"{path.get('forward', '-')} / {path.get('backward', '-')} | {status} |")
     if not rep["bench"]:
-        lines.append("| (no benchmark results) |" + " |" * (columns - 1))
+        lines.append("| (no benchmark results) |" + " |" * (head.count("|") - 2))
+    return "\n".join(lines) + "\n"
+
+
+def verdict(rep):
+    """'PASS', or 'FAIL: reasons' (see the module docstring)."""
+    reasons = []
+    dry = rep["dry_run"]
+    for st in rep["stages"]:
+        if st["rc"] not in (0, -1) or (st["rc"] == -1 and not dry and st["stage"] != "build"
+                                        and "skipped" in st["note"]):
+            reasons.append(f"stage {st['stage']} rc={st['rc']}"
+                           + (f" ({st['note']})" if st["note"] else ""))
+    t = rep["tests"]["total"]
+    if t["failed"] or t["errors"]:
+        reasons.append(f"{t['failed']} CUDA tests failed, {t['errors']} errors")
+    if not dry:
+        if t["skipped"]:
+            reasons.append(f"{t['skipped']} CUDA tests skipped")
+        if not t["passed"]:
+            reasons.append("no CUDA test passed")
+        for tool in TOOLS:
+            errors = rep["sanitizer"][tool].get("errors")
+            if errors is None or errors > 0:
+                reasons.append(f"{tool}: {'no summary' if errors is None else f'{errors} errors'}")
+    else:
+        for tool in ("memcheck", "synccheck", "initcheck"):
+            if not rep["sanitizer"][tool].get("case_finished"):
+                reasons.append(f"{tool} lane: the CPU case did not finish")
+    bad_rows = [r.get("id", "?") for r in rep["bench"] if r.get("status") in ("error", "partial")]
+    if bad_rows:
+        reasons.append(f"benchmark rows failed: {', '.join(bad_rows[:5])}")
+    if not rep["bench"]:
+        reasons.append("no benchmark rows")
+    return "PASS" if not reasons else "FAIL: " + "; ".join(reasons)
+
+
+# The fields every report holds (checked by the dry run, so that the GPU run's report parses).
+REQUIRED = {
+    "meta": ("date", "device", "driver", "torch", "cuda"),
+    "source": ("csrc_tree", "csrc_head_tree", "csrc_clean"),
+    "tests": ("total", "suites", "failed_tests"),
+    "sanitizer": TOOLS,
+}
+ROW_FIELDS = ("T", "B", "I", "H", "layers", "bidirectional", "dtype", "tf32", "status")
+ROW_TIMES = ("nn_lstm", "per_step")
+
+
+def missing_fields(rep):
+    missing = [f"{k}.{f}" for k, fields in REQUIRED.items() for f in fields if f not in rep[k]]
+    for r in rep["bench"]:
+        missing += [f"row {r.get('id')}: {f}" for f in ROW_FIELDS if f not in r]
+        if r.get("status") == "ok":
+            missing += [f"row {r.get('id')}: {impl}.{mode}_ms" for impl in ROW_TIMES
+                        for mode in ("fwd", "fwdbwd") if r.get(impl, {}).get(f"{mode}_ms") is None]
+            if "default_path" not in r:
+                missing.append(f"row {r.get('id')}: default_path")
+    return missing
+
+
+def summary(rep, paths):
+    """One screen: stages, tests, sanitizers, the headline benchmark rows, the verdict."""
+    m, t = rep["meta"], rep["tests"]["total"]
+    lines = [f"==== GPU check summary: {m['device']}, driver {m.get('driver') or '-'}, torch "
+             f"{m.get('torch')}, CUDA {m.get('cuda')}" + (" (DRY RUN)" if rep["dry_run"] else ""),
+             f"csrc tree {rep['source'].get('csrc_tree')} (clean: {rep['source'].get('csrc_clean')})",
+             "stages: " + ", ".join(f"{x['stage']} {x['seconds']}s rc={x['rc']}"
+                                    for x in rep["stages"]),
+             f"CUDA tests: {t['passed']} passed, {t['failed']} failed, {t['errors']} errors, "
+             f"{t['skipped']} skipped",
+             "sanitizer errors: " + ", ".join(f"{tool} {fmt(rep['sanitizer'][tool].get('errors'))}"
+                                              for tool in TOOLS)]
+    rows = [r for r in rep["bench"] if r.get("status") == "ok"]
+    if rows:
+        lines.append("benchmark (fwd+bwd ms: nn.LSTM / per-step / persistent; path):")
+        for r in rows[:14]:
+            p = r.get("persistent") or {}
+            pers = "declined" if r.get("persistent_declined") else fmt(p.get("fwdbwd_ms"), 2)
+            path = r.get("default_path") or {}
+            lines.append(f"  {r['id']:<34} {fmt(r['nn_lstm'].get('fwdbwd_ms'), 2):>8} / "
+                         f"{fmt(r['per_step'].get('fwdbwd_ms'), 2):>8} / {pers:>8}  "
+                         f"{path.get('forward', '-')}/{path.get('backward', '-')}")
+        if len(rows) > 14:
+            lines.append(f"  ... {len(rows) - 14} more rows in the report")
+    lines.append("report: " + ", ".join(paths))
+    lines.append(f"verdict: {rep['verdict']}")
     return "\n".join(lines) + "\n"
 
 
@@ -231,6 +331,7 @@ def main(argv=None):
     ap.add_argument("--work", required=True)
     ap.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                       "results"))
+    ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
 
     bench = None
@@ -244,31 +345,42 @@ def main(argv=None):
     if not meta.get("device"):
         meta.update(device_fallback())
     meta.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    source = source_info(args.work)
+    meta["driver"] = source.pop("driver", None) or None
     rep = dict(
+        dry_run=args.dry_run,
         meta=meta,
-        source=source_info(args.work),
+        source=source,
         stages=stages(args.work),
         tests=test_counts(args.work, args.logs),
-        sanitizer=dict(memcheck=sanitizer(args.work, "memcheck"),
-                       racecheck=sanitizer(args.work, "racecheck")),
+        sanitizer={tool: sanitizer(args.work, tool) for tool in TOOLS},
         bench=(bench or {}).get("rows", []),
         bench_elapsed_s=(bench or {}).get("elapsed_s"),
     )
+    rep["verdict"] = verdict(rep)
     day = meta["date"][:10]
     base = f"gpu-{day}-{card_slug(meta['device'])}"
     os.makedirs(args.results, exist_ok=True)
     if os.path.exists(os.path.join(args.results, base + ".json")):
         base += "-" + _dt.datetime.now(_dt.timezone.utc).strftime("%H%M%S")
-    json_path = os.path.join(args.results, base + ".json")
-    md_path = os.path.join(args.results, base + ".md")
-    with open(json_path, "w", encoding="utf-8") as f:
+    paths = [os.path.join(args.results, base + ext) for ext in (".json", ".md", ".summary.txt")]
+    with open(paths[0], "w", encoding="utf-8") as f:
         json.dump(rep, f, indent=1)
-    with open(md_path, "w", encoding="utf-8") as f:
+    with open(paths[1], "w", encoding="utf-8") as f:
         f.write(markdown(rep))
-    for p in (json_path, md_path):
+    with open(paths[2], "w", encoding="utf-8") as f:
+        f.write(summary(rep, paths[:2]))
+    for p in paths:
         if os.path.abspath(os.path.dirname(p)) != os.path.abspath(args.logs):
             shutil.copy(p, args.logs)
-    print(f"gpu_report: {json_path}, {md_path}")
+    print(f"gpu_report: {', '.join(paths)}")
+    if args.dry_run:
+        # the dry run proves that the GPU run's report will parse and hold every field
+        with open(paths[0], encoding="utf-8") as f:
+            missing = missing_fields(json.load(f))
+        if missing:
+            print("gpu_report: the report lacks " + ", ".join(missing[:20]), file=sys.stderr)
+            return 1
     return 0
 
 

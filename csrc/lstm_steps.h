@@ -41,6 +41,9 @@ struct HiddenGradStepArgs {
   int64_t clip_mode;
   T clip;
   T* sum_squares;              // out (may be null): sum over rows of dh[t]^2 after clipping
+  // Device scratch of StepKernels::reduce_partials values for the reduction of sum_squares and
+  // of norm clipping (owned by the driver, allocated once per call); null where not needed.
+  T* partials = nullptr;
 };
 
 template <typename T>
@@ -58,6 +61,7 @@ struct BackwardStepArgs {
   int64_t clip_mode;
   T clip;
   T* sum_squares;              // out (may be null): sum over rows of dL/dc[t]^2 after clipping
+  T* partials = nullptr;       // as HiddenGradStepArgs::partials
 };
 
 // One direction's whole time loop in one call (persistent kernels: the recurrent weight stays
@@ -132,6 +136,12 @@ struct StepKernels {
   bool (*backward_sequence)(const BackwardSequenceArgs<T>&) = nullptr;
   // backward_sequence records telemetry (BackwardSequenceArgs::sum_squares).
   bool backward_sequence_flow = false;
+  // Optional: false when the sequence kernels are switched off, so that the driver plans the
+  // per-step path from the start (the input GEMM then adds the biases; no second pass).
+  bool (*sequence_enabled)() = nullptr;
+  // Size of the scratch the step kernels' reductions need (HiddenGradStepArgs::partials), in
+  // values of T; 0 when they need none (the driver then passes null).
+  int64_t reduce_partials = 0;
 };
 
 struct DeviceKernels {

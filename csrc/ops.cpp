@@ -197,6 +197,12 @@ at::Tensor direction_columns(const at::Tensor& t, int64_t d, int64_t width) {
   return t.narrow(1, d * width, width);
 }
 
+// Whether the driver offers the case to the device's sequence kernels at all.
+template <typename T>
+bool sequence_kernels_on(const StepKernels<T>& kernels) {
+  return kernels.sequence_enabled == nullptr || kernels.sequence_enabled();
+}
+
 template <typename T>
 void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool reverse,
                        const DirectionParams& p, const at::Tensor& x2d, at::Tensor h_state,
@@ -204,7 +210,7 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
                        at::Tensor output, const StepKernels<T>& kernels) {
   const int64_t H = sz.hidden, P = sz.out_size, N = layout.rows_total;
   const bool has_proj = p.w_hr.defined();
-  const bool try_sequence = !has_proj && kernels.forward_sequence;
+  const bool try_sequence = !has_proj && kernels.forward_sequence && sequence_kernels_on(kernels);
   const at::Tensor bias = p.b_ih.defined() ? p.b_ih + p.b_hh : at::Tensor();
   // All steps' input projections at once. A sequence kernel adds the biases in its gate math
   // (saving a pass over the (N, 4H) gates); the step kernels get them folded in here.
@@ -293,6 +299,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
           cy.to(input.scalar_type()), gates, cells};
 }
 
+// Rows [row, row + count) of r = o*tanh(c) of one direction, from its saved gates and cells.
+at::Tensor recompute_r(const at::Tensor& gates_d, const at::Tensor& cells_d, int64_t row,
+                       int64_t count, int64_t H) {
+  return at::tanh(cells_d.narrow(0, row, count))
+      .mul_(gates_d.narrow(0, row, count).narrow(1, 3 * H, H));
+}
+
+// Rows per chunk when r is recomputed: (N, H) temporaries would add to the peak memory.
+int64_t recompute_chunk_rows(int64_t H) { return std::max<int64_t>(1, (int64_t(1) << 16) / H); }
+
+// h[t] of all steps as the recurrence used them, (N, D*P) in the compute type. For 16-bit
+// inputs the saved output was rounded to 16 bits after the fact, so h is recomputed from the
+// saved fp32 gates and cells (r = o*tanh(c), then h = r W_hr^T with a projection): dW_hh then
+// sees the values the forward multiplied by W_hh. (Same size as the float copy it replaces.)
+at::Tensor recurrent_outputs(const at::Tensor& output, const at::Tensor& gates,
+                             const at::Tensor& cells, const std::vector<DirectionParams>& params,
+                             const Steps& layout, const Sizes& sz, at::ScalarType compute) {
+  const int64_t N = layout.rows_total, D = sz.directions, H = sz.hidden, P = sz.out_size;
+  if (output.scalar_type() == compute) return output.reshape({N, D * P});
+  at::Tensor h_all = at::empty({N, D * P}, output.options().dtype(compute));
+  const int64_t chunk = recompute_chunk_rows(H);
+  for (int64_t d = 0; d < D; ++d) {
+    const at::Tensor columns = direction_columns(h_all, d, P);
+    for (int64_t row = 0; row < N; row += chunk) {
+      const int64_t count = std::min(chunk, N - row);
+      const at::Tensor r = recompute_r(gates[d], cells[d], row, count, H);
+      columns.narrow(0, row, count)
+          .copy_(params[d].w_hr.defined() ? at::mm(r, params[d].w_hr.t()) : r);
+    }
+  }
+  return h_all;
+}
+
 // dW_hh = sum over rows of dG[row]^T h[t-1][row] (h0 where a sequence starts).
 at::Tensor grad_recurrent_weight(const Steps& layout, int64_t d, bool reverse, int64_t P,
                                  const at::Tensor& output2d, const at::Tensor& h0,
@@ -344,7 +383,8 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
   std::vector<DirectionParams> dir_params =
       split_params(params, has_biases, has_proj, D, compute);
   const at::Tensor x2d = input.reshape({N, I}).to(compute).contiguous();
-  const at::Tensor output2d = output.reshape({N, D * P}).to(compute);
+  const at::Tensor output2d =
+      recurrent_outputs(output, gates, cells, dir_params, layout, sz, compute);
   const at::Tensor h0 = hx.to(compute).contiguous();
   const at::Tensor c0 = cx.to(compute).contiguous();
   at::Tensor dy;
@@ -364,6 +404,12 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
   // Sums of squares of dL/dc[t] and dL/dh[t] per direction and step (telemetry).
   at::Tensor sum_squares =
       record_flow ? at::zeros({D, layout.steps, 2}, options) : at::Tensor();
+  // The step kernels' reduction scratch (telemetry, norm clipping), reused by every step.
+  const bool reduces = record_flow || clip_mode == kClipNorm;
+  at::Tensor partials = (step_kernels.reduce_partials > 0 && reduces)
+                            ? at::empty({step_kernels.reduce_partials}, options)
+                            : at::Tensor();
+  T* const partials_data = partials.defined() ? partials.data_ptr<T>() : nullptr;
 
   at::Tensor grad_input = at::empty({N, I}, options);
   std::vector<at::Tensor> grad_params;
@@ -381,6 +427,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
     const SequenceShape walk = layout.shape(H, reverse);
     bool looped = false;
     if (!has_proj && clip_mode == kClipOff && step_kernels.backward_sequence &&
+        sequence_kernels_on(step_kernels) &&
         (!record_flow || step_kernels.backward_sequence_flow)) {
       BackwardSequenceArgs<T> args;
       static_cast<SequenceShape&>(args) = walk;
@@ -425,6 +472,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       hidden_args.clip_mode = clip_mode;
       hidden_args.clip = static_cast<T>(bptt_clip);
       hidden_args.sum_squares = record_flow ? step_sums + 1 : nullptr;
+      hidden_args.partials = partials_data;
       step_kernels.hidden_grad(hidden_args);
 
       T* const dh_data = dh.data_ptr<T>();
@@ -449,6 +497,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       args.clip_mode = clip_mode;
       args.clip = static_cast<T>(bptt_clip);
       args.sum_squares = record_flow ? step_sums : nullptr;
+      args.partials = partials_data;
       step_kernels.backward(args);
 
       // Recurrent gradient for the previous step: dh_next = dG[t] W_hh.
@@ -467,12 +516,11 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       // dW_hr = sum over rows of dh^T r, r = o*tanh(c) recomputed in row chunks (not an
       // (N, H) copy: this path is also held to nn.LSTM's peak memory).
       at::Tensor grad_w_hr = at::zeros({P, H}, options);
-      const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 16) / H);
+      const int64_t chunk = recompute_chunk_rows(H);
       for (int64_t row = 0; row < N; row += chunk) {
         const int64_t count = std::min(chunk, N - row);
-        const at::Tensor r = at::tanh(cells_d.narrow(0, row, count))
-                                 .mul_(gates_d.narrow(0, row, count).narrow(1, 3 * H, H));
-        grad_w_hr.addmm_(dh_all.narrow(0, row, count).t(), r);
+        grad_w_hr.addmm_(dh_all.narrow(0, row, count).t(),
+                         recompute_r(gates_d, cells_d, row, count, H));
       }
       grad_params.push_back(grad_w_hr);
     }
@@ -487,21 +535,25 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
   }
   at::Tensor flow;
   if (record_flow) {
-    // Mean forget gate of the rows active at each step (NaN for a step without rows), in a
-    // few whole-tensor ops: a loop of small ops per step cost ~5% of the backward at T=100.
+    // Mean forget gate of the rows active at each step (NaN for a step without rows). Steps
+    // of equal batch size are one contiguous (steps, rows) block of rows, so a few whole-tensor
+    // ops per run do it (a loop of small ops per step cost ~5% of the backward at T=100): in a
+    // fixed order, with no atomics and no host-to-device copy.
     const at::Tensor row_means = gates.narrow(2, H, H).mean(2);  // (D, N)
-    at::Tensor forget_mean;
-    if (N == layout.steps * layout.batch) {
-      forget_mean = row_means.view({D, layout.steps, layout.batch}).mean(2);
-    } else {
-      const at::TensorOptions index_options = at::TensorOptions().dtype(at::kLong);
-      const at::Tensor rows_per_step = at::tensor(layout.batch_sizes, index_options);
-      const at::Tensor step_of_row =
-          at::repeat_interleave(at::arange(layout.steps, index_options), rows_per_step)
-              .to(gates.device());
-      forget_mean = at::zeros({D, layout.steps}, options)
-                        .index_add_(1, step_of_row, row_means)
-                        .div_(rows_per_step.to(options));
+    at::Tensor forget_mean = at::empty({D, layout.steps}, options);
+    for (int64_t begin = 0; begin < layout.steps;) {
+      const int64_t rows = layout.batch_sizes[begin];
+      int64_t end = begin + 1;
+      while (end < layout.steps && layout.batch_sizes[end] == rows) ++end;
+      at::Tensor target = forget_mean.narrow(1, begin, end - begin);
+      if (rows == 0) {
+        target.fill_(std::numeric_limits<double>::quiet_NaN());
+      } else {
+        target.copy_(row_means.narrow(1, layout.offsets[begin], (end - begin) * rows)
+                         .view({D, end - begin, rows})
+                         .mean(2));
+      }
+      begin = end;
     }
     flow = at::stack({sum_squares.select(2, 0).sqrt(), sum_squares.select(2, 1).sqrt(),
                       forget_mean},

@@ -3,12 +3,17 @@
 //
 //   lstm_fused::set_cuda_persistent(bool enabled) -> bool    previous state
 //   lstm_fused::cuda_persistent_enabled() -> bool
-//   lstm_fused::cuda_persistent_stats() -> int[]             [forward launches, backward launches]
+//   lstm_fused::cuda_persistent_stats() -> int[]             [forward launches, backward launches,
+//                                                             forward declines, backward declines]
 //   lstm_fused::persistent_plan(int hidden, int batch, int sm_count, int smem_per_block,
-//                               int max_blocks_per_sm, bool backward=False) -> int[]
+//                               int max_blocks_per_sm, bool backward=False,
+//                               bool policy=False) -> int[]
+//   lstm_fused::cuda_persistent_would_launch(int hidden, int batch, bool backward) -> bool
+//                                                             (CUDA builds; current device)
 //   lstm_fused::persistent_steps(int[] batch_sizes, bool reverse, bool backward) -> int[]
 //
-// persistent_plan returns persistent::plan_fields (names in tests/test_persistent_plan.py);
+// persistent_plan returns persistent::plan_fields (names in tests/test_persistent_plan.py) of
+// persistent::plan (the geometry), or with policy=True of persistent::launch_plan;
 // persistent_steps returns, per step in the pass's processing order, [t, rows, offset,
 // continuing, prev_offset] as the kernels' step walker computes them.
 #include <torch/library.h>
@@ -40,10 +45,16 @@ std::atomic<bool>& state() {
 
 std::atomic<int64_t> forward_launches{0};
 std::atomic<int64_t> backward_launches{0};
+std::atomic<int64_t> forward_declines{0};
+std::atomic<int64_t> backward_declines{0};
 
 std::vector<int64_t> plan_op(int64_t hidden, int64_t batch, int64_t sm_count,
-                             int64_t smem_per_block, int64_t max_blocks_per_sm, bool backward) {
-  return plan_fields(plan(backward, hidden, batch, sm_count, smem_per_block, max_blocks_per_sm));
+                             int64_t smem_per_block, int64_t max_blocks_per_sm, bool backward,
+                             bool policy) {
+  return plan_fields(policy ? launch_plan(backward, hidden, batch, sm_count, smem_per_block,
+                                          max_blocks_per_sm)
+                            : plan(backward, hidden, batch, sm_count, smem_per_block,
+                                   max_blocks_per_sm));
 }
 
 std::vector<int64_t> steps_op(std::vector<int64_t> batch_sizes, bool reverse, bool backward) {
@@ -81,6 +92,10 @@ void count_launch(bool backward) {
   (backward ? backward_launches : forward_launches).fetch_add(1, std::memory_order_relaxed);
 }
 
+void count_decline(bool backward) {
+  (backward ? backward_declines : forward_declines).fetch_add(1, std::memory_order_relaxed);
+}
+
 }  // namespace persistent
 
 TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
@@ -89,11 +104,13 @@ TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   m.def("cuda_persistent_enabled() -> bool", []() { return persistent::enabled(); });
   m.def("cuda_persistent_stats() -> int[]", []() {
     return std::vector<int64_t>{persistent::forward_launches.load(),
-                                persistent::backward_launches.load()};
+                                persistent::backward_launches.load(),
+                                persistent::forward_declines.load(),
+                                persistent::backward_declines.load()};
   });
   m.def(
       "persistent_plan(int hidden, int batch, int sm_count, int smem_per_block, "
-      "int max_blocks_per_sm, bool backward=False) -> int[]",
+      "int max_blocks_per_sm, bool backward=False, bool policy=False) -> int[]",
       &persistent::plan_op);
   m.def("persistent_steps(int[] batch_sizes, bool reverse, bool backward) -> int[]",
         &persistent::steps_op);

@@ -29,6 +29,13 @@ def _backend_params():
 BACKEND_PARAMS = _backend_params()
 
 
+def requires_cuda(f):
+    """Marked `cuda` (bench/gpu_check.sh selects these with -m cuda) and skipped when no GPU
+    is visible. Every test that needs a GPU carries the marker."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(),
+                                               reason="needs CUDA")(f))
+
+
 @pytest.fixture(params=BACKEND_PARAMS)
 def backend(request):
     """Each backend of lstm_fused.functional.BACKENDS that can run here."""

@@ -40,7 +40,7 @@ def _cuda_unavailable_reason():
 
 
 _SKIP = _cuda_unavailable_reason()
-pytestmark = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))]
 
 CUDA = "cuda"
 OPS = torch.ops.lstm_fused
@@ -54,16 +54,21 @@ def persistent(request):
     OPS.set_cuda_persistent(old)
 
 
+def _persistent_launches(hidden, batch):
+    """(forward, backward): whether each pass of this size launches on this GPU, decided the
+    way the kernels' host code decides (plan, speed policy, occupancy)."""
+    return tuple(OPS.cuda_persistent_would_launch(hidden, batch, backward)
+                 for backward in (False, True))
+
+
 def _persistent_fits(hidden, batch):
-    """Whether this GPU's plan takes (hidden, batch), forward and backward."""
-    props = torch.cuda.get_device_properties(0)
-    smem = getattr(props, "shared_memory_per_block_optin", 0)
-    return all(OPS.persistent_plan(hidden, batch, props.multi_processor_count, smem, 1, bwd)[0]
-               for bwd in (False, True))
+    """Whether both passes of this size launch on this GPU."""
+    return all(_persistent_launches(hidden, batch))
 
 
 class _Launches:
-    """Counts persistent launches over a block: `with _Launches() as n: ...; n.forward`."""
+    """Counts persistent launches and declines over a block:
+    `with _Launches() as n: ...; n.forward, n.backward, n.declined`."""
 
     def __enter__(self):
         self._before = OPS.cuda_persistent_stats()
@@ -71,7 +76,9 @@ class _Launches:
 
     def __exit__(self, *exc):
         after = OPS.cuda_persistent_stats()
-        self.forward, self.backward = (a - b for a, b in zip(after, self._before))
+        self.forward, self.backward, fwd_declined, bwd_declined = (
+            a - b for a, b in zip(after, self._before))
+        self.declined = (fwd_declined, bwd_declined)
         return False
 
 
@@ -408,6 +415,7 @@ def test_non_default_stream(persistent):
         torch.testing.assert_close(a, b, **TOL_SAME)
 
 
+@pytest.mark.multi_gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_second_device():
     """cuda:1 while the current device is cuda:0: the driver's device guard and streams."""
@@ -493,7 +501,8 @@ PERSISTENT_SHAPES = {
     "headline": dict(T=64, B=16, I=64, H=768),        # the benchmark's T=1024 row, shorter
     "row-and-k-chunks": dict(T=6, B=40, I=32, H=1024),  # 3 row chunks, K in chunks (bwd)
     "near-smem-limit": dict(T=5, B=3, I=16, H=1280),  # fits an H100 (227 KB), not an A100
-    "big-batch": dict(T=4, B=600, I=8, H=64),         # more rows than threads
+    "big-batch": dict(T=4, B=600, I=8, H=64),         # more rows than threads; the
+                                                      # backward declines (speed policy)
     "bi-odd": dict(T=7, B=5, I=8, H=45, bidirectional=True),  # scalar staging, 2 directions
 }
 
@@ -517,8 +526,9 @@ def test_persistent_matches_steps(name):
     want, _ = _fwd_bwd_switch(False, m, x, h0, c0, gouts)
     got, launched = _fwd_bwd_switch(True, m, x, h0, c0, gouts)
     D = 2 if cfg["bidirectional"] else 1
-    n = D if _persistent_fits(cfg["H"], cfg["B"]) else 0
-    assert (launched.forward, launched.backward) == (n, n)
+    expected = tuple(D if fits else 0 for fits in _persistent_launches(cfg["H"], cfg["B"]))
+    assert (launched.forward, launched.backward) == expected
+    assert launched.declined == tuple(D - n for n in expected)
     for k, (a, b) in enumerate(zip(got, want)):
         torch.testing.assert_close(a, b, **TOL_CUDNN[torch.float32],
                                    msg=lambda s, k=k: f"result {k}: {s}")
@@ -532,8 +542,23 @@ def test_persistent_declines_too_large_for_shared_memory():
     want, _ = _fwd_bwd_switch(False, m, x, h0, c0, gouts)
     got, launched = _fwd_bwd_switch(True, m, x, h0, c0, gouts)
     assert (launched.forward, launched.backward) == (0, 0)
+    assert launched.declined == (1, 1)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def test_persistent_backward_declines_large_batches():
+    """The speed policy (persistent_plan.h, kBackwardMaxBatch): from B = 128 on, the backward
+    runs the per-step path while the forward still launches."""
+    assert _persistent_launches(256, 127) == (True, True)
+    assert _persistent_launches(256, 128) == (True, False)
+    m, x, h0, c0, gouts = _problem(CUDA, T=3, B=128, I=8, H=256, layers=1, bidirectional=False)
+    want, _ = _fwd_bwd_switch(False, m, x, h0, c0, gouts)
+    got, launched = _fwd_bwd_switch(True, m, x, h0, c0, gouts)
+    assert (launched.forward, launched.backward, launched.declined) == (1, 0, (0, 1))
+    for k, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, **TOL_CUDNN[torch.float32],
+                                   msg=lambda s, k=k: f"result {k}: {s}")
 
 
 def test_persistent_declines_what_it_does_not_cover():

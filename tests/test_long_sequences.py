@@ -16,6 +16,7 @@ import torch
 
 import lstm_fused
 from lstm_fused import functional
+from conftest import requires_cuda
 
 pytestmark = pytest.mark.skipif(functional.backend_unavailable_reason("fused") is not None,
                                 reason=str(functional.backend_unavailable_reason("fused")))
@@ -150,9 +151,8 @@ def test_sizes_offsets_and_strides_are_64_bit():
     assert not wrong, f"not 64-bit: {wrong}"
 
 
-@pytest.mark.cuda
+@requires_cuda
 @pytest.mark.slow
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_offsets_past_2_31_elements_cuda():
     """T*B*4H = 8200*256*1024 > 2^31: the last steps' rows of the gates and of their
     gradients lie past element 2^31. Their outputs and input gradients must equal a short run

@@ -19,14 +19,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import lstm_fused
 from lstm_fused import functional
 from conftest import (BACKEND_PARAMS, TOL, assert_same_structure, compare_modules, make_input,
-                      make_pair, run_and_grad)
-
-
-
-def requires_cuda(f):
-    """Marked `cuda` (select with -m cuda) and skipped when no GPU is visible."""
-    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(),
-                                               reason="needs CUDA")(f))
+                      make_pair, requires_cuda, run_and_grad)
 
 
 I, H, K = 3, 4, 2  # input size, hidden size, projection size (< H)

@@ -23,7 +23,9 @@ FIELDS = ["ok", "reason", "units", "blocks", "threads", "col_tiles", "row_tiles"
           "k_slices", "k_total", "k_chunk", "k_chunks", "w_rows", "w_pitch", "stage_pitch",
           "partial_cols", "region_floats", "state_floats", "stage_offset", "state_offset",
           "smem_bytes"]
-REASONS = {0: "none", 1: "invalid size", 2: "column tiles", 3: "shared memory"}
+REASONS = {0: "none", 1: "invalid size", 2: "column tiles", 3: "shared memory",
+           4: "backward batch"}
+BACKWARD_MAX_BATCH = 128  # persistent_plan.h kBackwardMaxBatch
 WARPS, THREADS, TILE_ROWS = 16, 512, 16
 TILE_COLS = {False: 16, True: 8}  # forward 16x16 warp tiles, backward 16x8
 
@@ -191,6 +193,21 @@ def test_invalid_sizes_decline(args):
     assert not ops.persistent_plan(16, 16, 132, 232448, 0)[0]
 
 
+def test_speed_policy_declines_large_backward_batches():
+    """launch_plan (policy=True): the geometry's plan, except the backward from 128 rows on,
+    where the per-step path is predicted to win; the forward is not capped."""
+    for batch in (1, 16, BACKWARD_MAX_BATCH - 1):
+        for backward in (False, True):
+            geometric = ops.persistent_plan(512, batch, *H100, 1, backward)
+            assert ops.persistent_plan(512, batch, *H100, 1, backward, True) == geometric
+    for batch in (BACKWARD_MAX_BATCH, 600, 4096):
+        assert plan(512, batch, backward=True)["ok"]  # the kernel could run it
+        capped = dict(zip(FIELDS, ops.persistent_plan(512, batch, *H100, 1, True, True)))
+        assert not capped["ok"] and REASONS[capped["reason"]] == "backward batch"
+        assert ops.persistent_plan(512, batch, *H100, 1, False, True)[0] == \
+            plan(512, batch)["ok"]
+
+
 # --- the step walker ------------------------------------------------------------------------
 
 def expected_steps(batch_sizes, reverse, backward):
@@ -263,9 +280,10 @@ def test_switch_off_by_default(monkeypatch):
 
 
 def test_cpu_never_launches():
-    """The CPU path has its own sequence kernels; the CUDA counters do not move."""
+    """The CPU path has its own sequence kernels; the CUDA counters (launches and declines,
+    forward and backward) do not move."""
     before = ops.cuda_persistent_stats()
-    assert len(before) == 2
+    assert len(before) == 4
     old = ops.set_cuda_persistent(True)
     try:
         m = lstm_fused.LSTM(4, 8)

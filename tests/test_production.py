@@ -23,9 +23,8 @@ from torch._dynamo.testing import CompileCounter
 import lstm_fused
 from lstm_fused import functional
 from conftest import (TOL, assert_same_structure, compare_modules, make_input, make_pair,
-                      run_and_grad)
+                      requires_cuda, run_and_grad)
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 requires_fused = pytest.mark.skipif(functional.backend_unavailable_reason("fused") is not None,
                                     reason=str(functional.backend_unavailable_reason("fused")))
 

@@ -8,10 +8,12 @@
 // clipping or telemetry; the driver checks that). Runs on the current stream, never syncs the
 // host, allocates nothing, launches once. Declines (returns false, launches nothing) when the
 // switch is off, T or B is 0, there are more than kMaxSegments distinct batch sizes, the device
-// cannot launch cooperatively, the plan does not fit in shared memory, or the grid cannot be
-// co-resident. float64 is not offered (StepKernels<double> keeps null entries).
+// cannot launch cooperatively, the plan does not fit in shared memory or its speed policy says
+// no (persistent::launch_plan), the grid cannot be co-resident, or the launch itself fails for
+// lack of resources. float64 is not offered (StepKernels<double> keeps null entries).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <torch/library.h>
 
 #include <array>
 #include <atomic>
@@ -30,16 +32,18 @@ namespace {
 
 constexpr int kMaxDevices = 64;
 
-// The plan for this device, or ok = false. Clears any error a failed query left behind, so
-// that a decline leaves no trace for the next launch check.
+// The plan for this device, or ok = false: persistent::launch_plan (geometry and speed policy),
+// then what only the device can say (cooperative launch, the shared-memory opt-in, occupancy).
+// Clears any error a failed query left behind, so that a decline leaves no trace for the next
+// launch check.
 template <typename Kernel>
 persistent::Plan plan_launch(Kernel kernel, bool backward, int64_t hidden, int64_t batch) {
   persistent::Plan none;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   if (!prop->cooperativeLaunch) return none;
-  persistent::Plan plan =
-      persistent::plan(backward, hidden, batch, prop->multiProcessorCount,
-                       static_cast<int64_t>(prop->sharedMemPerBlockOptin), /*blocks per SM=*/1);
+  persistent::Plan plan = persistent::launch_plan(
+      backward, hidden, batch, prop->multiProcessorCount,
+      static_cast<int64_t>(prop->sharedMemPerBlockOptin), /*blocks per SM=*/1);
   if (!plan.ok) return none;
   // Allow the largest size the device offers, once per device and kernel (the same value
   // from every thread, so threads that launch with different sizes do not race; and no
@@ -67,6 +71,21 @@ persistent::Plan plan_launch(Kernel kernel, bool backward, int64_t hidden, int64
   return plan;
 }
 
+// Errors of a launch that asked for more than the device gives (blocks, shared memory,
+// registers, cooperative support): nothing ran, and the per-step path can take the case.
+bool is_launch_resource_error(cudaError_t err) {
+  switch (err) {
+    case cudaErrorCooperativeLaunchTooLarge:
+    case cudaErrorLaunchOutOfResources:
+    case cudaErrorInvalidConfiguration:
+    case cudaErrorInvalidValue:
+    case cudaErrorNotSupported:
+      return true;
+    default:
+      return false;
+  }
+}
+
 template <typename Params>
 bool launch(void (*kernel)(Params), Params& params, const persistent::Plan& plan, bool backward) {
   void* args[] = {&params};
@@ -74,7 +93,7 @@ bool launch(void (*kernel)(Params), Params& params, const persistent::Plan& plan
       reinterpret_cast<const void*>(kernel), dim3(static_cast<unsigned>(plan.blocks)),
       dim3(kThreads), args, static_cast<size_t>(plan.smem_bytes),
       at::cuda::getCurrentCUDAStream());
-  if (err == cudaErrorCooperativeLaunchTooLarge) {  // checked above; decline if it happens
+  if (is_launch_resource_error(err)) {  // the plan checked these; decline if one happens
     (void)cudaGetLastError();
     return false;
   }
@@ -85,22 +104,28 @@ bool launch(void (*kernel)(Params), Params& params, const persistent::Plan& plan
 }
 
 bool usable(const SequenceShape& shape) {
-  return persistent::enabled() && shape.steps > 0 && shape.batch > 0 && shape.hidden > 0;
+  return shape.steps > 0 && shape.batch > 0 && shape.hidden > 0;
 }
 
 }  // namespace
 
 // Plans, fills the kernel parameters and launches one direction's persistent kernel; false
 // (nothing launched) where it declines.
+// With the switch on, every decline is counted (lstm_fused::cuda_persistent_stats).
 template <typename Params, typename Args, typename Kernel, typename Fill>
 bool run_sequence(const Args& a, Kernel kernel, bool backward, Fill fill) {
-  if (!usable(a)) return false;
+  if (!persistent::enabled()) return false;
   Params p;
-  if (!persistent::make_segments(a, p.segments)) return false;
-  const persistent::Plan plan = plan_launch(kernel, backward, a.hidden, a.batch);
-  if (!plan.ok) return false;
-  fill(a, plan, p);
-  return launch(kernel, p, plan, backward);
+  bool launched = false;
+  if (usable(a) && persistent::make_segments(a, p.segments)) {
+    const persistent::Plan plan = plan_launch(kernel, backward, a.hidden, a.batch);
+    if (plan.ok) {
+      fill(a, plan, p);
+      launched = launch(kernel, p, plan, backward);
+    }
+  }
+  if (!launched) persistent::count_decline(backward);
+  return launched;
 }
 
 bool persistent_forward_sequence(const ForwardSequenceArgs<float>& a) {
@@ -113,5 +138,19 @@ bool persistent_backward_sequence(const BackwardSequenceArgs<float>& a) {
                                       fill_backward_params);
 }
 
+bool persistent_would_launch(bool backward, int64_t hidden, int64_t batch) {
+  return (backward ? plan_launch(persistent_backward_kernel, true, hidden, batch)
+                   : plan_launch(persistent_forward_kernel, false, hidden, batch))
+      .ok;
+}
+
 }  // namespace cuda
+
+TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
+  m.def("cuda_persistent_would_launch(int hidden, int batch, bool backward) -> bool",
+        [](int64_t hidden, int64_t batch, bool backward) {
+          return cuda::persistent_would_launch(backward, hidden, batch);
+        });
+}
+
 }  // namespace lstm_fused

@@ -11,10 +11,13 @@
 // Two kernel shapes:
 //  - the fast path (no telemetry, clip mode off or element-wise): one thread per VEC
 //    consecutive elements of a row, a grid-stride loop over rows*H/VEC;
-//  - the reduction path (sum_squares wanted, or norm clipping): ONE block of kReduceThreads
-//    does the whole step, so the sum of squares is reduced in a fixed order (deterministic,
-//    no atomics, no scratch memory) and the norm-clip scale is known inside the same launch.
-//    The rows*H block of a step is small enough that one SM streams it in a few microseconds.
+//  - the reduction path (sum_squares wanted, or norm clipping), in two stages: stage 1 does the
+//    element work over up to kReduceBlocks blocks and writes one partial sum per block into the
+//    driver's scratch (HiddenGradStepArgs::partials); stage 2 adds the partials in a fixed
+//    order (deterministic, no atomics) and, for norm clipping, every block of it computes the
+//    same total, hence the same scale, and finishes its share of the elements. So the reduction
+//    spreads over the GPU (a single block took tens of microseconds per step at B=64 H=1024)
+//    and the norm-clip scale is known without a host round trip.
 // Clip mode and telemetry are compile-time template flags, so the common path pays nothing.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -32,9 +35,10 @@ namespace lstm_fused {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;          // fast-path block size
-constexpr int kReduceThreads = 512;    // the single block of the reduction path
+constexpr int kThreads = 256;          // block size of every step kernel
 constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loop beyond this
+// Most blocks of a reduction's stage 1: stage 2 reads their partials one per thread.
+constexpr int kReduceBlocks = kThreads;
 
 // VEC consecutive values in one aligned access (16 bytes for float x4 and double x2).
 template <typename T, int VEC>
@@ -83,6 +87,24 @@ template <typename T>
 __device__ __forceinline__ T norm_clip_scale(T sum_squares, T clip) {
   const T norm = sqrt(sum_squares);
   return norm > clip ? clip / norm : T(1);
+}
+
+// Stage 2's total: partials[0, count) added in a fixed order (count <= blockDim.x), the same
+// bits in every block.
+template <typename T>
+__device__ T sum_partials(const T* partials, int count, T* scratch) {
+  return block_sum(static_cast<int>(threadIdx.x) < count ? partials[threadIdx.x] : T(0), scratch);
+}
+
+// Grid-stride loop over the `count` packed elements of a step: body(row, col).
+template <typename Body>
+__device__ __forceinline__ void for_each_element(int64_t count, int64_t per_row, int vec,
+                                                 const Body& body) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < count;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = e / per_row;
+    body(row, (e - row * per_row) * vec);
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -156,43 +178,46 @@ template <typename T, int VEC, int64_t kClip>
 __global__ void __launch_bounds__(kThreads)
     hidden_grad_kernel(const HiddenGradStepArgs<T> args) {
   const int64_t per_row = args.size / VEC;
-  const int64_t count = args.rows * per_row;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < count;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = e / per_row;
-    hidden_grad_element<T, VEC, kClip>(args, row, (e - row * per_row) * VEC);
-  }
+  for_each_element(args.rows * per_row, per_row, VEC, [&](int64_t row, int64_t col) {
+    hidden_grad_element<T, VEC, kClip>(args, row, col);
+  });
 }
 
-// Single block: telemetry and/or norm clipping.
-template <typename T, int VEC, int64_t kClip, bool kSumSquares>
-__global__ void __launch_bounds__(kReduceThreads)
-    hidden_grad_reduce_kernel(const HiddenGradStepArgs<T> args) {
-  __shared__ T partial[32];
+// Reduction stage 1: the element work, one partial sum of dh^2 per block.
+template <typename T, int VEC, int64_t kClip>
+__global__ void __launch_bounds__(kThreads)
+    hidden_grad_partial_kernel(const HiddenGradStepArgs<T> args) {
+  __shared__ T scratch[32];
   const int64_t per_row = args.size / VEC;
-  const int64_t count = args.rows * per_row;
   T sum = 0;
-  for (int64_t e = threadIdx.x; e < count; e += blockDim.x) {
-    const int64_t row = e / per_row;
-    sum += hidden_grad_element<T, VEC, kClip>(args, row, (e - row * per_row) * VEC);
-  }
-  T total = block_sum(sum, partial);
+  for_each_element(args.rows * per_row, per_row, VEC, [&](int64_t row, int64_t col) {
+    sum += hidden_grad_element<T, VEC, kClip>(args, row, col);
+  });
+  const T total = block_sum(sum, scratch);
+  if (threadIdx.x == 0) args.partials[blockIdx.x] = total;
+}
+
+// Reduction stage 2: the total; norm clipping rescales (grid as stage 1's), else one block.
+template <typename T, int VEC, int64_t kClip, bool kSumSquares>
+__global__ void __launch_bounds__(kThreads)
+    hidden_grad_finish_kernel(const HiddenGradStepArgs<T> args, int partial_count) {
+  __shared__ T scratch[32];
+  T total = sum_partials(args.partials, partial_count, scratch);
   if constexpr (kClip == kClipNorm) {
     const T scale = norm_clip_scale(total, args.clip);
-    if (scale != T(1)) {  // the same decision in every thread
-      // Each thread rescales exactly the elements it wrote above (no barrier needed).
-      for (int64_t e = threadIdx.x; e < count; e += blockDim.x) {
-        const int64_t row = e / per_row;
-        T* dhidden = args.dhidden + row * args.size + (e - row * per_row) * VEC;
+    if (scale != T(1)) {  // the same decision in every thread of every block
+      const int64_t per_row = args.size / VEC;
+      for_each_element(args.rows * per_row, per_row, VEC, [&](int64_t row, int64_t col) {
+        T* dhidden = args.dhidden + row * args.size + col;
         Pack<T, VEC> dh = load<T, VEC>(dhidden);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) dh.v[k] *= scale;
         store(dhidden, dh);
-      }
+      });
       total *= scale * scale;
     }
   }
-  if (kSumSquares && threadIdx.x == 0) *args.sum_squares = total;
+  if (kSumSquares && blockIdx.x == 0 && threadIdx.x == 0) *args.sum_squares = total;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -268,41 +293,43 @@ template <typename T, int VEC, int64_t kClip>
 __global__ void __launch_bounds__(kThreads)
     backward_step_kernel(const BackwardStepArgs<T> args) {
   const int64_t per_row = args.hidden / VEC;
-  const int64_t count = args.rows * per_row;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < count;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = e / per_row;
-    backward_element<T, VEC, kClip, 0>(args, row, (e - row * per_row) * VEC, T(1));
-  }
+  for_each_element(args.rows * per_row, per_row, VEC, [&](int64_t row, int64_t col) {
+    backward_element<T, VEC, kClip, 0>(args, row, col, T(1));
+  });
 }
 
-// Single block: telemetry and/or norm clipping.
-template <typename T, int VEC, int64_t kClip, bool kSumSquares>
-__global__ void __launch_bounds__(kReduceThreads)
-    backward_reduce_kernel(const BackwardStepArgs<T> args) {
-  __shared__ T partial[32];
+// Reduction stage 1, one partial sum per block: of dc^2 before clipping for norm clipping
+// (kPass 1: dc stored in dcell, the gate gradients wait for the scale), else the whole step
+// (kPass 0) and dc^2 after clipping.
+template <typename T, int VEC, int64_t kClip, int kPass>
+__global__ void __launch_bounds__(kThreads)
+    backward_partial_kernel(const BackwardStepArgs<T> args) {
+  __shared__ T scratch[32];
   const int64_t per_row = args.hidden / VEC;
-  const int64_t count = args.rows * per_row;
-  T scale = 1;
-  if constexpr (kClip == kClipNorm) {
-    T sum = 0;
-    for (int64_t e = threadIdx.x; e < count; e += blockDim.x) {
-      const int64_t row = e / per_row;
-      sum += backward_element<T, VEC, kClip, 1>(args, row, (e - row * per_row) * VEC, T(1));
-    }
-    scale = norm_clip_scale(block_sum(sum, partial), args.clip);
-  }
-  // Pass 2 reads back only the dc this thread stored in pass 1 (same element mapping).
-  constexpr int kPass = kClip == kClipNorm ? 2 : 0;
   T sum = 0;
-  for (int64_t e = threadIdx.x; e < count; e += blockDim.x) {
-    const int64_t row = e / per_row;
-    sum += backward_element<T, VEC, kClip, kPass>(args, row, (e - row * per_row) * VEC, scale);
+  for_each_element(args.rows * per_row, per_row, VEC, [&](int64_t row, int64_t col) {
+    sum += backward_element<T, VEC, kClip, kPass>(args, row, col, T(1));
+  });
+  const T total = block_sum(sum, scratch);
+  if (threadIdx.x == 0) args.partials[blockIdx.x] = total;
+}
+
+// Reduction stage 2: the total; norm clipping finishes the step with the scale (kPass 2, grid
+// as stage 1's), else one block writes the sum.
+template <typename T, int VEC, int64_t kClip, bool kSumSquares>
+__global__ void __launch_bounds__(kThreads)
+    backward_finish_kernel(const BackwardStepArgs<T> args, int partial_count) {
+  __shared__ T scratch[32];
+  T total = sum_partials(args.partials, partial_count, scratch);
+  if constexpr (kClip == kClipNorm) {
+    const T scale = norm_clip_scale(total, args.clip);
+    const int64_t per_row = args.hidden / VEC;
+    for_each_element(args.rows * per_row, per_row, VEC, [&](int64_t row, int64_t col) {
+      backward_element<T, VEC, kClip, 2>(args, row, col, scale);
+    });
+    total *= scale * scale;  // the sum of squares after clipping
   }
-  if constexpr (kSumSquares) {
-    const T total = block_sum(sum, partial);
-    if (threadIdx.x == 0) *args.sum_squares = total;
-  }
+  if (kSumSquares && blockIdx.x == 0 && threadIdx.x == 0) *args.sum_squares = total;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -318,6 +345,12 @@ bool aligned(const T* ptr) {
 
 int64_t blocks_for(int64_t count) {
   return std::max<int64_t>(1, std::min<int64_t>((count + kThreads - 1) / kThreads, kMaxBlocks));
+}
+
+// Stage 1 grid of a reduction: at least one block, so that a step without rows still writes
+// its (zero) sum.
+int reduce_blocks_for(int64_t count) {
+  return static_cast<int>(std::min<int64_t>(blocks_for(count), kReduceBlocks));
 }
 
 void check_clip_mode(int64_t mode) {
@@ -348,11 +381,15 @@ void forward_step(const ForwardStepArgs<T>& args) {
 template <typename T, int VEC, int64_t kClip, bool kSumSquares>
 void launch_hidden_grad(const HiddenGradStepArgs<T>& args) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t count = args.rows * (args.size / VEC);
   if constexpr (kClip == kClipNorm || kSumSquares) {
-    // Launched even for zero rows, so that sum_squares is written (0).
-    hidden_grad_reduce_kernel<T, VEC, kClip, kSumSquares><<<1, kReduceThreads, 0, stream>>>(args);
+    TORCH_INTERNAL_ASSERT(args.partials != nullptr, "lstm_fused: reduction without scratch");
+    const int blocks = reduce_blocks_for(count);
+    hidden_grad_partial_kernel<T, VEC, kClip><<<blocks, kThreads, 0, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    hidden_grad_finish_kernel<T, VEC, kClip, kSumSquares>
+        <<<kClip == kClipNorm ? blocks : 1, kThreads, 0, stream>>>(args, blocks);
   } else {
-    const int64_t count = args.rows * (args.size / VEC);
     if (count == 0) return;
     hidden_grad_kernel<T, VEC, kClip><<<blocks_for(count), kThreads, 0, stream>>>(args);
   }
@@ -388,10 +425,16 @@ void hidden_grad_step(const HiddenGradStepArgs<T>& args) {
 template <typename T, int VEC, int64_t kClip, bool kSumSquares>
 void launch_backward(const BackwardStepArgs<T>& args) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t count = args.rows * (args.hidden / VEC);
   if constexpr (kClip == kClipNorm || kSumSquares) {
-    backward_reduce_kernel<T, VEC, kClip, kSumSquares><<<1, kReduceThreads, 0, stream>>>(args);
+    TORCH_INTERNAL_ASSERT(args.partials != nullptr, "lstm_fused: reduction without scratch");
+    const int blocks = reduce_blocks_for(count);
+    constexpr int kPass = kClip == kClipNorm ? 1 : 0;
+    backward_partial_kernel<T, VEC, kClip, kPass><<<blocks, kThreads, 0, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    backward_finish_kernel<T, VEC, kClip, kSumSquares>
+        <<<kClip == kClipNorm ? blocks : 1, kThreads, 0, stream>>>(args, blocks);
   } else {
-    const int64_t count = args.rows * (args.hidden / VEC);
     if (count == 0) return;
     backward_step_kernel<T, VEC, kClip><<<blocks_for(count), kThreads, 0, stream>>>(args);
   }
@@ -435,8 +478,10 @@ const DeviceKernels& kernels() {
   // (the driver then loops over the step kernels) when a case does not fit.
   static const DeviceKernels table{
       {&forward_step<float>, &hidden_grad_step<float>, &backward_step<float>,
-       &persistent_forward_sequence, &persistent_backward_sequence},
-      {&forward_step<double>, &hidden_grad_step<double>, &backward_step<double>}};
+       &persistent_forward_sequence, &persistent_backward_sequence,
+       /*backward_sequence_flow=*/false, &persistent::enabled, kReduceBlocks},
+      {&forward_step<double>, &hidden_grad_step<double>, &backward_step<double>, nullptr,
+       nullptr, /*backward_sequence_flow=*/false, nullptr, kReduceBlocks}};
   return table;
 }
 

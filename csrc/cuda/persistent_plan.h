@@ -62,7 +62,14 @@ enum class Decline : int64_t {
   kInvalidSize = 1,      // hidden, batch, SM count, shared memory or blocks per SM < 1
   kColumnTiles = 2,      // a block's columns need more column tiles than there are warps
   kSharedMemory = 3,     // the W_hh slice, the staging buffer and the state do not fit
+  kBackwardBatch = 4,    // backward at batch >= kBackwardMaxBatch: the per-step path wins
 };
+
+// The backward stages all of dG[t] (B x 4H) in every block at every step: blocks x B x 4H x 4
+// bytes of L2 traffic per step, about 2.3x the time of one efficient GEMM at B = 128
+// (bench/NOTES.md). From this batch size on, the backward declines and the per-step path runs.
+// A prediction: the first GPU run's benchmark (bench/gpu_check.sh) tunes it.
+constexpr int64_t kBackwardMaxBatch = 128;
 
 struct Plan {
   bool ok = false;
@@ -156,6 +163,8 @@ inline Plan try_units(bool backward, int64_t hidden, int64_t batch, int64_t unit
 // the grid within sm_count * max_blocks_per_sm blocks, rounded up to fill the warp tile's
 // columns when that still fits (same work per block, fewer blocks). plan.ok is false, with a
 // reason, when nothing fits; the caller then declines (the driver runs the per-step kernels).
+// The geometry only: the kernels can run any plan that is ok (tests/emulation does, at every
+// batch size); launch_plan adds the speed policy.
 inline Plan plan(bool backward, int64_t hidden, int64_t batch, int64_t sm_count,
                  int64_t smem_per_block, int64_t max_blocks_per_sm) {
   Plan none;
@@ -172,6 +181,18 @@ inline Plan plan(bool backward, int64_t hidden, int64_t batch, int64_t sm_count,
     best = detail::try_units(backward, hidden, batch, min_units, smem_floats);
   }
   return best;
+}
+
+// The plan the CUDA host launches: plan(), unless the speed policy declines first (the backward
+// from kBackwardMaxBatch rows on, reason kBackwardBatch).
+inline Plan launch_plan(bool backward, int64_t hidden, int64_t batch, int64_t sm_count,
+                        int64_t smem_per_block, int64_t max_blocks_per_sm) {
+  if (backward && batch >= kBackwardMaxBatch) {
+    Plan capped;
+    capped.reason = Decline::kBackwardBatch;
+    return capped;
+  }
+  return plan(backward, hidden, batch, sm_count, smem_per_block, max_blocks_per_sm);
 }
 
 // The plan as integers, in this order (the debug op lstm_fused::persistent_plan returns it).
@@ -264,6 +285,7 @@ PERSISTENT_HD int64_t step_at(int64_t i, int64_t steps, bool reverse, bool backw
 bool enabled();
 bool set_enabled(bool on);          // returns the previous state
 void count_launch(bool backward);   // launch counters, for tests (lstm_fused::cuda_persistent_stats)
+void count_decline(bool backward);  // declines while the switch is on (same op)
 
 }  // namespace persistent
 
@@ -273,6 +295,9 @@ namespace cuda {
 // off or the case does not fit (see Plan, kMaxSegments, cooperative launch, occupancy).
 bool persistent_forward_sequence(const ForwardSequenceArgs<float>& args);
 bool persistent_backward_sequence(const BackwardSequenceArgs<float>& args);
+// Whether a pass of this size would launch on the current device (plan, policy, occupancy):
+// what tests ask before they expect a launch (lstm_fused::cuda_persistent_would_launch).
+bool persistent_would_launch(bool backward, int64_t hidden, int64_t batch);
 }  // namespace cuda
 
 }  // namespace lstm_fused
