@@ -185,6 +185,53 @@ def test_autocast_cuda(backend, dtype):
     torch.testing.assert_close(out.float(), ref(inp, hx)[0], **TOL_16[dtype])
 
 
+def _step_inside_autocast(m, inp, hx, leaves, device_type, dtype):
+    """Forward AND loss.backward() inside one autocast region (the backward then runs with
+    autocast on). Returns [output, hy, cy] and the gradients of the leaves and parameters."""
+    for t in [*leaves, *m.parameters()]:
+        t.grad = None
+    gen = torch.Generator().manual_seed(3)
+    with torch.autocast(device_type, dtype=dtype):
+        out, (hy, cy) = m(inp, hx)
+        values = [out, hy, cy]
+        loss = sum((v.float() * torch.randn(v.shape, generator=gen).to(v.device)).sum()
+                   for v in values)
+        loss.backward()
+    return values, [t.grad for t in [*leaves, *m.parameters()]]
+
+
+def _compare_steps_inside_autocast(backend, device_type, dtype, **cfg):
+    ref, ours = make_pair(backend, dtype=torch.float32, device=device_type, input_size=I,
+                          hidden_size=H, **cfg)
+    inp, hx, leaves = make_input(ref, "seq", T=6, B=3, dtype=torch.float32, device=device_type)
+    expected, expected_grads = _step_inside_autocast(ref, inp, hx, leaves, device_type, dtype)
+    values, grads = _step_inside_autocast(ours, inp, hx, leaves, device_type, dtype)
+    for a, b in zip(values, expected, strict=True):
+        assert a.dtype == b.dtype == dtype
+        torch.testing.assert_close(a.float(), b.float(), **TOL_16[dtype])
+    for a, b in zip(grads, expected_grads, strict=True):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, **TOL_16[dtype])
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+@pytest.mark.parametrize("cfg", [dict(num_layers=1), dict(num_layers=2, bidirectional=True)],
+                         ids=["L1", "L2-bi"])
+def test_autocast_cpu_backward_inside_the_region_like_nn_lstm(backend, cfg):
+    """loss.backward() inside the autocast region: the fused backward's own GEMMs must not be
+    autocast (they were: "self and mat2 must have the same dtype"); outputs and every
+    gradient match nn.LSTM doing the same."""
+    _compare_steps_inside_autocast(backend, "cpu", torch.bfloat16, **cfg)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_autocast_cuda_backward_inside_the_region_like_nn_lstm(backend):
+    """The CUDA twin of the CPU test, in CUDA autocast's float16 (what cuDNN uses)."""
+    _compare_steps_inside_autocast(backend, "cuda", torch.float16, num_layers=2,
+                                   bidirectional=True)
+
+
 # --- torch.compile ---------------------------------------------------------------------------
 
 @requires_fused
