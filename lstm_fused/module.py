@@ -8,6 +8,7 @@ the LSTM-specific argument checks are nn.LSTM's own methods, so messages are ide
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -187,6 +188,12 @@ class LSTM(nn.RNNBase):
         batch_sizes = None
         is_packed = isinstance(orig_input, PackedSequence)
         if is_packed:
+            if torch.compiler.is_exporting():
+                # checked here, before int(batch_sizes[0]) fails as a data-dependent guard
+                raise RuntimeError(
+                    "lstm_fused.LSTM: torch.export does not support PackedSequence input (the "
+                    "graph's shapes would depend on the values of batch_sizes); export with a "
+                    "padded (T, B, *) tensor input instead")
             input, batch_sizes, sorted_indices, unsorted_indices = input
             max_batch_size = int(batch_sizes[0])
             self._check_packed_args(input, hx, batch_sizes)
@@ -232,7 +239,8 @@ class LSTM(nn.RNNBase):
         h0, c0 = hx[0], hx[1]
         weights = self._flat_weights
         device_type = input.device.type
-        if torch.is_autocast_enabled(device_type):
+        autocasting = torch.is_autocast_enabled(device_type)
+        if autocasting:
             # nn.LSTM is on autocast's lower-precision list (CPU and CUDA): cast like it does
             ac_dtype = torch.get_autocast_dtype(device_type)
 
@@ -246,7 +254,12 @@ class LSTM(nn.RNNBase):
         flow_probes = None
         if self.flow_recorder is not None:
             flow_probes = self.flow_recorder(self, input, batch_sizes)
-        with torch.autocast(device_type, enabled=False):
+        # Autocast is switched off (the inputs are cast above) only where it is on: an
+        # unconditional torch.autocast(enabled=False) puts a wrap_with_autocast node around
+        # the op in every torch.export graph.
+        no_autocast = (torch.autocast(device_type, enabled=False) if autocasting
+                       else contextlib.nullcontext())
+        with no_autocast:
             output, hy, cy = functional.lstm(
                 input, h0, c0, weights, self.bias, self.proj_size, self.num_layers,
                 self.dropout, self.training, self.bidirectional, batch_sizes,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import operator
 import pickle
 import threading
 import time
@@ -277,6 +278,35 @@ def test_compile_dynamic_lengths_compile_once(mode):
                         torch.utils._pytree.tree_leaves(expected)):
             torch.testing.assert_close(a, b, **TOL[torch.float32])
     assert counter.frame_count == 1
+
+
+# --- torch.export ----------------------------------------------------------------------------
+
+@requires_fused
+def test_export_graph_holds_just_the_op():
+    """With autocast off the module enters no autocast context, so the exported graph has no
+    wrap_with_autocast (or any higher-order) node: the zero initial states and the op."""
+    torch.manual_seed(0)
+    m = lstm_fused.LSTM(I, H).eval()
+    x = torch.randn(4, 2, I)
+    with pytest.warns(UserWarning, match="were assigned during export"):  # as for nn.LSTM
+        program = torch.export.export(m, (x,))
+    targets = [node.target for node in program.graph.nodes if node.op == "call_function"]
+    ops = [t for t in targets if t is not operator.getitem]
+    assert ops == [torch.ops.aten.zeros.default, torch.ops.aten.zeros.default,
+                   torch.ops.lstm_fused.layer_forward.default], targets
+    for a, b in zip(program.module()(x), m(x)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attributes self._flat_weights")  # as nn.LSTM
+@pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict"])
+def test_export_packed_input_fails_with_a_clear_message(backend, strict):
+    """Not the data-dependent guard error that int(batch_sizes[0]) would raise (strict
+    export wraps the error in Dynamo's Unsupported, a RuntimeError, with our message)."""
+    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(4, 2, I), torch.tensor([4, 2]))
+    with pytest.raises(RuntimeError, match="torch.export does not support PackedSequence input"):
+        torch.export.export(lstm_fused.LSTM(I, H, backend=backend), (packed,), strict=strict)
 
 
 # --- serialization and conversion ------------------------------------------------------------
