@@ -287,53 +287,50 @@ class LSTM(nn.RNNBase):
     @classmethod
     def from_torch(cls, m: nn.LSTM, *, backend: str = "fused",
                    share_parameters: bool = False) -> LSTM:
-        """A new LSTM with `m`'s configuration, device, dtype, weights and training mode.
+        """A new LSTM with `m`'s configuration, weights (each with its device, dtype and
+        requires_grad) and training mode. Draws no random numbers.
 
-        Weights are copied (requires_grad flags too), or with share_parameters=True the new
-        module holds `m`'s own Parameter objects (so optimizers keep working).
+        Weights are copied, or with share_parameters=True the new module holds `m`'s own
+        Parameter objects (so optimizers keep working).
         """
         if not isinstance(m, nn.LSTM):
             raise TypeError(f"from_torch expects an nn.LSTM, got {type(m).__name__}")
-        ref = m._flat_weights[0]
         with warnings.catch_warnings():
             # the dropout/num_layers warning was already shown for m
             warnings.simplefilter("ignore", UserWarning)
-            new = cls(**LSTM._config(m), device=ref.device, dtype=ref.dtype, backend=backend)
+            new = cls(**LSTM._config(m), device="meta", backend=backend)
         _move_parameters(m, new, share_parameters)
         new.train(m.training)
         return new
 
     def to_torch(self, *, share_parameters: bool = False) -> nn.LSTM:
-        """An nn.LSTM with this module's configuration, device, dtype, weights, mode."""
-        ref = self._flat_weights[0]
+        """An nn.LSTM with this module's configuration, weights (each with its device, dtype
+        and requires_grad) and training mode. Draws no random numbers.
+        """
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            new = nn.LSTM(**self._config(), device=ref.device, dtype=ref.dtype)
+            new = nn.LSTM(**self._config(), device="meta")
         _move_parameters(self, new, share_parameters)
         new.train(self.training)
         return new
 
 
 def _move_parameters(src: nn.RNNBase, dst: nn.RNNBase, share: bool) -> None:
+    """Give dst (built on the meta device, so that no init drew random numbers) src's
+    Parameter objects, or copies of them."""
     src_params = dict(src.named_parameters())
     if set(src_params) != set(dict(dst.named_parameters())):
         raise RuntimeError("parameter names differ between the LSTM modules")
     for name, p in src_params.items():
-        if share:
-            setattr(dst, name, p)  # RNNBase.__setattr__ keeps _flat_weights in sync
-        else:
-            q = getattr(dst, name)
-            with torch.no_grad():
-                q.copy_(p)
-            q.requires_grad_(p.requires_grad)
-    if share:
-        dst._init_flat_weights()
+        q = p if share else nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        setattr(dst, name, q)  # RNNBase.__setattr__ keeps _flat_weights in sync
+    dst._init_flat_weights()
 
 
 def convert(model: nn.Module, *, backend: str = "fused") -> nn.Module:
     """Replace every torch.nn.LSTM inside `model` (in place) by an lstm_fused.LSTM holding
     the same Parameter objects (optimizers stay valid) and training mode; returns the model,
-    or the new module when `model` itself is an nn.LSTM.
+    or the new module when `model` itself is an nn.LSTM. Draws no random numbers.
 
     Only modules whose type is exactly nn.LSTM are replaced: a subclass may override forward.
     Forward hooks registered on a replaced module are not carried over.

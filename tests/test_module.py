@@ -660,6 +660,64 @@ def test_convert_leaves_subclasses_alone():
     assert type(net[0]) is MyLSTM
 
 
+def _rng_states():
+    states = [torch.get_rng_state()]
+    if torch.cuda.is_available():
+        states += torch.cuda.get_rng_state_all()
+    return states
+
+
+def _assert_rng_untouched(before):
+    after = _rng_states()
+    assert len(after) == len(before)
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+
+
+def test_conversions_draw_no_random_numbers(backend):
+    """from_torch, to_torch and convert leave every RNG (CPU and CUDA generators)
+    as they found it, and the weights are the source module's, each with its dtype."""
+    torch.manual_seed(0)
+    a = nn.LSTM(3, 5, 2, bidirectional=True, proj_size=2, dtype=torch.float64)
+    a.bias_hh_l1.data = a.bias_hh_l1.data.float()  # a parameter with a dtype of its own
+    net = nn.Sequential(nn.LSTM(3, 4))
+    before = _rng_states()
+    b = lstm_fused.LSTM.from_torch(a, backend=backend)
+    c = b.to_torch()
+    d = lstm_fused.LSTM.from_torch(a, backend=backend, share_parameters=True)
+    e = d.to_torch(share_parameters=True)
+    lstm_fused.convert(net, backend=backend)
+    _assert_rng_untouched(before)
+    for m in (b, c, d, e):
+        assert [n for n, _ in m.named_parameters()] == [n for n, _ in a.named_parameters()]
+        for p, q in zip(a.parameters(), m.parameters()):
+            assert torch.equal(p, q) and (p.dtype, p.device) == (q.dtype, q.device)
+    assert all(p is q for p, q in zip(a.parameters(), e.parameters()))
+    assert not any(p is q for p, q in zip(a.parameters(), c.parameters()))
+    assert type(net[0]) is lstm_fused.LSTM
+
+
+def test_converted_program_draws_the_same_dropout_masks(backend):
+    """A training step after convert draws the same random numbers as before it: the
+    dropout mask after the LSTM is the unconverted program's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.LSTM(3, 16), nn.Dropout(0.5)).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+
+    def masked_output():
+        h, _ = net[0](x)
+        return net[1](h), h
+
+    torch.manual_seed(7)
+    expected, expected_h = masked_output()
+    torch.manual_seed(7)
+    lstm_fused.convert(net, backend=backend)
+    out, h = masked_output()
+    assert torch.equal(out == 0, expected == 0)
+    torch.testing.assert_close(h, expected_h, **TOL[torch.float64])
+
+
+
 # --- functional API -------------------------------------------------------------------------
 
 def test_functional_lstm_matches_module(backend):
