@@ -18,7 +18,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import functional
 
-__all__ = ["LSTM", "convert"]
+__all__ = ["LSTM", "convert", "revert"]
 
 # c10's names for dtypes, as nn.LSTM's C++ checks print them
 _C10_DTYPE_NAMES = {
@@ -306,13 +306,29 @@ class LSTM(nn.RNNBase):
     def to_torch(self, *, share_parameters: bool = False) -> nn.LSTM:
         """An nn.LSTM with this module's configuration, weights (each with its device, dtype
         and requires_grad) and training mode. Draws no random numbers.
+
+        Raises ValueError when the module uses an option nn.LSTM cannot express (bptt_clip);
+        see revert() for what is kept and what is not.
         """
+        _check_expressible_by_nn_lstm(self)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             new = nn.LSTM(**self._config(), device="meta")
         _move_parameters(self, new, share_parameters)
         new.train(self.training)
         return new
+
+
+def _check_expressible_by_nn_lstm(m: LSTM, name: str = "") -> None:
+    where = f" {name!r}" if name else ""
+    if m.bptt_clip_mode:
+        raise ValueError(
+            f"lstm_fused.LSTM{where} clips the gradient inside BPTT (bptt_clip={m.bptt_clip}), "
+            "which nn.LSTM cannot express; call set_bptt_clip(None) on it first to drop it")
+    if m.flow_recorder is not None:
+        raise RuntimeError(
+            f"lstm_fused.LSTM{where} is being recorded by record_gradient_flow; convert it "
+            "back after the with-block")
 
 
 def _move_parameters(src: nn.RNNBase, dst: nn.RNNBase, share: bool) -> None:
@@ -327,6 +343,23 @@ def _move_parameters(src: nn.RNNBase, dst: nn.RNNBase, share: bool) -> None:
     dst._init_flat_weights()
 
 
+def _replace_modules(model: nn.Module, module_type: type, replace) -> nn.Module:
+    """Replace (in place) every module of exactly `module_type` inside `model` by
+    replace(module); a module reachable under several names is replaced once, by one new
+    module. Returns the model, or the new module when `model` itself is one."""
+    if type(model) is module_type:
+        return replace(model)
+    done: dict[int, nn.Module] = {}
+    for parent in list(model.modules()):
+        # _modules, not named_children(): that skips a module seen under another name
+        for name, child in list(parent._modules.items()):
+            if type(child) is module_type:
+                if id(child) not in done:
+                    done[id(child)] = replace(child)
+                setattr(parent, name, done[id(child)])
+    return model
+
+
 def convert(model: nn.Module, *, backend: str = "fused") -> nn.Module:
     """Replace every torch.nn.LSTM inside `model` (in place) by an lstm_fused.LSTM holding
     the same Parameter objects (optimizers stay valid) and training mode; returns the model,
@@ -335,17 +368,26 @@ def convert(model: nn.Module, *, backend: str = "fused") -> nn.Module:
     Only modules whose type is exactly nn.LSTM are replaced: a subclass may override forward.
     Forward hooks registered on a replaced module are not carried over.
     """
-    def conv(m):
-        return LSTM.from_torch(m, backend=backend, share_parameters=True)
+    return _replace_modules(
+        model, nn.LSTM,
+        lambda m: LSTM.from_torch(m, backend=backend, share_parameters=True))
 
-    if type(model) is nn.LSTM:
-        return conv(model)
-    done: dict[int, nn.Module] = {}
-    for parent in list(model.modules()):
-        # _modules, not named_children(): that skips a module seen under another name
-        for name, child in list(parent._modules.items()):
-            if type(child) is nn.LSTM:
-                if id(child) not in done:
-                    done[id(child)] = conv(child)
-                setattr(parent, name, done[id(child)])
-    return model
+
+def revert(model: nn.Module) -> nn.Module:
+    """The inverse of convert: replace every lstm_fused.LSTM inside `model` (in place) by a
+    torch.nn.LSTM holding the same Parameter objects and training mode; returns the model,
+    or the new module when `model` itself is an lstm_fused.LSTM. Draws no random numbers.
+
+    For tools that know only nn.LSTM (torch.ao.quantization.quantize_dynamic skips
+    lstm_fused.LSTM, exporters that match nn.LSTM). The reverted module computes what the
+    lstm_fused one did: `backend` only chose the kernels, and `forget_bias` is already in
+    the weights (a later reset_parameters() uses nn.LSTM's init). A module with `bptt_clip`
+    set raises ValueError (nn.LSTM cannot clip inside BPTT), one being recorded by
+    record_gradient_flow RuntimeError; in both cases before anything is replaced. Only
+    modules whose type is exactly lstm_fused.LSTM are replaced; forward hooks are not
+    carried over.
+    """
+    for name, m in model.named_modules():
+        if type(m) is LSTM:
+            _check_expressible_by_nn_lstm(m, name)
+    return _replace_modules(model, LSTM, lambda m: m.to_torch(share_parameters=True))
