@@ -344,6 +344,51 @@ def test_module_pickle_deepcopy_torch_save_keep_settings(backend):
         compare_modules(ours, m, inp, hx, leaves)
 
 
+@pytest.fixture
+def restore_safe_globals():
+    """torch.serialization.add_safe_globals changes process-wide state: put it back."""
+    saved = torch.serialization.get_safe_globals()
+    yield
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(saved)
+
+
+def test_whole_model_loads_weights_only_with_the_readme_recipe(backend, restore_safe_globals):
+    """The README's recipe for a torch.save'd whole model under torch.load's weights_only
+    default: refused until lstm_fused.LSTM is an allowed global, then it loads with its
+    settings; a model around it needs its own classes as well, which
+    torch.serialization.get_unsafe_globals_in_checkpoint lists (no other global is needed)."""
+    _, ours = make_pair(backend, input_size=I, hidden_size=H, num_layers=2, proj_size=2)
+    ours.set_bptt_clip(0.05, "norm")
+    model = nn.Sequential(ours, nn.Linear(2, 1)).double()
+    buffers = {}
+    for name, obj in (("lstm", ours), ("model", model)):
+        buffers[name] = io.BytesIO()
+        torch.save(obj, buffers[name])
+        buffers[name].seek(0)
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(buffers["lstm"]) == [
+        "lstm_fused.module.LSTM"]
+    assert sorted(torch.serialization.get_unsafe_globals_in_checkpoint(buffers["model"])) == [
+        "lstm_fused.module.LSTM", "torch.nn.modules.container.Sequential",
+        "torch.nn.modules.linear.Linear"]
+    for b in buffers.values():
+        b.seek(0)
+    with pytest.raises(pickle.UnpicklingError, match="lstm_fused.module.LSTM"):
+        torch.load(buffers["lstm"])  # weights_only=True is torch's default
+    buffers["lstm"].seek(0)
+    torch.serialization.add_safe_globals([lstm_fused.LSTM])
+    loaded = torch.load(buffers["lstm"], weights_only=True)
+    torch.serialization.add_safe_globals([nn.Sequential, nn.Linear])
+    loaded_model = torch.load(buffers["model"], weights_only=True)
+    assert type(loaded) is lstm_fused.LSTM and type(loaded_model[0]) is lstm_fused.LSTM
+    assert (loaded.backend, loaded.bptt_clip, loaded.bptt_clip_mode) == (backend, 0.05, 2)
+    inp, hx, leaves = make_input(ours, "seq", T=6)
+    compare_modules(ours, loaded, inp, hx, leaves)
+    for (name, p), (_, q) in zip(model.state_dict().items(), loaded_model.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(p, q), name
+
+
 CONVERSIONS = {
     "half": (lambda m: m.half(), torch.float16),
     "bfloat16": (lambda m: m.bfloat16(), torch.bfloat16),
