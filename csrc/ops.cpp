@@ -8,6 +8,7 @@
 // the time loop. Shapes and semantics: docs/ARCHITECTURE.md.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -582,6 +583,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, at::TensorList params,
     bool has_biases, bool has_proj, bool bidirectional,
     const std::optional<at::Tensor>& batch_sizes, const DeviceKernels& kernels) {
+  // The driver's own at:: calls compute in the dtypes it chose; autocast (still on when a
+  // backward runs inside an autocast region) would recast some GEMM operands and mix dtypes.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Steps layout = make_steps(input, batch_sizes);
   const Sizes sz =
       check_layer(input, hx, cx, params, has_biases, has_proj, bidirectional, layout);
@@ -601,6 +605,7 @@ layer_backward(const std::optional<at::Tensor>& grad_output,
                bool has_biases, bool has_proj, bool bidirectional,
                const std::optional<at::Tensor>& batch_sizes, bool record_flow,
                double bptt_clip, int64_t bptt_clip_mode, const DeviceKernels& kernels) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // as above
   const Steps layout = make_steps(input, batch_sizes);
   const Sizes sz =
       check_layer(input, hx, cx, params, has_biases, has_proj, bidirectional, layout);

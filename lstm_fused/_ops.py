@@ -131,7 +131,9 @@ def _differentiable_backward(grad_output, grad_hy, grad_cy, input, hx, cx, param
     has_biases, has_proj, bidirectional = flags
     bptt_clip, bptt_clip_mode = clip
     inputs = [input, hx, cx, *params]
-    with torch.enable_grad():
+    # a backward inside an autocast region runs with autocast on: recompute in the saved
+    # tensors' dtypes, as layer_backward does (csrc/ops.cpp excludes autocast there)
+    with torch.enable_grad(), torch.autocast(input.device.type, enabled=False):
         # Tensors that do not require grad still need a graph to differentiate through.
         leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in inputs]
         out, hy, cy = reference.lstm_layer(

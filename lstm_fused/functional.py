@@ -95,8 +95,11 @@ def lstm(input: Tensor, hx: Tensor, cx: Tensor, flat_weights, has_biases: bool,
         if layer > 0 and dropout > 0 and training:
             x = F.dropout(x, p=dropout, training=True)
         probe = flow_probes[layer] if flow_probes is not None else None
+        # one layer: hx/cx whole, not sliced (no slice nodes in exported graphs)
+        layer_hx = hx if num_layers == 1 else hx[layer * D:(layer + 1) * D]
+        layer_cx = cx if num_layers == 1 else cx[layer * D:(layer + 1) * D]
         x, hy, cy = layer_fn(
-            x, hx[layer * D:(layer + 1) * D], cx[layer * D:(layer + 1) * D],
+            x, layer_hx, layer_cx,
             flat_weights[layer * n:(layer + 1) * n], has_biases, has_proj, bidirectional,
             batch_sizes, probe, bptt_clip, bptt_clip_mode)
         hys.append(hy)

@@ -8,6 +8,7 @@ the LSTM-specific argument checks are nn.LSTM's own methods, so messages are ide
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -17,7 +18,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import functional
 
-__all__ = ["LSTM", "convert"]
+__all__ = ["LSTM", "convert", "revert"]
 
 # c10's names for dtypes, as nn.LSTM's C++ checks print them
 _C10_DTYPE_NAMES = {
@@ -187,6 +188,12 @@ class LSTM(nn.RNNBase):
         batch_sizes = None
         is_packed = isinstance(orig_input, PackedSequence)
         if is_packed:
+            if torch.compiler.is_exporting():
+                # checked here, before int(batch_sizes[0]) fails as a data-dependent guard
+                raise RuntimeError(
+                    "lstm_fused.LSTM: torch.export does not support PackedSequence input (the "
+                    "graph's shapes would depend on the values of batch_sizes); export with a "
+                    "padded (T, B, *) tensor input instead")
             input, batch_sizes, sorted_indices, unsorted_indices = input
             max_batch_size = int(batch_sizes[0])
             self._check_packed_args(input, hx, batch_sizes)
@@ -232,7 +239,8 @@ class LSTM(nn.RNNBase):
         h0, c0 = hx[0], hx[1]
         weights = self._flat_weights
         device_type = input.device.type
-        if torch.is_autocast_enabled(device_type):
+        autocasting = torch.is_autocast_enabled(device_type)
+        if autocasting:
             # nn.LSTM is on autocast's lower-precision list (CPU and CUDA): cast like it does
             ac_dtype = torch.get_autocast_dtype(device_type)
 
@@ -246,7 +254,12 @@ class LSTM(nn.RNNBase):
         flow_probes = None
         if self.flow_recorder is not None:
             flow_probes = self.flow_recorder(self, input, batch_sizes)
-        with torch.autocast(device_type, enabled=False):
+        # Autocast is switched off (the inputs are cast above) only where it is on: an
+        # unconditional torch.autocast(enabled=False) puts a wrap_with_autocast node around
+        # the op in every torch.export graph.
+        no_autocast = (torch.autocast(device_type, enabled=False) if autocasting
+                       else contextlib.nullcontext())
+        with no_autocast:
             output, hy, cy = functional.lstm(
                 input, h0, c0, weights, self.bias, self.proj_size, self.num_layers,
                 self.dropout, self.training, self.bidirectional, batch_sizes,
@@ -274,68 +287,107 @@ class LSTM(nn.RNNBase):
     @classmethod
     def from_torch(cls, m: nn.LSTM, *, backend: str = "fused",
                    share_parameters: bool = False) -> LSTM:
-        """A new LSTM with `m`'s configuration, device, dtype, weights and training mode.
+        """A new LSTM with `m`'s configuration, weights (each with its device, dtype and
+        requires_grad) and training mode. Draws no random numbers.
 
-        Weights are copied (requires_grad flags too), or with share_parameters=True the new
-        module holds `m`'s own Parameter objects (so optimizers keep working).
+        Weights are copied, or with share_parameters=True the new module holds `m`'s own
+        Parameter objects (so optimizers keep working).
         """
         if not isinstance(m, nn.LSTM):
             raise TypeError(f"from_torch expects an nn.LSTM, got {type(m).__name__}")
-        ref = m._flat_weights[0]
         with warnings.catch_warnings():
             # the dropout/num_layers warning was already shown for m
             warnings.simplefilter("ignore", UserWarning)
-            new = cls(**LSTM._config(m), device=ref.device, dtype=ref.dtype, backend=backend)
+            new = cls(**LSTM._config(m), device="meta", backend=backend)
         _move_parameters(m, new, share_parameters)
         new.train(m.training)
         return new
 
     def to_torch(self, *, share_parameters: bool = False) -> nn.LSTM:
-        """An nn.LSTM with this module's configuration, device, dtype, weights, mode."""
-        ref = self._flat_weights[0]
+        """An nn.LSTM with this module's configuration, weights (each with its device, dtype
+        and requires_grad) and training mode. Draws no random numbers.
+
+        Raises ValueError when the module uses an option nn.LSTM cannot express (bptt_clip);
+        see revert() for what is kept and what is not.
+        """
+        _check_expressible_by_nn_lstm(self)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            new = nn.LSTM(**self._config(), device=ref.device, dtype=ref.dtype)
+            new = nn.LSTM(**self._config(), device="meta")
         _move_parameters(self, new, share_parameters)
         new.train(self.training)
         return new
 
 
+def _check_expressible_by_nn_lstm(m: LSTM, name: str = "") -> None:
+    where = f" {name!r}" if name else ""
+    if m.bptt_clip_mode:
+        raise ValueError(
+            f"lstm_fused.LSTM{where} clips the gradient inside BPTT (bptt_clip={m.bptt_clip}), "
+            "which nn.LSTM cannot express; call set_bptt_clip(None) on it first to drop it")
+    if m.flow_recorder is not None:
+        raise RuntimeError(
+            f"lstm_fused.LSTM{where} is being recorded by record_gradient_flow; convert it "
+            "back after the with-block")
+
+
 def _move_parameters(src: nn.RNNBase, dst: nn.RNNBase, share: bool) -> None:
+    """Give dst (built on the meta device, so that no init drew random numbers) src's
+    Parameter objects, or copies of them."""
     src_params = dict(src.named_parameters())
     if set(src_params) != set(dict(dst.named_parameters())):
         raise RuntimeError("parameter names differ between the LSTM modules")
     for name, p in src_params.items():
-        if share:
-            setattr(dst, name, p)  # RNNBase.__setattr__ keeps _flat_weights in sync
-        else:
-            q = getattr(dst, name)
-            with torch.no_grad():
-                q.copy_(p)
-            q.requires_grad_(p.requires_grad)
-    if share:
-        dst._init_flat_weights()
+        q = p if share else nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        setattr(dst, name, q)  # RNNBase.__setattr__ keeps _flat_weights in sync
+    dst._init_flat_weights()
+
+
+def _replace_modules(model: nn.Module, module_type: type, replace) -> nn.Module:
+    """Replace (in place) every module of exactly `module_type` inside `model` by
+    replace(module); a module reachable under several names is replaced once, by one new
+    module. Returns the model, or the new module when `model` itself is one."""
+    if type(model) is module_type:
+        return replace(model)
+    done: dict[int, nn.Module] = {}
+    for parent in list(model.modules()):
+        # _modules, not named_children(): that skips a module seen under another name
+        for name, child in list(parent._modules.items()):
+            if type(child) is module_type:
+                if id(child) not in done:
+                    done[id(child)] = replace(child)
+                setattr(parent, name, done[id(child)])
+    return model
 
 
 def convert(model: nn.Module, *, backend: str = "fused") -> nn.Module:
     """Replace every torch.nn.LSTM inside `model` (in place) by an lstm_fused.LSTM holding
     the same Parameter objects (optimizers stay valid) and training mode; returns the model,
-    or the new module when `model` itself is an nn.LSTM.
+    or the new module when `model` itself is an nn.LSTM. Draws no random numbers.
 
     Only modules whose type is exactly nn.LSTM are replaced: a subclass may override forward.
     Forward hooks registered on a replaced module are not carried over.
     """
-    def conv(m):
-        return LSTM.from_torch(m, backend=backend, share_parameters=True)
+    return _replace_modules(
+        model, nn.LSTM,
+        lambda m: LSTM.from_torch(m, backend=backend, share_parameters=True))
 
-    if type(model) is nn.LSTM:
-        return conv(model)
-    done: dict[int, nn.Module] = {}
-    for parent in list(model.modules()):
-        # _modules, not named_children(): that skips a module seen under another name
-        for name, child in list(parent._modules.items()):
-            if type(child) is nn.LSTM:
-                if id(child) not in done:
-                    done[id(child)] = conv(child)
-                setattr(parent, name, done[id(child)])
-    return model
+
+def revert(model: nn.Module) -> nn.Module:
+    """The inverse of convert: replace every lstm_fused.LSTM inside `model` (in place) by a
+    torch.nn.LSTM holding the same Parameter objects and training mode; returns the model,
+    or the new module when `model` itself is an lstm_fused.LSTM. Draws no random numbers.
+
+    For tools that know only nn.LSTM (torch.ao.quantization.quantize_dynamic skips
+    lstm_fused.LSTM, exporters that match nn.LSTM). The reverted module computes what the
+    lstm_fused one did: `backend` only chose the kernels, and `forget_bias` is already in
+    the weights (a later reset_parameters() uses nn.LSTM's init). A module with `bptt_clip`
+    set raises ValueError (nn.LSTM cannot clip inside BPTT), one being recorded by
+    record_gradient_flow RuntimeError; in both cases before anything is replaced. Only
+    modules whose type is exactly lstm_fused.LSTM are replaced; forward hooks are not
+    carried over.
+    """
+    for name, m in model.named_modules():
+        if type(m) is LSTM:
+            _check_expressible_by_nn_lstm(m, name)
+    return _replace_modules(model, LSTM, lambda m: m.to_torch(share_parameters=True))

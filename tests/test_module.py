@@ -653,6 +653,137 @@ def test_convert_leaves_subclasses_alone():
     assert type(net[0]) is MyLSTM
 
 
+def _rng_states():
+    states = [torch.get_rng_state()]
+    if torch.cuda.is_available():
+        states += torch.cuda.get_rng_state_all()
+    return states
+
+
+def _assert_rng_untouched(before):
+    after = _rng_states()
+    assert len(after) == len(before)
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+
+
+def test_conversions_draw_no_random_numbers(backend):
+    """from_torch, to_torch, convert and revert leave every RNG (CPU and CUDA generators)
+    as they found it, and the weights are the source module's, each with its dtype."""
+    torch.manual_seed(0)
+    a = nn.LSTM(3, 5, 2, bidirectional=True, proj_size=2, dtype=torch.float64)
+    a.bias_hh_l1.data = a.bias_hh_l1.data.float()  # a parameter with a dtype of its own
+    net = nn.Sequential(nn.LSTM(3, 4))
+    before = _rng_states()
+    b = lstm_fused.LSTM.from_torch(a, backend=backend)
+    c = b.to_torch()
+    d = lstm_fused.LSTM.from_torch(a, backend=backend, share_parameters=True)
+    e = d.to_torch(share_parameters=True)
+    lstm_fused.revert(lstm_fused.convert(net, backend=backend))
+    _assert_rng_untouched(before)
+    for m in (b, c, d, e):
+        assert [n for n, _ in m.named_parameters()] == [n for n, _ in a.named_parameters()]
+        for p, q in zip(a.parameters(), m.parameters()):
+            assert torch.equal(p, q) and (p.dtype, p.device) == (q.dtype, q.device)
+    assert all(p is q for p, q in zip(a.parameters(), e.parameters()))
+    assert not any(p is q for p, q in zip(a.parameters(), c.parameters()))
+    assert type(net[0]) is nn.LSTM
+
+
+def test_converted_program_draws_the_same_dropout_masks(backend):
+    """A training step after convert draws the same random numbers as before it: the
+    dropout mask after the LSTM is the unconverted program's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.LSTM(3, 16), nn.Dropout(0.5)).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+
+    def masked_output():
+        h, _ = net[0](x)
+        return net[1](h), h
+
+    torch.manual_seed(7)
+    expected, expected_h = masked_output()
+    torch.manual_seed(7)
+    lstm_fused.convert(net, backend=backend)
+    out, h = masked_output()
+    assert torch.equal(out == 0, expected == 0)
+    torch.testing.assert_close(h, expected_h, **TOL[torch.float64])
+
+
+def test_revert_is_the_inverse_of_convert(backend):
+    torch.manual_seed(0)
+    net = _Net().double().eval()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    exp = net(x)
+    params_before = list(net.parameters())
+    lstm_fused.convert(net, backend=backend)
+    assert lstm_fused.revert(net) is net
+    assert type(net.enc) is nn.LSTM and type(net.body[1]) is nn.LSTM
+    assert net.shared is net.enc and type(net.heads[1]) is nn.GRU
+    assert not any(isinstance(m, lstm_fused.LSTM) for m in net.modules())
+    assert not net.enc.training and net.enc.batch_first
+    assert all(p is q for p, q in zip(net.parameters(), params_before, strict=True))
+    torch.testing.assert_close(net(x), exp, **TOL[torch.float64])
+    # the model itself
+    a = lstm_fused.LSTM(3, 4, dtype=torch.float64, backend=backend)
+    b = lstm_fused.revert(a)
+    assert type(b) is nn.LSTM and b.weight_ih_l0 is a.weight_ih_l0
+    torch.testing.assert_close(b(x)[0], a(x)[0], **TOL[torch.float64])
+
+
+def test_revert_keeps_forget_bias_weights_and_leaves_subclasses_alone():
+    class MyLSTM(lstm_fused.LSTM):
+        pass
+
+    net = nn.Sequential(lstm_fused.LSTM(3, 4, forget_bias=1.0, backend="reference"),
+                        MyLSTM(4, 4, backend="reference"))
+    forget_gate = net[0].bias_ih_l0.detach()[4:8].clone()
+    lstm_fused.revert(net)
+    assert type(net[0]) is nn.LSTM and type(net[1]) is MyLSTM
+    assert torch.equal(net[0].bias_ih_l0.detach()[4:8], forget_gate)
+
+
+def test_revert_refuses_what_nn_lstm_cannot_express(backend):
+    """bptt_clip changes the gradients and nn.LSTM has no such option: revert (and to_torch)
+    raise before replacing anything. A module being recorded cannot be reverted either."""
+    net = nn.Sequential(lstm_fused.LSTM(3, 4, backend=backend),
+                        lstm_fused.LSTM(4, 4, backend=backend, bptt_clip=0.5))
+    with pytest.raises(ValueError, match=r"'1' clips the gradient inside BPTT.*set_bptt_clip"):
+        lstm_fused.revert(net)
+    assert type(net[0]) is lstm_fused.LSTM  # nothing replaced
+    with pytest.raises(ValueError, match="nn.LSTM cannot express"):
+        net[1].to_torch()
+    net[1].set_bptt_clip(None)
+    with lstm_fused.record_gradient_flow(net):
+        with pytest.raises(RuntimeError, match="being recorded by record_gradient_flow"):
+            lstm_fused.revert(net)
+    lstm_fused.revert(net)
+    assert [type(m) for m in net] == [nn.LSTM, nn.LSTM]
+
+
+def test_quantize_dynamic_needs_revert(backend):
+    """torch.ao.quantization.quantize_dynamic matches nn.LSTM only: it leaves
+    lstm_fused.LSTM as it is, and quantizes the reverted model's LSTM."""
+    quantization = pytest.importorskip("torch.ao.quantization")
+    if "fbgemm" not in torch.backends.quantized.supported_engines and \
+            "x86" not in torch.backends.quantized.supported_engines:
+        pytest.skip("no CPU quantized engine in this torch build")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.LSTM(3, 8))
+    x = torch.randn(5, 2, 3)
+    expected, _ = net(x)
+    lstm_fused.convert(net, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        skipped = quantization.quantize_dynamic(net, {nn.LSTM}, dtype=torch.qint8)
+        assert type(skipped[0]) is lstm_fused.LSTM
+        quantized = quantization.quantize_dynamic(lstm_fused.revert(net), {nn.LSTM},
+                                                  dtype=torch.qint8)
+    assert type(quantized[0]) is torch.ao.nn.quantized.dynamic.LSTM
+    out, _ = quantized[0](x)
+    torch.testing.assert_close(out, expected, atol=0.05, rtol=0.05)  # int8 weights
+
+
 # --- functional API -------------------------------------------------------------------------
 
 def test_functional_lstm_matches_module(backend):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import operator
 import pickle
 import threading
 import time
@@ -184,6 +185,53 @@ def test_autocast_cuda(backend, dtype):
     torch.testing.assert_close(out.float(), ref(inp, hx)[0], **TOL_16[dtype])
 
 
+def _step_inside_autocast(m, inp, hx, leaves, device_type, dtype):
+    """Forward AND loss.backward() inside one autocast region (the backward then runs with
+    autocast on). Returns [output, hy, cy] and the gradients of the leaves and parameters."""
+    for t in [*leaves, *m.parameters()]:
+        t.grad = None
+    gen = torch.Generator().manual_seed(3)
+    with torch.autocast(device_type, dtype=dtype):
+        out, (hy, cy) = m(inp, hx)
+        values = [out, hy, cy]
+        loss = sum((v.float() * torch.randn(v.shape, generator=gen).to(v.device)).sum()
+                   for v in values)
+        loss.backward()
+    return values, [t.grad for t in [*leaves, *m.parameters()]]
+
+
+def _compare_steps_inside_autocast(backend, device_type, dtype, **cfg):
+    ref, ours = make_pair(backend, dtype=torch.float32, device=device_type, input_size=I,
+                          hidden_size=H, **cfg)
+    inp, hx, leaves = make_input(ref, "seq", T=6, B=3, dtype=torch.float32, device=device_type)
+    expected, expected_grads = _step_inside_autocast(ref, inp, hx, leaves, device_type, dtype)
+    values, grads = _step_inside_autocast(ours, inp, hx, leaves, device_type, dtype)
+    for a, b in zip(values, expected, strict=True):
+        assert a.dtype == b.dtype == dtype
+        torch.testing.assert_close(a.float(), b.float(), **TOL_16[dtype])
+    for a, b in zip(grads, expected_grads, strict=True):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, **TOL_16[dtype])
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+@pytest.mark.parametrize("cfg", [dict(num_layers=1), dict(num_layers=2, bidirectional=True)],
+                         ids=["L1", "L2-bi"])
+def test_autocast_cpu_backward_inside_the_region_like_nn_lstm(backend, cfg):
+    """loss.backward() inside the autocast region: the fused backward's own GEMMs must not be
+    autocast (they were: "self and mat2 must have the same dtype"); outputs and every
+    gradient match nn.LSTM doing the same."""
+    _compare_steps_inside_autocast(backend, "cpu", torch.bfloat16, **cfg)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_autocast_cuda_backward_inside_the_region_like_nn_lstm(backend):
+    """The CUDA twin of the CPU test, in CUDA autocast's float16 (what cuDNN uses)."""
+    _compare_steps_inside_autocast(backend, "cuda", torch.float16, num_layers=2,
+                                   bidirectional=True)
+
+
 # --- torch.compile ---------------------------------------------------------------------------
 
 @requires_fused
@@ -231,6 +279,35 @@ def test_compile_dynamic_lengths_compile_once(mode):
     assert counter.frame_count == 1
 
 
+# --- torch.export ----------------------------------------------------------------------------
+
+@requires_fused
+def test_export_graph_holds_just_the_op():
+    """With autocast off the module enters no autocast context, so the exported graph has no
+    wrap_with_autocast (or any higher-order) node: the zero initial states and the op."""
+    torch.manual_seed(0)
+    m = lstm_fused.LSTM(I, H).eval()
+    x = torch.randn(4, 2, I)
+    with pytest.warns(UserWarning, match="were assigned during export"):  # as for nn.LSTM
+        program = torch.export.export(m, (x,))
+    targets = [node.target for node in program.graph.nodes if node.op == "call_function"]
+    ops = [t for t in targets if t is not operator.getitem]
+    assert ops == [torch.ops.aten.zeros.default, torch.ops.aten.zeros.default,
+                   torch.ops.lstm_fused.layer_forward.default], targets
+    for a, b in zip(program.module()(x), m(x)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attributes self._flat_weights")  # as nn.LSTM
+@pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict"])
+def test_export_packed_input_fails_with_a_clear_message(backend, strict):
+    """Not the data-dependent guard error that int(batch_sizes[0]) would raise (strict
+    export wraps the error in Dynamo's Unsupported, a RuntimeError, with our message)."""
+    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(4, 2, I), torch.tensor([4, 2]))
+    with pytest.raises(RuntimeError, match="torch.export does not support PackedSequence input"):
+        torch.export.export(lstm_fused.LSTM(I, H, backend=backend), (packed,), strict=strict)
+
+
 # --- serialization and conversion ------------------------------------------------------------
 
 def test_state_dict_save_load_weights_only(backend):
@@ -264,6 +341,51 @@ def test_module_pickle_deepcopy_torch_save_keep_settings(backend):
         assert (m.backend, m.bptt_clip, m.bptt_clip_mode) == (backend, 0.05, 2)
         assert all(p is not q for p, q in zip(m.parameters(), ours.parameters()))
         compare_modules(ours, m, inp, hx, leaves)
+
+
+@pytest.fixture
+def restore_safe_globals():
+    """torch.serialization.add_safe_globals changes process-wide state: put it back."""
+    saved = torch.serialization.get_safe_globals()
+    yield
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(saved)
+
+
+def test_whole_model_loads_weights_only_with_the_readme_recipe(backend, restore_safe_globals):
+    """The README's recipe for a torch.save'd whole model under torch.load's weights_only
+    default: refused until lstm_fused.LSTM is an allowed global, then it loads with its
+    settings; a model around it needs its own classes as well, which
+    torch.serialization.get_unsafe_globals_in_checkpoint lists (no other global is needed)."""
+    _, ours = make_pair(backend, input_size=I, hidden_size=H, num_layers=2, proj_size=2)
+    ours.set_bptt_clip(0.05, "norm")
+    model = nn.Sequential(ours, nn.Linear(2, 1)).double()
+    buffers = {}
+    for name, obj in (("lstm", ours), ("model", model)):
+        buffers[name] = io.BytesIO()
+        torch.save(obj, buffers[name])
+        buffers[name].seek(0)
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(buffers["lstm"]) == [
+        "lstm_fused.module.LSTM"]
+    assert sorted(torch.serialization.get_unsafe_globals_in_checkpoint(buffers["model"])) == [
+        "lstm_fused.module.LSTM", "torch.nn.modules.container.Sequential",
+        "torch.nn.modules.linear.Linear"]
+    for b in buffers.values():
+        b.seek(0)
+    with pytest.raises(pickle.UnpicklingError, match="lstm_fused.module.LSTM"):
+        torch.load(buffers["lstm"])  # weights_only=True is torch's default
+    buffers["lstm"].seek(0)
+    torch.serialization.add_safe_globals([lstm_fused.LSTM])
+    loaded = torch.load(buffers["lstm"], weights_only=True)
+    torch.serialization.add_safe_globals([nn.Sequential, nn.Linear])
+    loaded_model = torch.load(buffers["model"], weights_only=True)
+    assert type(loaded) is lstm_fused.LSTM and type(loaded_model[0]) is lstm_fused.LSTM
+    assert (loaded.backend, loaded.bptt_clip, loaded.bptt_clip_mode) == (backend, 0.05, 2)
+    inp, hx, leaves = make_input(ours, "seq", T=6)
+    compare_modules(ours, loaded, inp, hx, leaves)
+    for (name, p), (_, q) in zip(model.state_dict().items(), loaded_model.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(p, q), name
 
 
 CONVERSIONS = {
