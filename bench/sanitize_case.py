@@ -25,6 +25,7 @@ import torch
 
 import lstm_fused
 from lstm_fused import functional
+from lstm_fused.options import LayerOptions
 
 
 def layer_case(dev, dtype, T, B, I, H, proj=0, bidirectional=False, lengths=None, clip=0.0,
@@ -55,8 +56,9 @@ def layer_case(dev, dtype, T, B, I, H, proj=0, bidirectional=False, lengths=None
     if flow:
         probe = torch.zeros(D, steps, 3, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16)
                             else dtype, device=dev, requires_grad=True)
-    outs = functional.BACKENDS["fused"](x, hx, cx, params, True, bool(proj), bidirectional,
-                                        batch_sizes, probe, clip, mode)
+    options = LayerOptions(has_proj=bool(proj), bidirectional=bidirectional, bptt_clip=clip,
+                           bptt_clip_mode=mode)
+    outs = functional.BACKENDS["fused"](x, hx, cx, params, batch_sizes, probe, options)
     loss = sum((o.float() * torch.randn(o.shape, generator=gen).to(dev)).sum() for o in outs)
     inputs = [x, hx, cx, *params] + ([probe] if flow else [])
     grads = torch.autograd.grad(loss, inputs)

@@ -13,10 +13,11 @@
 
 namespace lstm_fused {
 
+// `options`: LayerOptions::from_list's slots (layer_options.h).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
-    at::TensorList params, bool has_biases, bool has_proj, bool bidirectional,
-    const std::optional<at::Tensor>& batch_sizes, const DeviceKernels& kernels);
+    at::TensorList params, const std::optional<at::Tensor>& batch_sizes,
+    c10::ArrayRef<double> options, const DeviceKernels& kernels);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor>
 layer_backward(const std::optional<at::Tensor>& grad_output,
@@ -24,23 +25,20 @@ layer_backward(const std::optional<at::Tensor>& grad_output,
                const std::optional<at::Tensor>& grad_cy, const at::Tensor& input,
                const at::Tensor& hx, const at::Tensor& cx, at::TensorList params,
                const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
-               bool has_biases, bool has_proj, bool bidirectional,
                const std::optional<at::Tensor>& batch_sizes, bool record_flow,
-               double bptt_clip, int64_t bptt_clip_mode, const DeviceKernels& kernels);
+               c10::ArrayRef<double> options, const DeviceKernels& kernels);
 
-// The op schemas' entry points (the extra forward arguments ride along for autograd), bound to
-// one device's kernels. A device registers them with
+// The op schemas' entry points (flow_probe rides along for autograd), bound to one device's
+// kernels. A device registers them with
 //   TORCH_LIBRARY_IMPL(lstm_fused, CUDA, m) { register_layer_ops<cuda::kernels>(m); }
 template <const DeviceKernels& (*Kernels)()>
 struct LayerOps {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
       const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
-      at::TensorList params, bool has_biases, bool has_proj, bool bidirectional,
-      const std::optional<at::Tensor>& batch_sizes,
+      at::TensorList params, const std::optional<at::Tensor>& batch_sizes,
       const std::optional<at::Tensor>& /*flow_probe: used by autograd only*/,
-      double /*bptt_clip*/, int64_t /*bptt_clip_mode*/) {
-    return layer_forward(input, hx, cx, params, has_biases, has_proj, bidirectional,
-                         batch_sizes, Kernels());
+      c10::ArrayRef<double> options) {
+    return layer_forward(input, hx, cx, params, batch_sizes, options, Kernels());
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor>
@@ -48,12 +46,10 @@ struct LayerOps {
            const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
            const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
            at::TensorList params, const at::Tensor& output, const at::Tensor& gates,
-           const at::Tensor& cells, bool has_biases, bool has_proj, bool bidirectional,
-           const std::optional<at::Tensor>& batch_sizes, bool record_flow, double bptt_clip,
-           int64_t bptt_clip_mode) {
+           const at::Tensor& cells, const std::optional<at::Tensor>& batch_sizes,
+           bool record_flow, c10::ArrayRef<double> options) {
     return layer_backward(grad_output, grad_hy, grad_cy, input, hx, cx, params, output, gates,
-                          cells, has_biases, has_proj, bidirectional, batch_sizes, record_flow,
-                          bptt_clip, bptt_clip_mode, Kernels());
+                          cells, batch_sizes, record_flow, options, Kernels());
   }
 };
 

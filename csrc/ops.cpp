@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "layer_options.h"
 #include "lstm_layer.h"
 #include "lstm_steps.h"
 #include "step_weight.h"
@@ -123,9 +124,9 @@ struct Sizes {
 };
 
 Sizes check_layer(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
-                  at::TensorList params, bool has_biases, bool has_proj, bool bidirectional,
-                  const Steps& layout) {
-  const int64_t D = bidirectional ? 2 : 1;
+                  at::TensorList params, const LayerOptions& opts, const Steps& layout) {
+  const bool has_biases = opts.has_biases, has_proj = opts.has_proj;
+  const int64_t D = opts.directions();
   TORCH_CHECK(at::isFloatingType(input.scalar_type()),
               "lstm_fused: input must be a floating-point tensor, got ", input.scalar_type());
   const int64_t per_direction = params_per_direction(has_biases, has_proj);
@@ -275,14 +276,14 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, at::TensorList params,
-    bool has_biases, bool has_proj, bool bidirectional, const Steps& layout, const Sizes& sz,
+    const LayerOptions& opts, const Steps& layout, const Sizes& sz,
     const DeviceKernels& kernels) {
   const at::ScalarType compute = c10::CppTypeToScalarType<T>::value;
   const int64_t D = sz.directions, H = sz.hidden, P = sz.out_size, N = layout.rows_total;
   const auto options = input.options().dtype(compute);
   const at::Tensor x2d = input.reshape({N, sz.input_size}).to(compute).contiguous();
   std::vector<DirectionParams> dir_params =
-      split_params(params, has_biases, has_proj, D, compute);
+      split_params(params, opts.has_biases, opts.has_proj, D, compute);
   at::Tensor output = at::empty({N, D * P}, options);
   at::Tensor gates = at::empty({D, N, 4 * H}, options);
   at::Tensor cells = at::empty({D, N, H}, options);
@@ -373,9 +374,10 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
               const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
               const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
               at::TensorList params, const at::Tensor& output, const at::Tensor& gates,
-              const at::Tensor& cells, bool has_biases, bool has_proj, const Steps& layout,
-              const Sizes& sz, bool record_flow, double bptt_clip, int64_t bptt_clip_mode,
-              const DeviceKernels& kernels) {
+              const at::Tensor& cells, const LayerOptions& opts, const Steps& layout,
+              const Sizes& sz, bool record_flow, const DeviceKernels& kernels) {
+  const bool has_biases = opts.has_biases, has_proj = opts.has_proj;
+  const double bptt_clip = opts.bptt_clip;
   const at::ScalarType compute = c10::CppTypeToScalarType<T>::value;
   const int64_t D = sz.directions, H = sz.hidden, P = sz.out_size, N = layout.rows_total;
   const int64_t I = sz.input_size;
@@ -398,10 +400,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
   at::Tensor dc_state = (grad_cy.has_value() && grad_cy->defined())
                             ? grad_cy->to(compute, false, /*copy=*/true).contiguous()
                             : at::zeros({D, layout.batch, H}, options);
-  const int64_t clip_mode = bptt_clip > 0 ? bptt_clip_mode : kClipOff;
-  TORCH_CHECK(clip_mode >= kClipOff && clip_mode <= kClipNorm,
-              "lstm_fused: bptt_clip_mode must be 0 (off), 1 (value) or 2 (norm), got ",
-              bptt_clip_mode);
+  const int64_t clip_mode = opts.clip_mode();
   // Sums of squares of dL/dc[t] and dL/dh[t] per direction and step (telemetry).
   at::Tensor sum_squares =
       record_flow ? at::zeros({D, layout.steps, 2}, options) : at::Tensor();
@@ -581,18 +580,17 @@ auto dispatch_compute(const at::Tensor& input, const Fn& fn) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, at::TensorList params,
-    bool has_biases, bool has_proj, bool bidirectional,
-    const std::optional<at::Tensor>& batch_sizes, const DeviceKernels& kernels) {
+    const std::optional<at::Tensor>& batch_sizes, c10::ArrayRef<double> options,
+    const DeviceKernels& kernels) {
   // The driver's own at:: calls compute in the dtypes it chose; autocast (still on when a
   // backward runs inside an autocast region) would recast some GEMM operands and mix dtypes.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const LayerOptions opts = LayerOptions::from_list(options);
   const Steps layout = make_steps(input, batch_sizes);
-  const Sizes sz =
-      check_layer(input, hx, cx, params, has_biases, has_proj, bidirectional, layout);
+  const Sizes sz = check_layer(input, hx, cx, params, opts, layout);
   c10::OptionalDeviceGuard device_guard(input.device());
   return dispatch_compute(input, [&](auto compute) {
-    return forward_impl<decltype(compute)>(input, hx, cx, params, has_biases, has_proj,
-                                           bidirectional, layout, sz, kernels);
+    return forward_impl<decltype(compute)>(input, hx, cx, params, opts, layout, sz, kernels);
   });
 }
 
@@ -602,32 +600,30 @@ layer_backward(const std::optional<at::Tensor>& grad_output,
                const std::optional<at::Tensor>& grad_cy, const at::Tensor& input,
                const at::Tensor& hx, const at::Tensor& cx, at::TensorList params,
                const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
-               bool has_biases, bool has_proj, bool bidirectional,
                const std::optional<at::Tensor>& batch_sizes, bool record_flow,
-               double bptt_clip, int64_t bptt_clip_mode, const DeviceKernels& kernels) {
+               c10::ArrayRef<double> options, const DeviceKernels& kernels) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // as above
+  const LayerOptions opts = LayerOptions::from_list(options);
   const Steps layout = make_steps(input, batch_sizes);
-  const Sizes sz =
-      check_layer(input, hx, cx, params, has_biases, has_proj, bidirectional, layout);
+  const Sizes sz = check_layer(input, hx, cx, params, opts, layout);
   c10::OptionalDeviceGuard device_guard(input.device());
   return dispatch_compute(input, [&](auto compute) {
     return backward_impl<decltype(compute)>(grad_output, grad_hy, grad_cy, input, hx, cx, params,
-                                            output, gates, cells, has_biases, has_proj, layout,
-                                            sz, record_flow, bptt_clip, bptt_clip_mode, kernels);
+                                            output, gates, cells, opts, layout, sz, record_flow,
+                                            kernels);
   });
 }
 
+// `options`: the layer's options as one list (layer_options.h, lstm_fused/options.py).
 TORCH_LIBRARY(lstm_fused, m) {
   m.def(
-      "layer_forward(Tensor input, Tensor hx, Tensor cx, Tensor[] params, bool has_biases, "
-      "bool has_proj, bool bidirectional, Tensor? batch_sizes, Tensor? flow_probe, "
-      "float bptt_clip, int bptt_clip_mode) "
+      "layer_forward(Tensor input, Tensor hx, Tensor cx, Tensor[] params, Tensor? batch_sizes, "
+      "Tensor? flow_probe, float[] options) "
       "-> (Tensor output, Tensor hy, Tensor cy, Tensor gates, Tensor cells)");
   m.def(
       "layer_backward(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor input, "
       "Tensor hx, Tensor cx, Tensor[] params, Tensor output, Tensor gates, Tensor cells, "
-      "bool has_biases, bool has_proj, bool bidirectional, Tensor? batch_sizes, "
-      "bool record_flow, float bptt_clip, int bptt_clip_mode) "
+      "Tensor? batch_sizes, bool record_flow, float[] options) "
       "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_params, "
       "Tensor flow)");
 }

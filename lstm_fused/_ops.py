@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._loader import load_library
+from .options import LayerOptions
 from .reference import acc_dtype  # 16-bit inputs: float32 gates and cell state
 
 load_library()
@@ -21,16 +22,16 @@ layer_backward = torch.ops.lstm_fused.layer_backward.default
 
 
 
-def _layer_sizes(input, params, has_biases, has_proj, bidirectional, batch_sizes):
-    directions = 2 if bidirectional else 1
-    per_direction = 2 + 2 * int(has_biases) + int(has_proj)
+def _layer_sizes(input, params, opts, batch_sizes):
+    directions = opts.directions
+    per_direction = 2 + 2 * int(opts.has_biases) + int(opts.has_proj)
     torch._check(
         len(params) == per_direction * directions,
         lambda: f"lstm_fused: expected {per_direction * directions} parameter tensors, "
         f"got {len(params)}",
     )
     hidden = params[0].shape[0] // 4
-    out_size = params[per_direction - 1].shape[0] if has_proj else hidden
+    out_size = params[per_direction - 1].shape[0] if opts.has_proj else hidden
     if batch_sizes is None:
         torch._check(input.dim() == 3, lambda: "lstm_fused: input must be 3-D (T, B, I)")
         steps, rows = input.shape[0], input.shape[0] * input.shape[1]
@@ -45,10 +46,9 @@ def _layer_sizes(input, params, has_biases, has_proj, bidirectional, batch_sizes
 
 
 @torch.library.register_fake("lstm_fused::layer_forward")
-def _layer_forward_fake(input, hx, cx, params, has_biases, has_proj, bidirectional,
-                        batch_sizes, flow_probe, bptt_clip, bptt_clip_mode):
+def _layer_forward_fake(input, hx, cx, params, batch_sizes, flow_probe, options):
     directions, hidden, out_size, _, rows = _layer_sizes(
-        input, params, has_biases, has_proj, bidirectional, batch_sizes)
+        input, params, LayerOptions.from_list(options), batch_sizes)
     torch._check(hx.shape[0] == directions and hx.shape[2] == out_size,
                  lambda: "lstm_fused: hx has the wrong shape")
     torch._check(cx.shape[0] == directions and cx.shape[2] == hidden,
@@ -65,10 +65,9 @@ def _layer_forward_fake(input, hx, cx, params, has_biases, has_proj, bidirection
 
 @torch.library.register_fake("lstm_fused::layer_backward")
 def _layer_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, params, output, gates,
-                         cells, has_biases, has_proj, bidirectional, batch_sizes, record_flow,
-                         bptt_clip, bptt_clip_mode):
+                         cells, batch_sizes, record_flow, options):
     directions, _, _, steps, _ = _layer_sizes(
-        input, params, has_biases, has_proj, bidirectional, batch_sizes)
+        input, params, LayerOptions.from_list(options), batch_sizes)
     acc = acc_dtype(input.dtype)
     flow_shape = (directions, steps, 3) if record_flow else (0,)
     return (
@@ -81,12 +80,10 @@ def _layer_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, params, o
 
 
 def _setup_context(ctx, inputs, output):
-    (input, hx, cx, params, has_biases, has_proj, bidirectional, batch_sizes, flow_probe,
-     bptt_clip, bptt_clip_mode) = inputs
+    input, hx, cx, params, batch_sizes, flow_probe, options = inputs
     out, _, _, gates, cells = output
     ctx.num_params = len(params)
-    ctx.flags = (has_biases, has_proj, bidirectional)
-    ctx.clip = (bptt_clip, bptt_clip_mode)
+    ctx.options = list(options)
     ctx.has_batch_sizes = batch_sizes is not None
     ctx.record_flow = flow_probe is not None and flow_probe.requires_grad
     saved = [input, hx, cx, out, gates, cells, *params]
@@ -104,41 +101,34 @@ def _backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells):
     input, hx, cx, out, gates, cells = saved[:6]
     params = list(saved[6:6 + ctx.num_params])
     batch_sizes = saved[6 + ctx.num_params] if ctx.has_batch_sizes else None
-    has_biases, has_proj, bidirectional = ctx.flags
-    bptt_clip, bptt_clip_mode = ctx.clip
     if torch.is_grad_enabled():
         # create_graph=True: the fused backward is not itself differentiable, so recompute the
         # layer with the reference implementation and differentiate that (double backward).
         grads = _differentiable_backward(grad_output, grad_hy, grad_cy, input, hx, cx, params,
-                                         ctx.flags, batch_sizes, ctx.clip)
+                                         batch_sizes, LayerOptions.from_list(ctx.options))
         flow = None
     else:
         grad_input, grad_hx, grad_cx, grad_params, flow = layer_backward(
             grad_output, grad_hy, grad_cy, input, hx, cx, params, out, gates, cells,
-            has_biases, has_proj, bidirectional, batch_sizes, ctx.record_flow,
-            bptt_clip, bptt_clip_mode)
+            batch_sizes, ctx.record_flow, ctx.options)
         grads = (grad_input, grad_hx, grad_cx, grad_params)
     grad_input, grad_hx, grad_cx, grad_params = grads
     grad_probe = flow if ctx.record_flow and flow is not None else None
-    return (grad_input, grad_hx, grad_cx, grad_params, None, None, None, None, grad_probe,
-            None, None)
+    return grad_input, grad_hx, grad_cx, grad_params, None, grad_probe, None
 
 
-def _differentiable_backward(grad_output, grad_hy, grad_cy, input, hx, cx, params, flags,
-                             batch_sizes, clip):
+def _differentiable_backward(grad_output, grad_hy, grad_cy, input, hx, cx, params,
+                             batch_sizes, opts):
     from . import reference
 
-    has_biases, has_proj, bidirectional = flags
-    bptt_clip, bptt_clip_mode = clip
     inputs = [input, hx, cx, *params]
     # a backward inside an autocast region runs with autocast on: recompute in the saved
     # tensors' dtypes, as layer_backward does (csrc/ops.cpp excludes autocast there)
     with torch.enable_grad(), torch.autocast(input.device.type, enabled=False):
         # Tensors that do not require grad still need a graph to differentiate through.
         leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in inputs]
-        out, hy, cy = reference.lstm_layer(
-            leaves[0], leaves[1], leaves[2], leaves[3:], has_biases, has_proj, bidirectional,
-            batch_sizes=batch_sizes, bptt_clip=bptt_clip, bptt_clip_mode=bptt_clip_mode)
+        out, hy, cy = reference.lstm_layer(leaves[0], leaves[1], leaves[2], leaves[3:],
+                                           batch_sizes=batch_sizes, options=opts)
         given = [(o, g) for o, g in zip((out, hy, cy), (grad_output, grad_hy, grad_cy))
                  if g is not None]
         grads = torch.autograd.grad([o for o, _ in given], leaves, [g for _, g in given],

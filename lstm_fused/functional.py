@@ -1,9 +1,9 @@
 """Functional multi-layer LSTM over a registry of per-layer backends.
 
 Every backend is a callable with the `lstm_fused::layer_forward` signature
-(input, hx, cx, params, has_biases, has_proj, bidirectional, batch_sizes, flow_probe,
-bptt_clip, bptt_clip_mode) that returns a differentiable (output, hy, cy); see
-docs/ARCHITECTURE.md.
+(input, hx, cx, params, batch_sizes, flow_probe, options), `options` a
+lstm_fused.options.LayerOptions (the op takes it as `options.to_list()`), that returns a
+differentiable (output, hy, cy); see docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
+from .options import LayerOptions
 
 __all__ = ["BACKENDS", "available_backends", "backend_unavailable_reason", "lstm"]
 
@@ -31,13 +32,12 @@ def _load_fused():
     return _fused_ops
 
 
-def _fused_layer(input, hx, cx, params, has_biases, has_proj, bidirectional,
-                 batch_sizes=None, flow_probe=None, bptt_clip=0.0, bptt_clip_mode=0):
+def _fused_layer(input, hx, cx, params, batch_sizes=None, flow_probe=None,
+                 options: LayerOptions = LayerOptions()):
     if _fused_ops is None:
         _load_fused()
-    out = torch.ops.lstm_fused.layer_forward(
-        input, hx, cx, list(params), has_biases, has_proj, bidirectional, batch_sizes,
-        flow_probe, float(bptt_clip), int(bptt_clip_mode))
+    out = torch.ops.lstm_fused.layer_forward(input, hx, cx, list(params), batch_sizes,
+                                             flow_probe, options.to_list())
     return out[0], out[1], out[2]
 
 
@@ -89,6 +89,8 @@ def lstm(input: Tensor, hx: Tensor, cx: Tensor, flat_weights, has_biases: bool,
     if flow_probes is not None and len(flow_probes) != num_layers:
         raise ValueError(f"flow_probes must have one entry per layer ({num_layers}), "
                          f"got {len(flow_probes)}")
+    options = LayerOptions(has_biases=has_biases, has_proj=has_proj, bidirectional=bidirectional,
+                           bptt_clip=float(bptt_clip), bptt_clip_mode=int(bptt_clip_mode))
     x = input
     hys, cys = [], []
     for layer in range(num_layers):
@@ -98,10 +100,8 @@ def lstm(input: Tensor, hx: Tensor, cx: Tensor, flat_weights, has_biases: bool,
         # one layer: hx/cx whole, not sliced (no slice nodes in exported graphs)
         layer_hx = hx if num_layers == 1 else hx[layer * D:(layer + 1) * D]
         layer_cx = cx if num_layers == 1 else cx[layer * D:(layer + 1) * D]
-        x, hy, cy = layer_fn(
-            x, layer_hx, layer_cx,
-            flat_weights[layer * n:(layer + 1) * n], has_biases, has_proj, bidirectional,
-            batch_sizes, probe, bptt_clip, bptt_clip_mode)
+        x, hy, cy = layer_fn(x, layer_hx, layer_cx, flat_weights[layer * n:(layer + 1) * n],
+                             batch_sizes, probe, options)
         hys.append(hy)
         cys.append(cy)
     if num_layers == 1:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .options import LayerOptions
+
 __all__ = ["lstm_layer", "acc_dtype"]
 
 
@@ -140,26 +142,26 @@ def _direction(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, sizes, offsets, reverse,
     return out, hy, cy
 
 
-def lstm_layer(input: Tensor, hx: Tensor, cx: Tensor, params, has_biases: bool,
-               has_proj: bool, bidirectional: bool, batch_sizes: Tensor | None = None,
-               flow_probe: Tensor | None = None, bptt_clip: float = 0.0,
-               bptt_clip_mode: int = 0):
+def lstm_layer(input: Tensor, hx: Tensor, cx: Tensor, params,
+               batch_sizes: Tensor | None = None, flow_probe: Tensor | None = None,
+               options: LayerOptions = LayerOptions()):
     """One LSTM layer, all its directions, in plain PyTorch.
 
     input: (T, B, I) when batch_sizes is None, else packed data (N, I) with batch_sizes an
     int64 CPU tensor (T,), non-increasing. hx (D, B, P), cx (D, B, H). params: per direction
-    w_ih (4H, I), w_hh (4H, P), [b_ih (4H), b_hh (4H)], [w_hr (P, H)].
+    w_ih (4H, I), w_hh (4H, P), [b_ih (4H), b_hh (4H)], [w_hr (P, H)] as `options` says
+    (has_biases, has_proj, bidirectional: lstm_fused.options.LayerOptions).
     Returns (output (T, B, D*P) or (N, D*P), hy (D, B, P), cy (D, B, H)) in the input dtype;
     16-bit inputs are computed in float32.
 
-    bptt_clip > 0 with bptt_clip_mode 1 clamps dL/dh[t] and dL/dc[t] element-wise to
+    options.bptt_clip > 0 with bptt_clip_mode 1 clamps dL/dh[t] and dL/dc[t] element-wise to
     [-clip, clip]; mode 2 rescales each so that its L2 norm over the step's active rows is at
     most clip. flow_probe: a (D, T, 3) tensor with requires_grad=True; its gradient becomes
     [||dL/dc[t]||, ||dL/dh[t]||, mean f[t]] per direction and step, measured after clipping.
     """
-    if bptt_clip_mode not in (0, 1, 2):
-        raise ValueError(f"bptt_clip_mode must be 0 (off), 1 (element) or 2 (norm), got {bptt_clip_mode}")
-    clip = float(bptt_clip) if bptt_clip_mode != 0 else 0.0
+    has_biases, has_proj, bidirectional = options.has_biases, options.has_proj, options.bidirectional
+    bptt_clip_mode = options.clip_mode
+    clip = float(options.bptt_clip) if bptt_clip_mode != 0 else 0.0
     D = 2 if bidirectional else 1
     dtype = input.dtype
     acc = acc_dtype(dtype)

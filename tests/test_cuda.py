@@ -25,6 +25,7 @@ import torch.nn as nn
 
 import lstm_fused
 from lstm_fused import functional
+from lstm_fused.options import LayerOptions
 from conftest import assert_same_structure, make_input, make_pair, run_and_grad
 
 
@@ -278,7 +279,8 @@ def test_gradcheck_op_float64(lengths):
     hx, cx = rand(D, B, P), rand(D, B, H)
 
     def fn(x, hx, cx, *ps):
-        return functional.BACKENDS["fused"](x, hx, cx, list(ps), True, True, True, batch_sizes)
+        return functional.BACKENDS["fused"](x, hx, cx, list(ps), batch_sizes, None,
+                                            LayerOptions(True, True, True))
 
     assert torch.autograd.gradcheck(fn, (x, hx, cx, *params))
 
@@ -317,8 +319,9 @@ def _layer_grads(layer, clip, mode, probe=True, seed=1):
         probe_t = torch.zeros(layer["D"], layer["steps"], 3, dtype=layer["input"].dtype,
                               device=layer["input"].device, requires_grad=True)
     outs = functional.BACKENDS["fused"](
-        layer["input"], layer["hx"], layer["cx"], layer["params"], True, layer["proj"],
-        layer["bidirectional"], layer["batch_sizes"], probe_t, clip, mode)
+        layer["input"], layer["hx"], layer["cx"], layer["params"], layer["batch_sizes"], probe_t,
+        LayerOptions(has_proj=layer["proj"], bidirectional=layer["bidirectional"],
+                     bptt_clip=clip, bptt_clip_mode=mode))
     gen = torch.Generator().manual_seed(seed)
     weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o) for o in outs]
     loss = sum((o * w).sum() for o, w in zip(outs, weights))

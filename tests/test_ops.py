@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lstm_fused import functional, reference
+from lstm_fused.options import LayerOptions
 
 pytestmark = pytest.mark.skipif(
     functional.backend_unavailable_reason("fused") is not None,
@@ -50,10 +51,15 @@ def make_layer(T=5, B=3, I=4, H=6, proj=0, bias=True, bidirectional=False, lengt
                 bidirectional=bidirectional, batch_sizes=batch_sizes)
 
 
+def options_of(layer, clip=0.0, mode=0):
+    return LayerOptions(has_biases=layer["has_biases"], has_proj=layer["has_proj"],
+                        bidirectional=layer["bidirectional"], bptt_clip=clip, bptt_clip_mode=mode)
+
+
 def run(backend, layer, probe=None, clip=0.0, mode=0):
     fn = functional.BACKENDS[backend]
-    return fn(layer["input"], layer["hx"], layer["cx"], layer["params"], layer["has_biases"],
-              layer["has_proj"], layer["bidirectional"], layer["batch_sizes"], probe, clip, mode)
+    return fn(layer["input"], layer["hx"], layer["cx"], layer["params"], layer["batch_sizes"],
+              probe, options_of(layer, clip, mode))
 
 
 def grads_of(outputs, layer, seed=1, extra=()):
@@ -111,8 +117,8 @@ def test_matches_reference_float32(cfg):
 def test_16bit_outputs_and_saved_state(dtype):
     layer = make_layer(dtype=dtype, requires_grad=False)
     output, hy, cy, gates, cells = _ops.layer_forward(
-        layer["input"], layer["hx"], layer["cx"], layer["params"], True, False, False, None,
-        None, 0.0, 0)
+        layer["input"], layer["hx"], layer["cx"], layer["params"], None, None,
+        LayerOptions().to_list())
     assert output.dtype == hy.dtype == cy.dtype == dtype
     assert gates.dtype == cells.dtype == torch.float32  # fp32 gates and cell state
     ref = run("reference", make_layer(dtype=torch.float32, requires_grad=False))
@@ -156,8 +162,8 @@ def test_gradcheck_all_inputs():
     layer = make_layer(T=3, B=2, I=2, H=3, proj=2, bidirectional=True, lengths=[3, 1])
 
     def fn(x, hx, cx, *params):
-        return functional.BACKENDS["fused"](x, hx, cx, list(params), True, True, True,
-                                           layer["batch_sizes"])
+        return functional.BACKENDS["fused"](x, hx, cx, list(params), layer["batch_sizes"], None,
+                                           options_of(layer))
 
     assert torch.autograd.gradcheck(fn, (layer["input"], layer["hx"], layer["cx"],
                                          *layer["params"]))
@@ -166,15 +172,14 @@ def test_gradcheck_all_inputs():
 @pytest.mark.parametrize("cfg", [dict(), dict(proj=2, bidirectional=True, lengths=[3, 2, 2])])
 def test_opcheck(cfg):
     layer = make_layer(T=3, B=2, I=3, H=4, **cfg)
-    args = (layer["input"], layer["hx"], layer["cx"], layer["params"], layer["has_biases"],
-            layer["has_proj"], layer["bidirectional"], layer["batch_sizes"], None, 0.0, 0)
+    args = (layer["input"], layer["hx"], layer["cx"], layer["params"], layer["batch_sizes"], None,
+            options_of(layer).to_list())
     torch.library.opcheck(torch.ops.lstm_fused.layer_forward.default, args)
     out, hy, cy, gates, cells = _ops.layer_forward(*args)
     detached = [t.detach() for t in (out, hy, cy)]
     bargs = (*detached, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:3]],
              [p.detach() for p in layer["params"]], out.detach(), gates.detach(), cells.detach(),
-             layer["has_biases"], layer["has_proj"], layer["bidirectional"],
-             layer["batch_sizes"], True, 0.5, 1)
+             layer["batch_sizes"], True, options_of(layer, 0.5, 1).to_list())
     torch.library.opcheck(torch.ops.lstm_fused.layer_backward.default, bargs)
 
 
@@ -237,7 +242,7 @@ def test_double_backward_falls_back_to_reference():
 
     def first_grad(backend):
         out = functional.BACKENDS[backend](layer["input"], layer["hx"], layer["cx"],
-                                           layer["params"], True, False, False, None)
+                                           layer["params"])
         g = torch.autograd.grad(out[0].pow(2).sum(), layer["input"], create_graph=True)[0]
         return torch.autograd.grad(g.pow(2).sum(), layer["params"][1])[0]
 
@@ -286,3 +291,29 @@ def test_gate_math_over_the_whole_range(dtype):
     for a, b in zip(grads_of(fused, layer), grads_of(ref, layer)):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_options_argument_is_checked_and_agrees_with_python():
+    """The ops' one `options` argument: decoded in csrc/layer_options.h, built by
+    lstm_fused.options.LayerOptions; both name the same slots in the same order, and a bad
+    value is a clear error from either side."""
+    layer = make_layer(requires_grad=False)
+    base = (layer["input"], layer["hx"], layer["cx"], layer["params"], None, None)
+    with pytest.raises(RuntimeError) as e:
+        _ops.layer_forward(*base, [1.0, 0.0])
+    fields = ", ".join(f.name for f in LayerOptions.__dataclass_fields__.values())
+    assert f"({fields}" in str(e.value)
+    for bad, words in ((dict(bptt_clip_mode=7), "bptt_clip_mode must be 0 (off), 1 (value) or 2"),
+                       (dict(bptt_clip=-1.0), "bptt_clip must be a finite value >= 0"),
+                       (dict(bptt_clip=float("nan")), "bptt_clip must be a finite value >= 0")):
+        values = LayerOptions().to_list()
+        for name, value in bad.items():
+            values[list(LayerOptions.__dataclass_fields__).index(name)] = value
+        with pytest.raises(RuntimeError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            _ops.layer_forward(*base, values)
+        with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            LayerOptions.from_list(values)
+    with pytest.raises(RuntimeError, match="options.has_proj must be 0 or 1"):
+        _ops.layer_forward(*base, [1.0, 0.5, 0.0, 0.0, 0.0])
+    assert LayerOptions.from_list(LayerOptions(True, True, True, 0.5, 2).to_list()) == \
+        LayerOptions(True, True, True, 0.5, 2)

@@ -10,7 +10,10 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_sequence
 
+from lstm_fused.options import LayerOptions
 from lstm_fused.reference import lstm_layer
+
+ALL = LayerOptions(has_biases=True, has_proj=True, bidirectional=True)
 
 F64 = dict(dtype=torch.float64)
 
@@ -58,7 +61,8 @@ def test_layer_matches_nn_lstm_float64(bidirectional, proj_size, bias, packed):
     h0, c0 = _hx(m, 4)
     o_ref, (h_ref, c_ref) = m(inp, (h0, c0))
     o_ref = o_ref.data if packed else o_ref
-    o, h, c = lstm_layer(data, h0, c0, params, bias, proj_size > 0, bidirectional, batch_sizes)
+    o, h, c = lstm_layer(data, h0, c0, params, batch_sizes,
+                         options=LayerOptions(bias, proj_size > 0, bidirectional))
     for a, b in ((o, o_ref), (h, h_ref), (c, c_ref)):
         assert a.shape == b.shape and a.dtype == b.dtype
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
@@ -74,10 +78,10 @@ def test_16bit_computes_in_float32(dtype):
     params = list(m._flat_weights)
     x = torch.randn(5, 3, 3).to(dtype)
     h0, c0 = _hx(m, 3, dtype=dtype)
-    o, h, c = lstm_layer(x, h0, c0, params, True, True, True)
+    o, h, c = lstm_layer(x, h0, c0, params, options=ALL)
     assert o.dtype == h.dtype == c.dtype == dtype
     o32, h32, c32 = lstm_layer(x.float(), h0.float(), c0.float(), [p.float() for p in params],
-                               True, True, True)
+                               options=ALL)
     # float32 math on the same values, rounded once at the end: bitwise equal
     assert torch.equal(o, o32.to(dtype))
     assert torch.equal(h, h32.to(dtype))
@@ -87,10 +91,11 @@ def test_16bit_computes_in_float32(dtype):
 def test_zero_batch_and_zero_steps():
     m, params = _layer_pair(True, 0, True)
     h0, c0 = _hx(m, 0)
-    o, h, c = lstm_layer(torch.zeros(4, 0, 3, **F64), h0, c0, params, True, False, True)
+    bidirectional = LayerOptions(bidirectional=True)
+    o, h, c = lstm_layer(torch.zeros(4, 0, 3, **F64), h0, c0, params, options=bidirectional)
     assert o.shape == (4, 0, 10) and h.shape == (2, 0, 5) and c.shape == (2, 0, 5)
     h0, c0 = _hx(m, 2)
-    o, h, c = lstm_layer(torch.zeros(0, 2, 3, **F64), h0, c0, params, True, False, True)
+    o, h, c = lstm_layer(torch.zeros(0, 2, 3, **F64), h0, c0, params, options=bidirectional)
     assert o.shape == (0, 2, 10)
     assert torch.equal(h, h0) and torch.equal(c, c0)
 
@@ -99,7 +104,7 @@ def test_wrong_param_count():
     m, params = _layer_pair(False, 0, True)
     h0, c0 = _hx(m, 2)
     with pytest.raises(ValueError, match="expected 4 parameters"):
-        lstm_layer(torch.zeros(3, 2, 3, **F64), h0, c0, params[:2], True, False, False)
+        lstm_layer(torch.zeros(3, 2, 3, **F64), h0, c0, params[:2])
 
 
 # --- clipping and flow: an independent oracle built from tensor hooks -----------------------
@@ -163,7 +168,8 @@ def test_clipping_and_flow_match_hook_oracle(mode, clip, packed, proj):
     h0, c0 = _hx(m, B)
     probe = torch.zeros(2, T, 3, **F64, requires_grad=True)
     bs_t = torch.tensor(sizes, dtype=torch.int64)
-    o, h, c = lstm_layer(x, h0, c0, params, True, proj > 0, bidir, bs_t, probe, clip, mode)
+    o, h, c = lstm_layer(x, h0, c0, params, bs_t, probe,
+                         LayerOptions(True, proj > 0, bidir, clip, mode))
     go = torch.randn(o.shape, **F64)
     gh = torch.randn(h.shape, **F64)
     gc = torch.randn(c.shape, **F64)
@@ -209,7 +215,7 @@ def test_clipping_and_flow_match_hook_oracle(mode, clip, packed, proj):
 
 
 def _grads_noclip(x, h0, c0, params, proj, bs_t, go, gh, gc):
-    o, h, c = lstm_layer(x, h0, c0, params, True, proj > 0, True, bs_t)
+    o, h, c = lstm_layer(x, h0, c0, params, bs_t, options=LayerOptions(True, proj > 0, True))
     loss = (o * go).sum() + (h * gh).sum() + (c * gc).sum()
     gx, = torch.autograd.grad(loss, [x])
     return o, h, c, gx
@@ -222,7 +228,7 @@ def test_flow_without_clip_equals_retained_grads():
     x = torch.randn(4, 2, 2, **F64)
     h0, c0 = _hx(m, 2)
     probe = torch.zeros(1, 4, 3, **F64, requires_grad=True)
-    o, h, c = lstm_layer(x, h0, c0, params, True, False, False, flow_probe=probe)
+    o, h, c = lstm_layer(x, h0, c0, params, flow_probe=probe)
     (o.square().sum() + c.sum()).backward()
     # manual unroll with retain_grad
     w_ih, w_hh, b_ih, b_hh = params
@@ -247,5 +253,5 @@ def test_bad_clip_mode():
     m, params = _layer_pair(False, 0, True)
     h0, c0 = _hx(m, 2)
     with pytest.raises(ValueError, match="bptt_clip_mode"):
-        lstm_layer(torch.zeros(3, 2, 3, **F64), h0, c0, params, True, False, False,
-                   bptt_clip=1.0, bptt_clip_mode=3)
+        lstm_layer(torch.zeros(3, 2, 3, **F64), h0, c0, params,
+                   options=LayerOptions(bptt_clip=1.0, bptt_clip_mode=3))
