@@ -13,6 +13,8 @@ Environment:
     LSTM_FUSED_CPU_SIMD      avx512|avx2|none for the CPU kernels (default: this machine's CPU)
     MAX_JOBS                 parallel compile jobs (default: available cores, at most 8)
     LSTM_FUSED_TEMP_BUILD=1  objects in a throwaway folder instead of build/temp.* (no reuse)
+    LSTM_FUSED_SANITIZE=1    AddressSanitizer + UndefinedBehaviorSanitizer build (CPU only; the
+                             runtime must be preloaded: ./dev sanitize does it all)
 
 The library has no Python module init: it only registers TORCH_LIBRARY ops and is loaded
 with torch.ops.load_library (see lstm_fused/_loader.py).
@@ -129,10 +131,13 @@ cu_sources = rel(glob.glob(os.path.join(CSRC, "cuda", "*.cu")) + glob.glob(os.pa
 depends = rel(glob.glob(os.path.join(CSRC, "**", "*.h"), recursive=True)
               + glob.glob(os.path.join(CSRC, "**", "*.cuh"), recursive=True))
 
+sanitize = env_flag("LSTM_FUSED_SANITIZE")
 with_cuda = False
 reason = ""
 if env_flag("LSTM_FUSED_NO_CUDA"):
     reason = "LSTM_FUSED_NO_CUDA is set"
+elif sanitize:
+    reason = "LSTM_FUSED_SANITIZE is set (the sanitizer build is CPU only)"
 elif torch.version.cuda is None:
     reason = f"torch {torch.__version__} is built without CUDA"
 elif not cu_sources:
@@ -195,6 +200,12 @@ cxx_flags = opt + ["-fopenmp", "-Wall", "-Wno-unused-function",
                    "-Wno-maybe-uninitialized"]
 if env_flag("LSTM_FUSED_NATIVE"):
     cxx_flags.append("-march=native")
+# Every finding aborts (no recovery), so a test that triggers one fails.
+sanitizer_flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                   "-fno-omit-frame-pointer"] if sanitize else []
+if sanitize:
+    log("sanitizers: address, undefined")
+cxx_flags += sanitizer_flags
 cxx_flags += cpu_simd_flags()
 nvcc_flags = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + [
     "-Xptxas=-v",            # register / spill report per kernel into the build log
@@ -203,7 +214,7 @@ nvcc_flags = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + [
 ]
 define_macros = []
 include_dirs = [CSRC]
-extra_link_args = ["-fopenmp"]
+extra_link_args = ["-fopenmp"] + sanitizer_flags
 extra_cxx_tail = []
 if with_cuda:
     define_macros.append(("LSTM_FUSED_WITH_CUDA", None))
@@ -244,9 +255,10 @@ class BuildExt(cpp_ext.BuildExtension):
         # A persistent object folder (pip's editable build uses a fresh temp dir each time),
         # one per python/torch/variant, so ninja recompiles only what changed.
         if not os.environ.get("LSTM_FUSED_TEMP_BUILD"):
-            tag = "{}-py{}{}-torch{}-{}".format(
+            tag = "{}-py{}{}-torch{}-{}{}".format(
                 sysconfig.get_platform(), sys.version_info[0], sys.version_info[1],
-                torch.__version__.replace("+", "_"), "cuda" if with_cuda else "cpu")
+                torch.__version__.replace("+", "_"), "cuda" if with_cuda else "cpu",
+                "-sanitize" if sanitize else "")
             self.build_temp = os.path.join(ROOT, "build", "temp." + tag)
 
     def copy_file(self, infile, outfile, *args, **kwargs):

@@ -17,7 +17,8 @@ namespace lstm_fused {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
     at::TensorList params, const std::optional<at::Tensor>& batch_sizes,
-    c10::ArrayRef<double> options, const DeviceKernels& kernels);
+    const std::optional<at::Tensor>& flow_probe, c10::ArrayRef<double> options,
+    const DeviceKernels& kernels);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor>
 layer_backward(const std::optional<at::Tensor>& grad_output,
@@ -28,17 +29,16 @@ layer_backward(const std::optional<at::Tensor>& grad_output,
                const std::optional<at::Tensor>& batch_sizes, bool record_flow,
                c10::ArrayRef<double> options, const DeviceKernels& kernels);
 
-// The op schemas' entry points (flow_probe rides along for autograd), bound to one device's
-// kernels. A device registers them with
+// The op schemas' entry points, bound to one device's kernels (the forward only checks
+// flow_probe: it rides along for autograd). A device registers them with
 //   TORCH_LIBRARY_IMPL(lstm_fused, CUDA, m) { register_layer_ops<cuda::kernels>(m); }
 template <const DeviceKernels& (*Kernels)()>
 struct LayerOps {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
       const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
       at::TensorList params, const std::optional<at::Tensor>& batch_sizes,
-      const std::optional<at::Tensor>& /*flow_probe: used by autograd only*/,
-      c10::ArrayRef<double> options) {
-    return layer_forward(input, hx, cx, params, batch_sizes, options, Kernels());
+      const std::optional<at::Tensor>& flow_probe, c10::ArrayRef<double> options) {
+    return layer_forward(input, hx, cx, params, batch_sizes, flow_probe, options, Kernels());
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor>

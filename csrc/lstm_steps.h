@@ -68,7 +68,8 @@ struct BackwardStepArgs {
 // on chip / in each core's cache, one barrier per step). Only for the plain case: no
 // projection (P == H), no clipping; telemetry only where StepKernels::backward_sequence_flow.
 // Batch sizes as in a PackedSequence (equal for unpacked input); rows of step t are
-// [offsets[t], offsets[t] + batch_sizes[t]).
+// [offsets[t], offsets[t] + batch_sizes[t]). The driver calls them only for a sequence with at
+// least one row (the state of an empty one is h0, c0 unchanged).
 struct SequenceShape {
   int64_t steps, batch, hidden;
   const int64_t* batch_sizes;  // host memory

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -54,7 +55,8 @@ Steps make_steps(const at::Tensor& input, const std::optional<at::Tensor>& batch
   if (batch_sizes.has_value()) {
     const at::Tensor& sizes = *batch_sizes;
     TORCH_CHECK(sizes.dim() == 1 && sizes.scalar_type() == at::kLong && sizes.device().is_cpu(),
-                "lstm_fused: batch_sizes must be a 1-D int64 CPU tensor");
+                "lstm_fused: batch_sizes must be a 1-D int64 CPU tensor, got a ", sizes.dim(),
+                "-D ", sizes.scalar_type(), " tensor on ", sizes.device());
     TORCH_CHECK(input.dim() == 2, "lstm_fused: packed input must be 2-D (N, input_size), got ",
                 input.dim(), "-D");
     const at::Tensor contiguous = sizes.contiguous();
@@ -65,7 +67,8 @@ Steps make_steps(const at::Tensor& input, const std::optional<at::Tensor>& batch
     for (int64_t t = 0; t < layout.steps; ++t) {
       const int64_t rows = layout.batch_sizes[t];
       TORCH_CHECK(rows >= 0 && rows <= previous,
-                  "lstm_fused: batch_sizes must be non-increasing and non-negative");
+                  "lstm_fused: batch_sizes must be non-increasing and non-negative, got ",
+                  rows, " at step ", t, " after ", t > 0 ? previous : 0);
       previous = rows;
       layout.offsets.push_back(layout.rows_total);
       layout.rows_total += rows;
@@ -123,25 +126,64 @@ struct Sizes {
   int64_t directions, input_size, hidden, out_size;  // D, I, H, P
 };
 
+// ---- Checks at the op boundary ---------------------------------------------------------------
+// The ops are public (torch.library users, opcheck, compiled graphs call them directly), so
+// every argument is checked before any kernel reads it: shape, dtype and device, each error
+// naming the argument with what was expected and what came. The fake kernels (_ops.py) repeat
+// these checks with torch._check. Wording follows nn.LSTM where nn.LSTM has the same check.
+
+// name: "lstm_fused: <name> must ..." in every message.
+void expect_tensor(const at::Tensor& t, const std::string& name, at::IntArrayRef sizes,
+                   at::ScalarType dtype, const at::Device& device) {
+  TORCH_CHECK(t.defined(), "lstm_fused: ", name, " is an undefined tensor");
+  TORCH_CHECK(t.device() == device, "lstm_fused: ", name, " must be on ", device,
+              " (the input's device), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, "lstm_fused: ", name, " must have dtype ", dtype,
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == sizes, "lstm_fused: ", name, " must have shape ", sizes, ", got ",
+              t.sizes());
+}
+
+// The name of a direction's k-th parameter (layout of split_params).
+const char* param_name(bool has_biases, int64_t k) {
+  if (k == 0) return "weight_ih";
+  if (k == 1) return "weight_hh";
+  if (has_biases && k == 2) return "bias_ih";
+  if (has_biases && k == 3) return "bias_hh";
+  return "weight_hr";
+}
+
 Sizes check_layer(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
                   at::TensorList params, const LayerOptions& opts, const Steps& layout) {
   const bool has_biases = opts.has_biases, has_proj = opts.has_proj;
   const int64_t D = opts.directions();
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "lstm_fused: input must be a floating-point tensor, got ", input.scalar_type());
+  const at::ScalarType dtype = input.scalar_type();
+  const at::Device device = input.device();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              "lstm_fused: input must be float16, bfloat16, float32 or float64, got ", dtype);
   const int64_t per_direction = params_per_direction(has_biases, has_proj);
   TORCH_CHECK(static_cast<int64_t>(params.size()) == per_direction * D, "lstm_fused: expected ",
-              per_direction * D, " parameter tensors, got ", params.size());
+              per_direction * D, " parameter tensors (", D, " direction(s) x ", per_direction,
+              ": weight_ih, weight_hh", has_biases ? ", bias_ih, bias_hh" : "",
+              has_proj ? ", weight_hr" : "", "), got ", params.size());
+  // Sizes from direction 0: weight_ih (4H, I), weight_hr (P, H).
   const at::Tensor& w_ih = params[0];
-  const at::Tensor& w_hh = params[1];
-  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0, "lstm_fused: weight_ih must be (4H, I)");
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0 && w_ih.size(0) > 0,
+              "lstm_fused: params[0] (weight_ih) must be a 2-D (4*hidden_size, input_size) "
+              "tensor with hidden_size > 0, got shape ", w_ih.sizes());
   const int64_t H = w_ih.size(0) / 4;
   const int64_t I = w_ih.size(1);
-  const int64_t P = has_proj ? params[per_direction - 1].size(0) : H;
+  int64_t P = H;
+  if (has_proj) {
+    const at::Tensor& w_hr = params[per_direction - 1];
+    TORCH_CHECK(w_hr.dim() == 2 && w_hr.size(0) > 0,
+                "lstm_fused: params[", per_direction - 1, "] (weight_hr) must be a 2-D "
+                "(proj_size, hidden_size) tensor with proj_size > 0, got shape ", w_hr.sizes());
+    P = w_hr.size(0);
+  }
   TORCH_CHECK(input.size(-1) == I, "lstm_fused: input.size(-1) must be equal to input_size. ",
               "Expected ", I, ", got ", input.size(-1));
-  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * H && w_hh.size(1) == P,
-              "lstm_fused: weight_hh must be (", 4 * H, ", ", P, ")");
   TORCH_CHECK(hx.dim() == 3 && hx.size(0) == D && hx.size(1) == layout.batch && hx.size(2) == P,
               "lstm_fused: Expected hidden[0] size (", D, ", ", layout.batch, ", ", P,
               "), got ", hx.sizes());
@@ -149,21 +191,72 @@ Sizes check_layer(const at::Tensor& input, const at::Tensor& hx, const at::Tenso
               "lstm_fused: Expected hidden[1] size (", D, ", ", layout.batch, ", ", H,
               "), got ", cx.sizes());
   for (const at::Tensor& tensor : {hx, cx}) {
-    TORCH_CHECK(tensor.device() == input.device(),
+    TORCH_CHECK(tensor.device() == device,
                 "Input and hidden tensors are not at the same device, found input tensor at ",
-                input.device(), " and hidden tensor at ", tensor.device());
-    TORCH_CHECK(tensor.scalar_type() == input.scalar_type(),
-                "lstm_fused: hidden state dtype ", tensor.scalar_type(),
-                " does not match input dtype ", input.scalar_type());
+                device, " and hidden tensor at ", tensor.device());
+    TORCH_CHECK(tensor.scalar_type() == dtype, "lstm_fused: hidden state dtype ",
+                tensor.scalar_type(), " does not match input dtype ", dtype);
   }
-  for (const at::Tensor& param : params) {
-    TORCH_CHECK(param.device() == input.device(),
+  for (int64_t index = 0; index < static_cast<int64_t>(params.size()); ++index) {
+    const at::Tensor& param = params[index];
+    TORCH_CHECK(param.device() == device,
                 "Input and parameter tensors are not at the same device, found input tensor at ",
-                input.device(), " and parameter tensor at ", param.device());
-    TORCH_CHECK(param.scalar_type() == input.scalar_type(), "lstm_fused: parameter dtype ",
-                param.scalar_type(), " does not match input dtype ", input.scalar_type());
+                device, " and parameter tensor at ", param.device());
+    TORCH_CHECK(param.scalar_type() == dtype, "lstm_fused: parameter dtype ",
+                param.scalar_type(), " does not match input dtype ", dtype);
+    const int64_t k = index % per_direction;
+    const char* name = param_name(has_biases, k);
+    std::vector<int64_t> expected;
+    if (k == 0) {
+      expected = {4 * H, I};
+    } else if (k == 1) {
+      expected = {4 * H, P};
+    } else if (has_biases && k < 4) {
+      expected = {4 * H};
+    } else {
+      expected = {P, H};
+    }
+    TORCH_CHECK(param.sizes() == at::IntArrayRef(expected), "lstm_fused: params[", index, "] (",
+                name, " of direction ", index / per_direction, ") must have shape ",
+                at::IntArrayRef(expected), ", got ", param.sizes());
   }
   return {D, I, H, P};
+}
+
+// The forward's optional flow_probe: (D, T, 3) in the acc dtype, where the backward writes
+// the gradient-flow telemetry.
+void check_flow_probe(const std::optional<at::Tensor>& flow_probe, const at::Tensor& input,
+                      const Sizes& sz, const Steps& layout) {
+  if (!flow_probe.has_value() || !flow_probe->defined()) return;
+  expect_tensor(*flow_probe, "flow_probe", {sz.directions, layout.steps, 3},
+                acc_type(input.scalar_type()), input.device());
+}
+
+// layer_backward's tensors beyond the forward's: the gradients of the outputs and what the
+// forward saved.
+void check_backward(const std::optional<at::Tensor>& grad_output,
+                    const std::optional<at::Tensor>& grad_hy,
+                    const std::optional<at::Tensor>& grad_cy, const at::Tensor& input,
+                    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+                    const Sizes& sz, const Steps& layout) {
+  const int64_t D = sz.directions, H = sz.hidden, P = sz.out_size, N = layout.rows_total;
+  const at::ScalarType dtype = input.scalar_type(), acc = acc_type(dtype);
+  const at::Device device = input.device();
+  const std::vector<int64_t> output_sizes =
+      input.dim() == 3 ? std::vector<int64_t>{layout.steps, layout.batch, D * P}
+                       : std::vector<int64_t>{N, D * P};
+  expect_tensor(output, "output", output_sizes, dtype, device);
+  expect_tensor(gates, "gates", {D, N, 4 * H}, acc, device);
+  expect_tensor(cells, "cells", {D, N, H}, acc, device);
+  if (grad_output.has_value() && grad_output->defined()) {
+    expect_tensor(*grad_output, "grad_output", output_sizes, dtype, device);
+  }
+  if (grad_hy.has_value() && grad_hy->defined()) {
+    expect_tensor(*grad_hy, "grad_hy", {D, layout.batch, P}, dtype, device);
+  }
+  if (grad_cy.has_value() && grad_cy->defined()) {
+    expect_tensor(*grad_cy, "grad_cy", {D, layout.batch, H}, dtype, device);
+  }
 }
 
 template <typename T>
@@ -199,10 +292,12 @@ at::Tensor direction_columns(const at::Tensor& t, int64_t d, int64_t width) {
   return t.narrow(1, d * width, width);
 }
 
-// Whether the driver offers the case to the device's sequence kernels at all.
+// Whether the driver offers the case to the device's sequence kernels at all: switched on, and
+// a sequence with rows (lstm_steps.h: they are never called for an empty one).
 template <typename T>
-bool sequence_kernels_on(const StepKernels<T>& kernels) {
-  return kernels.sequence_enabled == nullptr || kernels.sequence_enabled();
+bool sequence_kernels_on(const StepKernels<T>& kernels, const Steps& layout) {
+  return layout.rows_total > 0 &&
+         (kernels.sequence_enabled == nullptr || kernels.sequence_enabled());
 }
 
 template <typename T>
@@ -212,7 +307,8 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
                        at::Tensor output, const StepKernels<T>& kernels) {
   const int64_t H = sz.hidden, P = sz.out_size, N = layout.rows_total;
   const bool has_proj = p.w_hr.defined();
-  const bool try_sequence = !has_proj && kernels.forward_sequence && sequence_kernels_on(kernels);
+  const bool try_sequence =
+      !has_proj && kernels.forward_sequence && sequence_kernels_on(kernels, layout);
   const at::Tensor bias = p.b_ih.defined() ? p.b_ih + p.b_hh : at::Tensor();
   // All steps' input projections at once. A sequence kernel adds the biases in its gate math
   // (saving a pass over the (N, 4H) gates); the step kernels get them folded in here.
@@ -427,7 +523,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
     const SequenceShape walk = layout.shape(H, reverse);
     bool looped = false;
     if (!has_proj && clip_mode == kClipOff && step_kernels.backward_sequence &&
-        sequence_kernels_on(step_kernels) &&
+        sequence_kernels_on(step_kernels, layout) &&
         (!record_flow || step_kernels.backward_sequence_flow)) {
       BackwardSequenceArgs<T> args;
       static_cast<SequenceShape&>(args) = walk;
@@ -535,7 +631,8 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
   }
   at::Tensor flow;
   if (record_flow) {
-    // Mean forget gate of the rows active at each step (NaN for a step without rows). Steps
+    // Mean forget gate of the rows active at each step (0 for a step without rows, as the
+    // reference backend reports it). Steps
     // of equal batch size are one contiguous (steps, rows) block of rows, so a few whole-tensor
     // ops per run do it (a loop of small ops per step cost ~5% of the backward at T=100): in a
     // fixed order, with no atomics and no host-to-device copy.
@@ -547,7 +644,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       while (end < layout.steps && layout.batch_sizes[end] == rows) ++end;
       at::Tensor target = forget_mean.narrow(1, begin, end - begin);
       if (rows == 0) {
-        target.fill_(std::numeric_limits<double>::quiet_NaN());
+        target.zero_();
       } else {
         target.copy_(row_means.narrow(1, layout.offsets[begin], (end - begin) * rows)
                          .view({D, end - begin, rows})
@@ -580,14 +677,15 @@ auto dispatch_compute(const at::Tensor& input, const Fn& fn) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, at::TensorList params,
-    const std::optional<at::Tensor>& batch_sizes, c10::ArrayRef<double> options,
-    const DeviceKernels& kernels) {
+    const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& flow_probe,
+    c10::ArrayRef<double> options, const DeviceKernels& kernels) {
   // The driver's own at:: calls compute in the dtypes it chose; autocast (still on when a
   // backward runs inside an autocast region) would recast some GEMM operands and mix dtypes.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const LayerOptions opts = LayerOptions::from_list(options);
   const Steps layout = make_steps(input, batch_sizes);
   const Sizes sz = check_layer(input, hx, cx, params, opts, layout);
+  check_flow_probe(flow_probe, input, sz, layout);
   c10::OptionalDeviceGuard device_guard(input.device());
   return dispatch_compute(input, [&](auto compute) {
     return forward_impl<decltype(compute)>(input, hx, cx, params, opts, layout, sz, kernels);
@@ -606,6 +704,7 @@ layer_backward(const std::optional<at::Tensor>& grad_output,
   const LayerOptions opts = LayerOptions::from_list(options);
   const Steps layout = make_steps(input, batch_sizes);
   const Sizes sz = check_layer(input, hx, cx, params, opts, layout);
+  check_backward(grad_output, grad_hy, grad_cy, input, output, gates, cells, sz, layout);
   c10::OptionalDeviceGuard device_guard(input.device());
   return dispatch_compute(input, [&](auto compute) {
     return backward_impl<decltype(compute)>(grad_output, grad_hy, grad_cy, input, hx, cx, params,

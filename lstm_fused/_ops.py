@@ -20,40 +20,102 @@ layer_forward = torch.ops.lstm_fused.layer_forward.default
 layer_backward = torch.ops.lstm_fused.layer_backward.default
 
 
+# -- checks at the op boundary ---------------------------------------------------------------
+# The fake kernels repeat the C++ checks of csrc/ops.cpp (check_layer, check_flow_probe,
+# check_backward) with torch._check, so that eager and compiled calls refuse the same
+# arguments. What a fake tensor cannot show (the values of batch_sizes) is checked in C++ only.
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _layer_sizes(input, params, opts, batch_sizes):
+def _expect(t, name, shape, dtype, device):
+    torch._check(t.device == device,
+                 lambda: f"lstm_fused: {name} must be on {device} (the input's device), got "
+                 f"{t.device}")
+    torch._check(t.dtype == dtype,
+                 lambda: f"lstm_fused: {name} must have dtype {dtype}, got {t.dtype}")
+    torch._check(t.dim() == len(shape),
+                 lambda: f"lstm_fused: {name} must have shape {list(shape)}, got {list(t.shape)}")
+    for got, want in zip(t.shape, shape):
+        torch._check(got == want, lambda: f"lstm_fused: {name} must have shape {list(shape)}, "
+                     f"got {list(t.shape)}")
+
+
+def _param_names(opts):
+    return (["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if opts.has_biases else [])
+            + (["weight_hr"] if opts.has_proj else []))
+
+
+def _check_layer(input, hx, cx, params, opts, batch_sizes):
+    """Sizes (D, H, P, steps, rows) after the checks of csrc/ops.cpp check_layer."""
+    torch._check(input.dtype in _DTYPES, lambda: "lstm_fused: input must be float16, bfloat16, "
+                 f"float32 or float64, got {input.dtype}")
     directions = opts.directions
-    per_direction = 2 + 2 * int(opts.has_biases) + int(opts.has_proj)
+    names = _param_names(opts)
+    per_direction = len(names)
     torch._check(
         len(params) == per_direction * directions,
-        lambda: f"lstm_fused: expected {per_direction * directions} parameter tensors, "
-        f"got {len(params)}",
+        lambda: f"lstm_fused: expected {per_direction * directions} parameter tensors "
+        f"({directions} direction(s) x {per_direction}: {', '.join(names)}), got {len(params)}",
     )
-    hidden = params[0].shape[0] // 4
-    out_size = params[per_direction - 1].shape[0] if opts.has_proj else hidden
+    w_ih = params[0]
+    torch._check(w_ih.dim() == 2 and w_ih.shape[0] % 4 == 0 and w_ih.shape[0] > 0,
+                 lambda: "lstm_fused: params[0] (weight_ih) must be a 2-D (4*hidden_size, "
+                 f"input_size) tensor with hidden_size > 0, got shape {list(w_ih.shape)}")
+    hidden, input_size = w_ih.shape[0] // 4, w_ih.shape[1]
+    out_size = hidden
+    if opts.has_proj:
+        w_hr = params[per_direction - 1]
+        torch._check(w_hr.dim() == 2 and w_hr.shape[0] > 0,
+                     lambda: f"lstm_fused: params[{per_direction - 1}] (weight_hr) must be a 2-D "
+                     f"(proj_size, hidden_size) tensor with proj_size > 0, got shape "
+                     f"{list(w_hr.shape)}")
+        out_size = w_hr.shape[0]
     if batch_sizes is None:
-        torch._check(input.dim() == 3, lambda: "lstm_fused: input must be 3-D (T, B, I)")
-        steps, rows = input.shape[0], input.shape[0] * input.shape[1]
+        torch._check(input.dim() == 3, lambda: "lstm_fused: input must be 3-D (T, B, input_size), "
+                     f"got {input.dim()}-D")
+        steps, batch, rows = input.shape[0], input.shape[1], input.shape[0] * input.shape[1]
     else:
-        torch._check(input.dim() == 2, lambda: "lstm_fused: packed input must be 2-D (N, I)")
-        steps, rows = batch_sizes.shape[0], input.shape[0]
-    torch._check(
-        input.shape[-1] == params[0].shape[1],
-        lambda: "lstm_fused: input.size(-1) must be equal to input_size",
-    )
+        torch._check(batch_sizes.dim() == 1 and batch_sizes.dtype == torch.int64
+                     and batch_sizes.device.type == "cpu",
+                     lambda: "lstm_fused: batch_sizes must be a 1-D int64 CPU tensor")
+        torch._check(input.dim() == 2, lambda: "lstm_fused: packed input must be 2-D "
+                     f"(N, input_size), got {input.dim()}-D")
+        steps, batch, rows = batch_sizes.shape[0], hx.shape[1], input.shape[0]
+    torch._check(input.shape[-1] == input_size,
+                 lambda: "lstm_fused: input.size(-1) must be equal to input_size. Expected "
+                 f"{input_size}, got {input.shape[-1]}")
+    for name, t, size in (("hidden[0]", hx, out_size), ("hidden[1]", cx, hidden)):
+        torch._check(t.dim() == 3 and t.shape[0] == directions and t.shape[1] == batch
+                     and t.shape[2] == size,
+                     lambda: f"lstm_fused: Expected {name} size ({directions}, {batch}, {size}), "
+                     f"got {list(t.shape)}")
+        torch._check(t.device == input.device,
+                     lambda: "Input and hidden tensors are not at the same device, found input "
+                     f"tensor at {input.device} and hidden tensor at {t.device}")
+        torch._check(t.dtype == input.dtype, lambda: f"lstm_fused: hidden state dtype {t.dtype} "
+                     f"does not match input dtype {input.dtype}")
+    shapes = {"weight_ih": (4 * hidden, input_size), "weight_hh": (4 * hidden, out_size),
+              "bias_ih": (4 * hidden,), "bias_hh": (4 * hidden,), "weight_hr": (out_size, hidden)}
+    for index, param in enumerate(params):
+        torch._check(param.device == input.device,
+                     lambda: "Input and parameter tensors are not at the same device, found "
+                     f"input tensor at {input.device} and parameter tensor at {param.device}")
+        torch._check(param.dtype == input.dtype, lambda: f"lstm_fused: parameter dtype "
+                     f"{param.dtype} does not match input dtype {input.dtype}")
+        name = names[index % per_direction]
+        _expect(param, f"params[{index}] ({name} of direction {index // per_direction})",
+                shapes[name], input.dtype, input.device)
     return directions, hidden, out_size, steps, rows
 
 
 @torch.library.register_fake("lstm_fused::layer_forward")
 def _layer_forward_fake(input, hx, cx, params, batch_sizes, flow_probe, options):
-    directions, hidden, out_size, _, rows = _layer_sizes(
-        input, params, LayerOptions.from_list(options), batch_sizes)
-    torch._check(hx.shape[0] == directions and hx.shape[2] == out_size,
-                 lambda: "lstm_fused: hx has the wrong shape")
-    torch._check(cx.shape[0] == directions and cx.shape[2] == hidden,
-                 lambda: "lstm_fused: cx has the wrong shape")
+    directions, hidden, out_size, steps, rows = _check_layer(
+        input, hx, cx, params, LayerOptions.from_list(options), batch_sizes)
     acc = acc_dtype(input.dtype)
+    if flow_probe is not None:
+        _expect(flow_probe, "flow_probe", (directions, steps, 3), acc, input.device)
     if batch_sizes is None:
         output = input.new_empty((input.shape[0], input.shape[1], directions * out_size))
     else:
@@ -66,9 +128,18 @@ def _layer_forward_fake(input, hx, cx, params, batch_sizes, flow_probe, options)
 @torch.library.register_fake("lstm_fused::layer_backward")
 def _layer_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, params, output, gates,
                          cells, batch_sizes, record_flow, options):
-    directions, _, _, steps, _ = _layer_sizes(
-        input, params, LayerOptions.from_list(options), batch_sizes)
+    directions, hidden, out_size, steps, rows = _check_layer(
+        input, hx, cx, params, LayerOptions.from_list(options), batch_sizes)
     acc = acc_dtype(input.dtype)
+    output_shape = ((input.shape[0], input.shape[1], directions * out_size) if batch_sizes is None
+                    else (rows, directions * out_size))
+    _expect(output, "output", output_shape, input.dtype, input.device)
+    _expect(gates, "gates", (directions, rows, 4 * hidden), acc, input.device)
+    _expect(cells, "cells", (directions, rows, hidden), acc, input.device)
+    for name, grad, shape in (("grad_output", grad_output, output_shape),
+                              ("grad_hy", grad_hy, hx.shape), ("grad_cy", grad_cy, cx.shape)):
+        if grad is not None:
+            _expect(grad, name, shape, input.dtype, input.device)
     flow_shape = (directions, steps, 3) if record_flow else (0,)
     return (
         input.new_empty(input.shape),
