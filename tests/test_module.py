@@ -611,12 +611,16 @@ class _Net(nn.Module):
         return self.heads[0](y)
 
 
-def test_convert_model(backend):
+def _net_input_output_params():
+    """A _Net, an input, its output and its Parameters before any conversion."""
     torch.manual_seed(0)
     net = _Net().double().eval()
     x = torch.randn(2, 5, 3, dtype=torch.float64)
-    exp = net(x)
-    params_before = list(net.parameters())
+    return net, x, net(x), list(net.parameters())
+
+
+def test_convert_model(backend):
+    net, x, exp, params_before = _net_input_output_params()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     out = lstm_fused.convert(net, backend=backend)
     assert out is net
@@ -711,11 +715,7 @@ def test_converted_program_draws_the_same_dropout_masks(backend):
 
 
 def test_revert_is_the_inverse_of_convert(backend):
-    torch.manual_seed(0)
-    net = _Net().double().eval()
-    x = torch.randn(2, 5, 3, dtype=torch.float64)
-    exp = net(x)
-    params_before = list(net.parameters())
+    net, x, exp, params_before = _net_input_output_params()
     lstm_fused.convert(net, backend=backend)
     assert lstm_fused.revert(net) is net
     assert type(net.enc) is nn.LSTM and type(net.body[1]) is nn.LSTM
