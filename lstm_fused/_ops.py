@@ -145,8 +145,9 @@ def _flow_from_last_step(grad_output, grad_hy, grad_cy, input, hx, cx, params, o
         return flow[..., :2].flip(1).square()
     directions = opts.directions
     rows_total = input.shape[0]
-    step_of_row, row_in_step, step_offsets = reference.packed_row_positions(batch_sizes)
-    lengths = reference.sequence_lengths(batch_sizes)
+    step_of_row, row_in_step, step_offsets = reference.packed_row_positions(batch_sizes,
+                                                                             rows_total)
+    lengths = reference.sequence_lengths(batch_sizes, hx.shape[1])
     # realigned packed row (k, b) holds the original row (lengths[b] - 1 - k, b)
     source = (step_offsets[lengths[row_in_step] - 1 - step_of_row] + row_in_step).to(input.device)
     # realigned direction j runs original direction order[j]; one direction is run twice

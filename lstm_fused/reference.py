@@ -31,17 +31,21 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def sequence_lengths(batch_sizes: Tensor) -> Tensor:
-    """Length of each sequence (B,) of a packing, in its (sorted) row order."""
-    return (batch_sizes[:, None] > torch.arange(int(batch_sizes[0]))[None, :]).sum(0)
+# Both with output shapes that do not depend on batch_sizes' values (B, N given), so that
+# they trace under torch.compile.
+def sequence_lengths(batch_sizes: Tensor, batch: int) -> Tensor:
+    """Length of each of the `batch` sequences of a packing (B,), in its (sorted) row order."""
+    return (batch_sizes[:, None] > torch.arange(batch)[None, :]).sum(0)
 
 
-def packed_row_positions(batch_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(step t, batch row b) of every packed row, (N,) each, and the first row of every
-    step (T,)."""
-    step_of_row = torch.repeat_interleave(torch.arange(len(batch_sizes)), batch_sizes)
-    step_offsets = batch_sizes.cumsum(0) - batch_sizes
-    return step_of_row, torch.arange(len(step_of_row)) - step_offsets[step_of_row], step_offsets
+def packed_row_positions(batch_sizes: Tensor, rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(step t, batch row b) of each of the `rows` packed rows, (N,) each, and the first row
+    of every step (T,)."""
+    step_ends = batch_sizes.cumsum(0)
+    row = torch.arange(rows)
+    step_of_row = torch.searchsorted(step_ends, row, right=True)
+    step_offsets = step_ends - batch_sizes
+    return step_of_row, row - step_offsets[step_of_row], step_offsets
 
 
 class _Tap(torch.autograd.Function):
@@ -205,7 +209,7 @@ def lstm_layer(input: Tensor, hx: Tensor, cx: Tensor, params,
     lengths = None
     if flow_probe is not None and flow_probe.shape[-1] == FLOW_CHANNELS_PER_SEQUENCE:
         lengths = (torch.full((B,), T) if batch_sizes is None
-                   else sequence_lengths(batch_sizes))
+                   else sequence_lengths(batch_sizes, hx.shape[1]))
     offsets = [0] * len(sizes)
     for t in range(1, len(sizes)):
         offsets[t] = offsets[t - 1] + sizes[t - 1]
