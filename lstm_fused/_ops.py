@@ -8,11 +8,14 @@ compiled graph keeps the fused BPTT loop as one node.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from . import reference
 from ._loader import load_library
 from .options import LayerOptions
-from .reference import acc_dtype  # 16-bit inputs: float32 gates and cell state
+from .reference import FLOW_CHANNELS_PER_SEQUENCE, acc_dtype  # acc: float32 for 16-bit inputs
 
 load_library()
 
@@ -157,6 +160,9 @@ def _setup_context(ctx, inputs, output):
     ctx.options = list(options)
     ctx.has_batch_sizes = batch_sizes is not None
     ctx.record_flow = flow_probe is not None and flow_probe.requires_grad
+    # (D, T, 5) probes also ask for the flow counted from each sequence's own last step
+    ctx.flow_from_last_step = (ctx.record_flow
+                               and flow_probe.shape[-1] == FLOW_CHANNELS_PER_SEQUENCE)
     saved = [input, hx, cx, out, gates, cells, *params]
     if batch_sizes is not None:
         saved.append(batch_sizes)
@@ -185,13 +191,63 @@ def _backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells):
         grads = (grad_input, grad_hx, grad_cx, grad_params)
     grad_input, grad_hx, grad_cx, grad_params = grads
     grad_probe = flow if ctx.record_flow and flow is not None else None
+    if grad_probe is not None and ctx.flow_from_last_step:
+        from_last_step = _flow_from_last_step(
+            grad_output, grad_hy, grad_cy, input, hx, cx, params, out, gates, cells,
+            batch_sizes, LayerOptions.from_list(ctx.options), flow)
+        grad_probe = torch.cat([flow, from_last_step], -1)
     return grad_input, grad_hx, grad_cx, grad_params, None, grad_probe, None
+
+
+def _flow_from_last_step(grad_output, grad_hy, grad_cy, input, hx, cx, params, out, gates,
+                         cells, batch_sizes, opts, flow):
+    """Sums of squares of [dL/dc, dL/dh] (D, T, 2) over the sequences, at k = 0, 1, ... steps
+    before each sequence's own last step (the flow indexes t, where only the longest sequence
+    reaches t=T-1).
+
+    One more layer_backward, on the time-reversed layout: every packed sequence reversed
+    within its own length (a packing with the same batch_sizes) and the directions swapped
+    (the reverse direction over a reversed sequence is the forward direction over the
+    sequence). Its flow at step k is taken over the rows k steps before their own last step.
+    Exact with element-wise clipping; norm clipping couples the rows of a step, and the
+    gradient-flow recorder does not ask for it then.
+    """
+    if batch_sizes is None:  # every sequence ends at t=T-1
+        return flow[..., :2].flip(1).square()
+    directions = opts.directions
+    rows_total = input.shape[0]
+    step_of_row, row_in_step, step_offsets = reference.packed_row_positions(batch_sizes,
+                                                                             rows_total)
+    lengths = reference.sequence_lengths(batch_sizes, hx.shape[1])
+    # realigned packed row (k, b) holds the original row (lengths[b] - 1 - k, b)
+    source = (step_offsets[lengths[row_in_step] - 1 - step_of_row] + row_in_step).to(input.device)
+    # realigned direction j runs original direction order[j]; one direction is run twice
+    # (as both directions of a bidirectional call): only the reverse one is read
+    order = [1, 0] if opts.bidirectional else [0, 0]
+    per_direction = len(params) // directions
+
+    def columns(t):  # (N, D*P) per-direction columns, reordered
+        if t is None:
+            return None
+        t = t[source].view(rows_total, directions, -1)[:, order]
+        return t.reshape(rows_total, -1)
+
+    def by_direction(t):
+        return None if t is None else t[order]
+
+    realigned_params = [p for d in order
+                        for p in params[d * per_direction:(d + 1) * per_direction]]
+    *_, realigned_flow = layer_backward(
+        columns(grad_output), by_direction(grad_hy), by_direction(grad_cy), input[source],
+        hx[order], cx[order], realigned_params, columns(out), gates[order][:, source],
+        cells[order][:, source], batch_sizes, True,
+        dataclasses.replace(opts, bidirectional=True).to_list())
+    # original direction 0 ran as realigned direction 1, direction 1 as 0
+    return realigned_flow[[1, 0][:directions], :, :2].square()
 
 
 def _differentiable_backward(grad_output, grad_hy, grad_cy, input, hx, cx, params,
                              batch_sizes, opts):
-    from . import reference
-
     inputs = [input, hx, cx, *params]
     # a backward inside an autocast region runs with autocast on: recompute in the saved
     # tensors' dtypes, as layer_backward does (csrc/ops.cpp excludes autocast there)

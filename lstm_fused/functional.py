@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .options import LayerOptions
+from .options import CLIP_MODES, LayerOptions
 
 __all__ = ["BACKENDS", "available_backends", "backend_unavailable_reason", "lstm"]
 
@@ -91,6 +91,13 @@ def lstm(input: Tensor, hx: Tensor, cx: Tensor, flat_weights, has_biases: bool,
                          f"got {len(flow_probes)}")
     options = LayerOptions(has_biases=has_biases, has_proj=has_proj, bidirectional=bidirectional,
                            bptt_clip=float(bptt_clip), bptt_clip_mode=int(bptt_clip_mode))
+    if options.clip_mode == CLIP_MODES["norm"] and flow_probes is not None and any(
+            p is not None and p.shape[-1] == reference.FLOW_CHANNELS_PER_SEQUENCE
+            for p in flow_probes):
+        # norm clipping couples the rows of a step; the fused op could not count each
+        # sequence back from its own last step exactly
+        raise ValueError("flow probes of 5 channels (norms from each sequence's last step) "
+                         "cannot be used with norm clipping (bptt_clip_mode 2)")
     x = input
     hys, cys = [], []
     for layer in range(num_layers):

@@ -13,7 +13,10 @@ zero "probe" tensor (directions, T, 3) with requires_grad=True per layer; the la
 [||dL/dc[t]||, ||dL/dh[t]||, mean f[t]] as the probe's gradient (docs/ARCHITECTURE.md), so the
 telemetry costs nothing when no recorder is set. Norms are taken over the rows active at step
 t (all of the batch, or the sequences still running for a PackedSequence), after any BPTT
-clipping; t indexes the sequence, whatever the direction.
+clipping; t indexes the sequence, whatever the direction. For a PackedSequence of unequal
+lengths the probes are (directions, T, 5): the op also returns the norms counted back from
+each sequence's own last step (reference.FLOW_CHANNELS_PER_SEQUENCE), which the decay
+ratios use.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from .module import LSTM
-from .reference import acc_dtype
+from .options import CLIP_MODES
+from .reference import FLOW_CHANNELS_PER_SEQUENCE, acc_dtype
 
 __all__ = ["EXPLODING_ABOVE", "VANISHING_BELOW", "FlowVerdict", "GradientFlow", "ModuleFlow",
            "heatmap_image", "log_gradients", "plot_heatmaps", "record_gradient_flow",
@@ -49,14 +53,17 @@ class FlowVerdict:
     """Decay of the gradient back through time for one layer and direction of one module.
 
     `dh_ratio` / `dc_ratio`: ||dL/dh|| (resp. ||dL/dc||) at the step where backprop through
-    time ends (t=0 for the forward direction, t=T-1 for the reverse one) divided by the norm
-    at the step where it starts (normally t=T-1, resp. t=0; see decay_ratio); nan when no
-    gradient arrived. For the usual loss on the last step of a forward LSTM this is
-    ||g[0]|| / ||g[T-1]||. `verdict` is judged on dh_ratio: "vanishing" (< VANISHING_BELOW),
-    "exploding" (> EXPLODING_ABOVE, or any non-finite norm), "healthy", or "no gradient".
-    A loss on every step (or, for a lower layer of a stack, the layer above) feeds every
-    dL/dh[t] directly, so the ratio then mixes carried and injected gradient: read the
-    heatmap too.
+    time ends (t=0 for the forward direction, the last step for the reverse one) divided by
+    the norm at the step where it starts (normally the last step, resp. t=0; see
+    decay_ratio), norms over the batch; nan when no gradient arrived. For the usual loss on
+    the last step of a forward LSTM this is ||g[0]|| / ||g[T-1]||. `last_step_of`: "batch"
+    when the last step is t=T-1 for every sequence (unpacked input, or packed of equal
+    lengths), "sequence" when it is each sequence's own last step (packed input of unequal
+    lengths: t=T-1 holds only the longest sequences). `verdict` is judged on dh_ratio:
+    "vanishing" (< VANISHING_BELOW), "exploding" (> EXPLODING_ABOVE, or any non-finite
+    norm), "healthy", or "no gradient". A loss on every step (or, for a lower layer of a
+    stack, the layer above) feeds every dL/dh[t] directly, so the ratio then mixes carried
+    and injected gradient: read the heatmap too.
     """
 
     module: str
@@ -65,21 +72,30 @@ class FlowVerdict:
     dh_ratio: float
     dc_ratio: float
     verdict: str
+    last_step_of: str = "batch"
 
 
-def decay_ratio(norms: Tensor, reverse: bool) -> float:
+def decay_ratio(norms: Tensor, reverse: bool,
+                norms_from_last_step: Tensor | None = None) -> float:
     """Norm at the far end of backprop through time over the norm at its start, for one
     direction's per-step norms (T,); nan when all are zero.
 
-    Backprop runs from t=T-1 down to t=0 for the forward direction and the other way for the
-    reverse one; it "starts" at the first step in that order with a nonzero norm (a loss on
-    the last output feeds the reverse direction's t=T-1 only, its far end).
+    Backprop runs from each sequence's last step down to t=0 for the forward direction and
+    the other way for the reverse one; it "starts" at the first step in that order with a
+    nonzero norm (a loss on the last output feeds the reverse direction's last step only,
+    its far end). `norms_from_last_step` (T,): the same norms at k = 0, 1, ... steps before
+    each sequence's own last step, for packed sequences of unequal lengths; None means every
+    sequence ends at t=T-1 (then it is norms reversed).
     """
-    in_backprop_order = norms if reverse else norms.flip(0)
-    nonzero = in_backprop_order.nonzero()
+    if norms_from_last_step is None:
+        norms_from_last_step = norms.flip(0)
+    # t=0 is every sequence's first step, k=0 every sequence's last one
+    start_order, far_end = ((norms, norms_from_last_step[0]) if reverse
+                            else (norms_from_last_step, norms[0]))
+    nonzero = start_order.nonzero()
     if len(nonzero) == 0:
         return math.nan
-    return float(in_backprop_order[-1]) / float(in_backprop_order[nonzero[0, 0]])
+    return float(far_end) / float(start_order[nonzero[0, 0]])
 
 
 def verdict(norms: Tensor, ratio: float) -> str:
@@ -99,14 +115,34 @@ class ModuleFlow:
     """Telemetry of one forward of one LSTM module.
 
     `data`: (layers, directions, T, 3), the op's flow per layer stacked; `dc_norm`,
-    `dh_norm`, `forget_mean` are its (layers, directions, T) slices.
+    `dh_norm`, `forget_mean` are its (layers, directions, T) slices. For packed sequences
+    of unequal lengths (layers, directions, T, 5): channels 3 and 4 are the sums of squares
+    of dL/dc and dL/dh at k steps before each sequence's own last step, read through
+    `dc_norm_from_last_step` / `dh_norm_from_last_step`.
     """
 
     def __init__(self, data: Tensor):
-        if data.dim() != 4 or data.shape[-1] != len(_FLOW_FIELDS):
-            raise ValueError(
-                f"ModuleFlow expects (layers, directions, T, 3), got {tuple(data.shape)}")
+        if data.dim() != 4 or data.shape[-1] not in (len(_FLOW_FIELDS),
+                                                     FLOW_CHANNELS_PER_SEQUENCE):
+            raise ValueError("ModuleFlow expects (layers, directions, T, 3) or (..., T, 5), "
+                             f"got {tuple(data.shape)}")
         self.data = data
+
+    @property
+    def per_sequence(self) -> bool:
+        """True when the norms from each sequence's own last step were recorded."""
+        return self.data.shape[-1] == FLOW_CHANNELS_PER_SEQUENCE
+
+    @property
+    def dc_norm_from_last_step(self) -> Tensor | None:
+        """||dL/dc||_2 over the sequences at k = 0, 1, ... steps before each one's own last
+        step, (layers, directions, T); None unless per_sequence."""
+        return self.data[..., 3].sqrt() if self.per_sequence else None
+
+    @property
+    def dh_norm_from_last_step(self) -> Tensor | None:
+        """||dL/dh||_2 like dc_norm_from_last_step."""
+        return self.data[..., 4].sqrt() if self.per_sequence else None
 
     @property
     def dc_norm(self) -> Tensor:
@@ -138,13 +174,19 @@ class ModuleFlow:
     def summary(self, name: str = "") -> list[FlowVerdict]:
         """One FlowVerdict per layer and direction (decay ratios and verdict)."""
         out = []
+        last_step_of = "sequence" if self.per_sequence else "batch"
         for layer in range(self.data.shape[0]):
             for direction in range(self.data.shape[1]):
                 dh, dc = self.dh_norm[layer, direction], self.dc_norm[layer, direction]
+                dh_from_last = dc_from_last = None
+                if self.per_sequence:
+                    dh_from_last = self.dh_norm_from_last_step[layer, direction]
+                    dc_from_last = self.dc_norm_from_last_step[layer, direction]
                 reverse = direction == 1
-                dh_ratio = decay_ratio(dh, reverse)
-                out.append(FlowVerdict(name, layer, direction, dh_ratio, decay_ratio(dc, reverse),
-                                       verdict(dh, dh_ratio)))
+                dh_ratio = decay_ratio(dh, reverse, dh_from_last)
+                out.append(FlowVerdict(name, layer, direction, dh_ratio,
+                                       decay_ratio(dc, reverse, dc_from_last),
+                                       verdict(dh, dh_ratio), last_step_of))
         return out
 
 
@@ -165,8 +207,15 @@ class GradientFlow(Mapping):
             return None
         steps = len(batch_sizes) if batch_sizes is not None else input.shape[0]
         directions = 2 if module.bidirectional else 1
+        # Unequal lengths: also the norms from each sequence's own last step. Not under norm
+        # clipping, which couples the sequences of a step: the op could not measure them
+        # exactly, and the ratios stay those of the batch's last step (FlowVerdict).
+        unequal_lengths = batch_sizes is not None and bool(batch_sizes[0] != batch_sizes[-1])
+        channels = (FLOW_CHANNELS_PER_SEQUENCE
+                    if unequal_lengths and module.bptt_clip_mode != CLIP_MODES["norm"]
+                    else len(_FLOW_FIELDS))
         # the op returns flow in the acc dtype (float32 for 16-bit inputs)
-        probes = [torch.zeros(directions, steps, len(_FLOW_FIELDS), dtype=acc_dtype(input.dtype),
+        probes = [torch.zeros(directions, steps, channels, dtype=acc_dtype(input.dtype),
                               device=input.device, requires_grad=True)
                   for _ in range(module.num_layers)]
         self._probes.setdefault(name, []).append(probes)
@@ -204,12 +253,20 @@ class GradientFlow(Mapping):
         return [v for name, module_flow in self.items() for v in module_flow.summary(name)]
 
     def report(self) -> str:
-        """summary() as a text table."""
-        lines = [f"{'module':<16}{'layer':>6}{'dir':>5}{'dh ratio':>12}{'dc ratio':>12}  verdict"]
+        """summary() as a text table; column "last step" says where the ratios put the end
+        of the sequences (FlowVerdict.last_step_of)."""
+        last_step = {"batch": "t=T-1", "sequence": "each seq's"}
+        lines = [f"{'module':<16}{'layer':>6}{'dir':>5}{'dh ratio':>12}{'dc ratio':>12}"
+                 f"  {'last step':<11} verdict"]
         for v in self.summary():
             direction = "rev" if v.direction else "fwd"
             lines.append(f"{v.module or '(model)':<16}{v.layer:>6}{direction:>5}"
-                         f"{v.dh_ratio:>12.3g}{v.dc_ratio:>12.3g}  {v.verdict}")
+                         f"{v.dh_ratio:>12.3g}{v.dc_ratio:>12.3g}"
+                         f"  {last_step[v.last_step_of]:<11} {v.verdict}")
+        lines.append("ratio: norm over the batch where backprop through time ends / where it "
+                     "starts")
+        lines.append("last step: t=T-1 for every sequence, or each sequence's own (packed "
+                     "input of unequal lengths)")
         return "\n".join(lines)
 
     def plot(self, path, relative: bool = False) -> Path:

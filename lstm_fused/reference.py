@@ -17,12 +17,35 @@ from torch import Tensor
 
 from .options import LayerOptions
 
-__all__ = ["lstm_layer", "acc_dtype"]
+__all__ = ["lstm_layer", "acc_dtype", "FLOW_CHANNELS_PER_SEQUENCE", "sequence_lengths",
+           "packed_row_positions"]
+
+# A flow probe (D, T, 3) gets [||dL/dc[t]||, ||dL/dh[t]||, mean f[t]] as its gradient; one of
+# (D, T, 5) also gets the sums of squares of dL/dc and dL/dh at k = 0, 1, ... steps before
+# each sequence's own last step (channels 3 and 4; docs/ARCHITECTURE.md).
+FLOW_CHANNELS_PER_SEQUENCE = 5
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the layer computes in: float32 for 16-bit inputs, else the input dtype."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# Both with output shapes that do not depend on batch_sizes' values (B, N given), so that
+# they trace under torch.compile.
+def sequence_lengths(batch_sizes: Tensor, batch: int) -> Tensor:
+    """Length of each of the `batch` sequences of a packing (B,), in its (sorted) row order."""
+    return (batch_sizes[:, None] > torch.arange(batch)[None, :]).sum(0)
+
+
+def packed_row_positions(batch_sizes: Tensor, rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(step t, batch row b) of each of the `rows` packed rows, (N,) each, and the first row
+    of every step (T,)."""
+    step_ends = batch_sizes.cumsum(0)
+    row = torch.arange(rows)
+    step_of_row = torch.searchsorted(step_ends, row, right=True)
+    step_offsets = step_ends - batch_sizes
+    return step_of_row, row - step_offsets[step_of_row], step_offsets
 
 
 class _Tap(torch.autograd.Function):
@@ -31,12 +54,15 @@ class _Tap(torch.autograd.Function):
 
     The tapped tensor's incoming gradient is the total dL/dh[t] (resp. dL/dc[t]):
     autograd sums every consumer (output, next step, hy/cy) before calling this backward.
+    `steps_to_last` (rows,): how many steps each active row is before its sequence's last
+    step, for a (D, T, 5) probe (None otherwise).
     """
 
     @staticmethod
-    def forward(ctx, x, probe, d, t, slot, f_mean, clip, mode):
+    def forward(ctx, x, probe, d, t, slot, f_mean, clip, mode, steps_to_last):
         ctx.d, ctx.t, ctx.slot, ctx.clip, ctx.mode = d, t, slot, clip, mode
         ctx.f_mean = f_mean
+        ctx.steps_to_last = steps_to_last
         ctx.has_probe = probe is not None
         if probe is not None:
             ctx.probe_meta = (probe.shape, probe.dtype, probe.device)
@@ -58,7 +84,12 @@ class _Tap(torch.autograd.Function):
             grad_probe[ctx.d, ctx.t, ctx.slot] = torch.linalg.vector_norm(g.detach()).to(dtype)
             if ctx.f_mean is not None:
                 grad_probe[ctx.d, ctx.t, 2] = ctx.f_mean.to(dtype)
-        return g, grad_probe, None, None, None, None, None, None
+            if ctx.steps_to_last is not None:
+                # channels 3, 4: sums of squares per row, binned by steps to its last step
+                row_squares = g.detach().square().sum(1).to(dtype)
+                grad_probe[ctx.d, :, 3 + ctx.slot].index_add_(
+                    0, ctx.steps_to_last.to(device), row_squares)
+        return g, grad_probe, None, None, None, None, None, None, None
 
 
 def _split_params(params, has_biases: bool, has_proj: bool, num_directions: int):
@@ -79,8 +110,9 @@ def _split_params(params, has_biases: bool, has_proj: bool, num_directions: int)
 
 
 def _direction(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, sizes, offsets, reverse,
-               d, probe, clip, mode):
-    """One direction over packed rows x (N, I). Returns (out (N, P), hy (B, P), cy (B, H))."""
+               d, probe, clip, mode, lengths):
+    """One direction over packed rows x (N, I). Returns (out (N, P), hy (B, P), cy (B, H)).
+    lengths: (B,) sequence lengths for a (D, T, 5) probe, else None."""
     T = len(sizes)
     H = w_hh.shape[0] // 4
     gx = x @ w_ih.t()
@@ -113,16 +145,17 @@ def _direction(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, sizes, offsets, reverse,
         gg = torch.tanh(g[:, 2 * H:3 * H])
         o = torch.sigmoid(g[:, 3 * H:4 * H])
         c = f * c + i * gg
+        steps_to_last = lengths[:bs] - 1 - t if lengths is not None else None
         if tapping:
             f_mean = None
             if probe is not None:
                 f_mean = f.detach().mean() if f.numel() else f.new_zeros(())
-            c = _Tap.apply(c, probe, d, t, 0, f_mean, clip, mode)
+            c = _Tap.apply(c, probe, d, t, 0, f_mean, clip, mode, steps_to_last)
         h = o * torch.tanh(c)
         if w_hr is not None:
             h = h @ w_hr.t()
         if tapping:
-            h = _Tap.apply(h, probe, d, t, 1, None, clip, mode)
+            h = _Tap.apply(h, probe, d, t, 1, None, clip, mode, steps_to_last)
         outs[t] = h
     if not reverse:
         done_h.append(h)
@@ -157,7 +190,8 @@ def lstm_layer(input: Tensor, hx: Tensor, cx: Tensor, params,
     options.bptt_clip > 0 with bptt_clip_mode 1 clamps dL/dh[t] and dL/dc[t] element-wise to
     [-clip, clip]; mode 2 rescales each so that its L2 norm over the step's active rows is at
     most clip. flow_probe: a (D, T, 3) tensor with requires_grad=True; its gradient becomes
-    [||dL/dc[t]||, ||dL/dh[t]||, mean f[t]] per direction and step, measured after clipping.
+    [||dL/dc[t]||, ||dL/dh[t]||, mean f[t]] per direction and step, measured after clipping;
+    a (D, T, 5) one also gets FLOW_CHANNELS_PER_SEQUENCE's channels 3 and 4.
     """
     has_biases, has_proj, bidirectional = options.has_biases, options.has_proj, options.bidirectional
     bptt_clip_mode = options.clip_mode
@@ -172,6 +206,10 @@ def lstm_layer(input: Tensor, hx: Tensor, cx: Tensor, params,
     else:
         sizes = [int(s) for s in batch_sizes.tolist()]
         x = input
+    lengths = None
+    if flow_probe is not None and flow_probe.shape[-1] == FLOW_CHANNELS_PER_SEQUENCE:
+        lengths = (torch.full((B,), T) if batch_sizes is None
+                   else sequence_lengths(batch_sizes, hx.shape[1]))
     offsets = [0] * len(sizes)
     for t in range(1, len(sizes)):
         offsets[t] = offsets[t - 1] + sizes[t - 1]
@@ -183,7 +221,7 @@ def lstm_layer(input: Tensor, hx: Tensor, cx: Tensor, params,
         cast = (lambda w: None if w is None else w.to(acc))
         out, hy, cy = _direction(
             x, h0[d], c0[d], cast(w_ih), cast(w_hh), cast(b_ih), cast(b_hh), cast(w_hr),
-            sizes, offsets, d == 1, d, flow_probe, clip, bptt_clip_mode)
+            sizes, offsets, d == 1, d, flow_probe, clip, bptt_clip_mode, lengths)
         outs.append(out)
         hys.append(hy)
         cys.append(cy)

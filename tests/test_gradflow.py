@@ -33,7 +33,9 @@ def make_data(B, lengths, seed=0):
     return x, mask
 
 
-def loss_weights(rnn, mask, seed=1):
+def loss_weights(rnn, mask, seed=1, output_loss=True):
+    """Weights of the random linear loss on (output, hy, cy); output_loss=False zeroes the
+    output's (the hy and cy weights stay the same)."""
     gen = torch.Generator().manual_seed(seed)
     T, B = mask.shape
     D = 2 if rnn.bidirectional else 1
@@ -41,7 +43,7 @@ def loss_weights(rnn, mask, seed=1):
     def rand(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
-    return (rand(T, B, D * H) * mask[..., None], rand(rnn.num_layers * D, B, H),
+    return (rand(T, B, D * H) * mask[..., None] * output_loss, rand(rnn.num_layers * D, B, H),
             rand(rnn.num_layers * D, B, H))
 
 
@@ -75,10 +77,13 @@ class _nothing:
         return False
 
 
-def run_unrolled(rnn, x, mask, clip=0.0, mode=None):
+def run_unrolled(rnn, x, mask, clip=0.0, mode=None, from_last_step=False, output_loss=True):
     """The same loss through an LSTM unrolled one step at a time from rnn's parameters,
     optionally clipping the gradient of every c[t] and h[t] (by value or by norm over the
-    batch). Returns dh, dc, mean f as (layers, directions, T) and the parameter gradients."""
+    batch). Returns dh, dc, mean f as (layers, directions, T) and the parameter gradients.
+    from_last_step=True: dh and dc at index k are the norms over the sequences of their
+    gradients k steps before each sequence's own last step (instead of at step t=k).
+    output_loss: as in loss_weights."""
     T, B = mask.shape
     L, D = rnn.num_layers, 2 if rnn.bidirectional else 1
     params = {name: p.detach().clone().requires_grad_() for name, p in rnn.named_parameters()}
@@ -118,12 +123,20 @@ def run_unrolled(rnn, x, mask, clip=0.0, mode=None):
             hy.append(h)
             cy.append(c)
         layer_input = torch.cat(outputs, -1)
-    w_out, w_hy, w_cy = loss_weights(rnn, mask)
+    w_out, w_hy, w_cy = loss_weights(rnn, mask, output_loss=output_loss)
     loss = (layer_input * w_out).sum() + (torch.stack(hy) * w_hy).sum() \
         + (torch.stack(cy) * w_cy).sum()
     loss.backward()
-    dc, dh = (torch.tensor([[[states[layer, d, t][k].grad.norm() for t in range(T)]
-                             for d in range(D)] for layer in range(L)]) for k in (0, 1))
+    lengths = mask.sum(0).tolist()
+
+    def norm(layer, d, step, slot):
+        if not from_last_step:
+            return states[layer, d, step][slot].grad.norm()
+        return torch.stack([states[layer, d, length - 1 - step][slot].grad[b]
+                            for b, length in enumerate(lengths) if length > step]).norm()
+
+    dc, dh = (torch.tensor([[[norm(layer, d, step, slot) for step in range(T)]
+                             for d in range(D)] for layer in range(L)]) for slot in (0, 1))
     return dh, dc, forget_mean, {n: p.grad for n, p in params.items()}
 
 
@@ -167,6 +180,67 @@ def test_clipped_gradients_match_unrolled_clipping(backend, mode, clip, packed):
         torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(flow.dh_norm, dh, rtol=1e-6, atol=0)
     torch.testing.assert_close(flow.dc_norm, dc, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05], ids=["noclip", "valueclip"])
+@pytest.mark.parametrize("cfg,lengths", [(dict(num_layers=1), [6, 2, 4, 1]),
+                                         (dict(num_layers=2, bidirectional=True), [5, 3, 5, 1])],
+                         ids=["1layer", "2layer-bidir"])
+def test_norms_from_each_sequence_last_step_match_unrolled_lstm(backend, cfg, lengths, clip):
+    """Packed sequences of unequal lengths: the norms over the sequences k steps before each
+    one's own last step, as the unrolled LSTM's retain_grad shows them (element-wise
+    clipping included)."""
+    torch.manual_seed(0)
+    rnn = Model(backend, bptt_clip=clip or None, **cfg).rnn
+    x, mask = make_data(len(lengths), lengths)
+    flow = run_module(rnn, x, mask, packed=True)["rnn"]
+    dh, dc, _, _ = run_unrolled(rnn, x, mask, clip, "value" if clip else None,
+                                from_last_step=True)
+    assert flow.per_sequence and flow.dh_norm_from_last_step.shape == dh.shape
+    torch.testing.assert_close(flow.dh_norm_from_last_step, dh, rtol=1e-6, atol=0)
+    torch.testing.assert_close(flow.dc_norm_from_last_step, dc, rtol=1e-6, atol=0)
+
+
+def test_packed_decay_is_measured_from_each_sequence_last_step(backend):
+    """One long sequence and three short ones, the loss on hy and cy (each sequence's last
+    step): t=T-1 holds the long sequence only, so a ratio to it ignored the others. The
+    ratios start (forward direction) and end (reverse direction) at every sequence's own
+    last step, as the unrolled LSTM's norms give them, and report() says so."""
+    torch.manual_seed(0)
+    rnn = Model(backend, bidirectional=True).rnn
+    lengths = [9, 3, 3, 3]
+    x, mask = make_data(len(lengths), lengths)
+    holder = nn.ModuleDict({"rnn": rnn})
+    w_hy, w_cy = loss_weights(rnn, mask)[1:]
+    with record_gradient_flow(holder) as flow:
+        _, (hy, cy) = rnn(pack_padded_sequence(x, torch.tensor(lengths)))
+        ((hy * w_hy).sum() + (cy * w_cy).sum()).backward()
+    fwd, rev = flow.summary()
+    dh_t, _, _, _ = run_unrolled(rnn, x, mask, output_loss=False)
+    dh_k, _, _, _ = run_unrolled(rnn, x, mask, output_loss=False, from_last_step=True)
+    assert (fwd.last_step_of, rev.last_step_of) == ("sequence", "sequence")
+    # forward: from each sequence's last step (k=0) back to t=0
+    assert fwd.dh_ratio == pytest.approx(float(dh_t[0, 0, 0] / dh_k[0, 0, 0]), rel=1e-6)
+    assert fwd.dh_ratio != pytest.approx(float(dh_t[0, 0, 0] / dh_t[0, 0, -1]), rel=0.1)
+    # reverse: from t=0 to each sequence's last step (k=0)
+    assert rev.dh_ratio == pytest.approx(float(dh_k[0, 1, 0] / dh_t[0, 1, 0]), rel=1e-6)
+    assert rev.dh_ratio != pytest.approx(float(dh_t[0, 1, -1] / dh_t[0, 1, 0]), rel=0.1)
+    assert "each seq's" in flow.report().splitlines()[1]
+
+
+def test_equal_lengths_and_norm_clipping_keep_the_batch_last_step():
+    """Unpacked input and packed input of equal lengths end every sequence at t=T-1 (the
+    ratios are the batch's, as before); under norm clipping, which couples the sequences of
+    a step, the per-sequence norms are not recorded and the ratios say so."""
+    for packed, lengths, kw in ((False, [5] * 3, {}), (True, [5] * 3, {}),
+                                (True, [5, 3, 4], dict(bptt_clip=0.2, bptt_clip_mode="norm"))):
+        rnn = Model(**kw).rnn
+        x, mask = make_data(3, lengths)
+        flow = run_module(rnn, x, mask, packed)["rnn"]
+        assert not flow.per_sequence and flow.dh_norm_from_last_step is None
+        [v] = flow.summary()
+        assert v.last_step_of == "batch"
+        assert v.dh_ratio == pytest.approx(float(flow.dh_norm[0, 0, 0] / flow.dh_norm[0, 0, -1]))
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["seq", "packed"])

@@ -611,12 +611,16 @@ class _Net(nn.Module):
         return self.heads[0](y)
 
 
-def test_convert_model(backend):
+def _net_input_output_params():
+    """A _Net, an input, its output and its Parameters before any conversion."""
     torch.manual_seed(0)
     net = _Net().double().eval()
     x = torch.randn(2, 5, 3, dtype=torch.float64)
-    exp = net(x)
-    params_before = list(net.parameters())
+    return net, x, net(x), list(net.parameters())
+
+
+def test_convert_model(backend):
+    net, x, exp, params_before = _net_input_output_params()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     out = lstm_fused.convert(net, backend=backend)
     assert out is net
@@ -711,11 +715,7 @@ def test_converted_program_draws_the_same_dropout_masks(backend):
 
 
 def test_revert_is_the_inverse_of_convert(backend):
-    torch.manual_seed(0)
-    net = _Net().double().eval()
-    x = torch.randn(2, 5, 3, dtype=torch.float64)
-    exp = net(x)
-    params_before = list(net.parameters())
+    net, x, exp, params_before = _net_input_output_params()
     lstm_fused.convert(net, backend=backend)
     assert lstm_fused.revert(net) is net
     assert type(net.enc) is nn.LSTM and type(net.body[1]) is nn.LSTM
@@ -804,6 +804,11 @@ def test_functional_lstm_matches_module(backend):
     with pytest.raises(ValueError, match="expected 20 weights"):
         functional.lstm(inp, h0, c0, ours._flat_weights[:-1], True, K, 2, 0.0, False, True,
                         backend=backend)
+    per_sequence_probes = [torch.zeros(2, 5, 5, dtype=torch.float64, requires_grad=True)] * 2
+    with pytest.raises(ValueError, match="cannot be used with norm clipping"):
+        functional.lstm(inp, h0, c0, ours._flat_weights, True, K, 2, 0.0, False, True,
+                        backend=backend, flow_probes=per_sequence_probes, bptt_clip=0.1,
+                        bptt_clip_mode=2)
 
 
 def test_available_backends():
@@ -834,10 +839,15 @@ def test_bptt_clip_attributes_reach_the_backend(backend):
 NON_REFERENCE = [p for p in BACKEND_PARAMS if p.values[0] != "reference"]
 
 
+# probe channels: 3 = the flow per step t, 5 = also per step before each sequence's last one
+# (not with norm clipping, which functional.lstm refuses for it)
+CLIP_AND_PROBE = [(0, 0.0, 3), (1, 0.02, 3), (2, 0.05, 3), (0, 0.0, 5), (1, 0.02, 5)]
+
+
 @pytest.mark.parametrize("backend", NON_REFERENCE)
-@pytest.mark.parametrize("mode,clip", [(0, 0.0), (1, 0.02), (2, 0.05)])
+@pytest.mark.parametrize("mode,clip,channels", CLIP_AND_PROBE)
 @pytest.mark.parametrize("kind", ["seq", "packed_unsorted"])
-def test_clip_and_flow_match_reference(backend, mode, clip, kind):
+def test_clip_and_flow_match_reference(backend, mode, clip, channels, kind):
     """Gradients under BPTT clipping, and the flow telemetry, equal the reference's."""
     _, ours = make_pair(backend, input_size=I, hidden_size=H, num_layers=2,
                         bidirectional=True, proj_size=K)
@@ -848,7 +858,7 @@ def test_clip_and_flow_match_reference(backend, mode, clip, kind):
     T = 5
     results = []
     for m in (ours, oracle):
-        probes = [torch.zeros(2, T, 3, dtype=torch.float64, requires_grad=True)
+        probes = [torch.zeros(2, T, channels, dtype=torch.float64, requires_grad=True)
                   for _ in range(2)]
         m.flow_recorder = lambda mod, x, bs, probes=probes: probes
         m.bptt_clip, m.bptt_clip_mode = clip, mode
