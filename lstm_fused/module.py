@@ -13,7 +13,7 @@ import warnings
 
 import torch
 import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, _VF
 from torch.nn.utils.rnn import PackedSequence
 
 from . import functional
@@ -35,6 +35,28 @@ _BPTT_CLIP_MODES = {"value": 1, "norm": 2}
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return _C10_DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def _in_onnx_export() -> bool:
+    """True while torch.onnx.export captures the model, with either exporter: the legacy one
+    (dynamo=False) traces with torch.jit, the dynamo one runs torch.export, and both set
+    torch.onnx.is_in_onnx_export(). The cheap checks come first, so that an eager forward
+    pays two flag reads and never imports torch.onnx (a lazily imported module); under
+    torch.compile Dynamo folds both to False."""
+    return ((torch.jit.is_tracing() or torch.compiler.is_exporting())
+            and _onnx_export_flag())
+
+
+def _onnx_export_flag() -> bool:
+    return torch.onnx.is_in_onnx_export()
+
+
+# The dynamo exporter captures with torch.export(strict=False) and, when that fails, retries
+# with strict=True, where Dynamo traces the forward and folds torch.onnx.is_in_onnx_export()
+# to False. Marked as torch.compiler.assume_constant_result marks a function (which would
+# import torch._dynamo, 1.3 s, at import time), Dynamo calls it instead and takes the real
+# flag, so the strict retry too exports ONNX LSTM nodes or raises our error.
+_onnx_export_flag._dynamo_marked_constant = True
 
 
 class LSTM(nn.RNNBase):
@@ -184,18 +206,27 @@ class LSTM(nn.RNNBase):
     def forward(self, input, hx=None):  # noqa: C901 - mirrors nn.LSTM.forward
         self._update_flat_weights()
 
+        # ONNX export runs the aten op nn.LSTM runs (see below); nothing else changes
+        onnx_export = _in_onnx_export()
+        if onnx_export and self.proj_size > 0:
+            raise RuntimeError(
+                "lstm_fused.LSTM: ONNX export of proj_size > 0 is not supported: ONNX's LSTM "
+                "operator has no projection (nn.LSTM cannot be exported with it either)")
         orig_input = input
         batch_sizes = None
         is_packed = isinstance(orig_input, PackedSequence)
         if is_packed:
             if torch.compiler.is_exporting():
                 # checked here, before int(batch_sizes[0]) fails as a data-dependent guard
+                onnx_hint = ("; torch.onnx.export(..., dynamo=False) exports it, as for "
+                             "nn.LSTM" if onnx_export else "")
                 raise RuntimeError(
                     "lstm_fused.LSTM: torch.export does not support PackedSequence input (the "
                     "graph's shapes would depend on the values of batch_sizes); export with a "
-                    "padded (T, B, *) tensor input instead")
+                    f"padded (T, B, *) tensor input instead{onnx_hint}")
             input, batch_sizes, sorted_indices, unsorted_indices = input
-            max_batch_size = int(batch_sizes[0])
+            # traced as nn.LSTM traces it under ONNX export (not a constant batch size)
+            max_batch_size = batch_sizes[0] if onnx_export else int(batch_sizes[0])
             self._check_packed_args(input, hx, batch_sizes)
             if hx is None:
                 hx = self._zero_state(input, max_batch_size)
@@ -249,10 +280,14 @@ class LSTM(nn.RNNBase):
 
             input, h0, c0 = cast(input), cast(h0), cast(c0)
             weights = [cast(w) for w in weights]
-        if not is_packed and self.batch_first:
+        # time-major for functional.lstm; under ONNX export batch_first goes to the aten op
+        # as nn.LSTM passes it: the same graph as nn.LSTM's (with a transpose of ours after
+        # the op, the dynamo exporter baked the example's sequence length into the graph)
+        transpose = self.batch_first and not is_packed and not onnx_export
+        if transpose:
             input = input.transpose(0, 1)
         flow_probes = None
-        if self.flow_recorder is not None:
+        if self.flow_recorder is not None and not onnx_export:
             flow_probes = self.flow_recorder(self, input, batch_sizes)
         # Autocast is switched off (the inputs are cast above) only where it is on: an
         # unconditional torch.autocast(enabled=False) puts a wrap_with_autocast node around
@@ -260,16 +295,19 @@ class LSTM(nn.RNNBase):
         no_autocast = (torch.autocast(device_type, enabled=False) if autocasting
                        else contextlib.nullcontext())
         with no_autocast:
-            output, hy, cy = functional.lstm(
-                input, h0, c0, weights, self.bias, self.proj_size, self.num_layers,
-                self.dropout, self.training, self.bidirectional, batch_sizes,
-                backend=self.backend, flow_probes=flow_probes, bptt_clip=self.bptt_clip,
-                bptt_clip_mode=self.bptt_clip_mode)
+            if onnx_export:
+                output, hy, cy = _onnx_lstm(self, input, h0, c0, weights, batch_sizes)
+            else:
+                output, hy, cy = functional.lstm(
+                    input, h0, c0, weights, self.bias, self.proj_size, self.num_layers,
+                    self.dropout, self.training, self.bidirectional, batch_sizes,
+                    backend=self.backend, flow_probes=flow_probes, bptt_clip=self.bptt_clip,
+                    bptt_clip_mode=self.bptt_clip_mode)
         hidden = (hy, cy)
         if is_packed:
             output_packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
             return output_packed, self.permute_hidden(hidden, unsorted_indices)
-        if self.batch_first:
+        if transpose:
             output = output.transpose(0, 1)
         if not is_batched:
             output = output.squeeze(batch_dim)
@@ -317,6 +355,21 @@ class LSTM(nn.RNNBase):
         _move_parameters(self, new, share_parameters)
         new.train(self.training)
         return new
+
+
+def _onnx_lstm(m: LSTM, input: Tensor, h0: Tensor, c0: Tensor, weights,
+               batch_sizes: Tensor | None):
+    """The forward under torch.onnx.export: the aten op nn.LSTM.forward calls, on the same
+    flat weights (input as given, batch_first or not, or packed data), which both exporters
+    translate to ONNX LSTM nodes (one per layer). ONNX has no translation for the fused op;
+    the result is the same computation: bptt_clip acts on gradients only, forget_bias is in
+    the weights, and backend only picks the kernels."""
+    args = (m.bias, m.num_layers, m.dropout, m.training, m.bidirectional)
+    if batch_sizes is None:
+        output, hy, cy = _VF.lstm(input, (h0, c0), weights, *args, m.batch_first)
+    else:
+        output, hy, cy = _VF.lstm(input, batch_sizes, (h0, c0), weights, *args)
+    return output, hy, cy
 
 
 def _check_expressible_by_nn_lstm(m: LSTM, name: str = "") -> None:
