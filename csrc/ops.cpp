@@ -224,11 +224,13 @@ Sizes check_layer(const at::Tensor& input, const at::Tensor& hx, const at::Tenso
 }
 
 // The forward's optional flow_probe: (D, T, 3) in the acc dtype, where the backward writes
-// the gradient-flow telemetry.
+// the gradient-flow telemetry, or (D, T, 5) when the autograd (_ops.py) also measures the
+// flow from each sequence's own last step.
 void check_flow_probe(const std::optional<at::Tensor>& flow_probe, const at::Tensor& input,
                       const Sizes& sz, const Steps& layout) {
   if (!flow_probe.has_value() || !flow_probe->defined()) return;
-  expect_tensor(*flow_probe, "flow_probe", {sz.directions, layout.steps, 3},
+  const int64_t channels = flow_probe->dim() == 3 && flow_probe->size(2) == 5 ? 5 : 3;
+  expect_tensor(*flow_probe, "flow_probe", {sz.directions, layout.steps, channels},
                 acc_type(input.scalar_type()), input.device());
 }
 

@@ -118,7 +118,9 @@ def _layer_forward_fake(input, hx, cx, params, batch_sizes, flow_probe, options)
         input, hx, cx, params, LayerOptions.from_list(options), batch_sizes)
     acc = acc_dtype(input.dtype)
     if flow_probe is not None:
-        _expect(flow_probe, "flow_probe", (directions, steps, 3), acc, input.device)
+        channels = (FLOW_CHANNELS_PER_SEQUENCE if flow_probe.dim() == 3
+                    and flow_probe.shape[2] == FLOW_CHANNELS_PER_SEQUENCE else 3)
+        _expect(flow_probe, "flow_probe", (directions, steps, channels), acc, input.device)
     if batch_sizes is None:
         output = input.new_empty((input.shape[0], input.shape[1], directions * out_size))
     else:
