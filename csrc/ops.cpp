@@ -20,6 +20,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/flush_denormals.h"
 #include "layer_options.h"
 #include "lstm_layer.h"
 #include "lstm_steps.h"
@@ -729,6 +730,8 @@ TORCH_LIBRARY(lstm_fused, m) {
       "Tensor flow)");
 }
 
-TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) { register_layer_ops<cpu::kernels>(m); }
+TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) {
+  register_layer_ops<cpu::kernels, cpu::FlushDenormals>(m);
+}
 
 }  // namespace lstm_fused

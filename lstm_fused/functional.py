@@ -15,7 +15,8 @@ from torch import Tensor
 from . import reference
 from .options import CLIP_MODES, LayerOptions
 
-__all__ = ["BACKENDS", "available_backends", "backend_unavailable_reason", "lstm"]
+__all__ = ["BACKENDS", "available_backends", "backend_unavailable_reason", "lstm",
+           "set_flush_denormals"]
 
 # Set on the first successful load of the compiled ops; kept as a module global so that
 # torch.compile sees a constant after the library has been loaded once (LSTM.__init__ with
@@ -58,6 +59,16 @@ def backend_unavailable_reason(name: str) -> str | None:
         except (ImportError, OSError, RuntimeError, AttributeError) as e:
             return f"fused backend unavailable: {type(e).__name__}: {e}"
     return None
+
+
+def set_flush_denormals(enabled: bool) -> bool:
+    """Whether the fused CPU kernels flush subnormal floats to zero (FTZ/DAZ; on by default:
+    a vanishing gradient runs into subnormals, which x86 cores compute on many times slower).
+    Only the kernels' own threads change, for the duration of each call: the caller's floating
+    point state (`torch.set_flush_denormal`) is left as it was. Returns the previous setting.
+    The environment variable LSTM_FUSED_FLUSH_DENORMALS=0 turns it off at start-up."""
+    _load_fused()
+    return torch.ops.lstm_fused.set_flush_denormals(bool(enabled))
 
 
 def available_backends() -> list[str]:

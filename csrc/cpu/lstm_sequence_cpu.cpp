@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../step_weight.h"
+#include "flush_denormals.h"
 #include "lstm_rows_cpu.h"
 
 // MKL's C API (mkl_service.h maps mkl_set_num_threads_local to it; the lower-case symbol
@@ -89,6 +90,7 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
 #pragma omp parallel num_threads(slices)
   {
     const SequentialBlas sequential;
+    const FlushDenormals flush;  // this thread's MXCSR, restored at the region's end
     const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
     for (int64_t s = 0; s < a.steps; ++s) {
       const int64_t t = a.time(s);
@@ -144,6 +146,7 @@ bool backward_sequence_impl(const BackwardSequenceArgs<T>& a) {
 #pragma omp parallel num_threads(slices)
   {
     const SequentialBlas sequential;
+    const FlushDenormals flush;  // this thread's MXCSR, restored at the region's end
     const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
     // Reverse of the forward processing order.
     for (int64_t s = a.steps - 1; s >= 0; --s) {

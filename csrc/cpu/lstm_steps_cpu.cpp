@@ -8,6 +8,7 @@
 #include <cmath>
 #include <vector>
 
+#include "flush_denormals.h"
 #include "lstm_rows_cpu.h"
 
 namespace lstm_fused {
@@ -37,7 +38,7 @@ T norm_clip_scale(T sum_squares, T clip) {
 template <typename T>
 void forward_step_impl(const ForwardStepArgs<T>& args) {
   const int64_t H = args.hidden;
-  at::parallel_for(0, args.rows, row_grain(4 * H), [&](int64_t begin, int64_t end) {
+  parallel_for(0, args.rows, row_grain(4 * H), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       forward_row<T>(args.gates + r * 4 * H, H, nullptr, nullptr, 0, args.cell_state + r * H,
                      args.cells + r * H, args.hidden_state + r * H,
@@ -51,7 +52,7 @@ void hidden_grad_impl(const HiddenGradStepArgs<T>& args) {
   const int64_t P = args.size;
   constexpr bool kRowSums = kSumSquares || kClip == kClipNorm;
   std::vector<T> row_sums(kRowSums ? args.rows : 0);
-  at::parallel_for(0, args.rows, row_grain(P), [&](int64_t begin, int64_t end) {
+  parallel_for(0, args.rows, row_grain(P), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* grad_output =
           args.grad_output ? args.grad_output + r * args.grad_output_stride : nullptr;
@@ -66,7 +67,7 @@ void hidden_grad_impl(const HiddenGradStepArgs<T>& args) {
     const T scale = norm_clip_scale(sum_squares, args.clip);
     if (scale != T(1)) {
       const int64_t count = args.rows * P;
-      at::parallel_for(0, count, 16384, [&](int64_t begin, int64_t end) {
+      parallel_for(0, count, 16384, [&](int64_t begin, int64_t end) {
         for (int64_t k = begin; k < end; ++k) args.dhidden[k] *= scale;
       });
       sum_squares *= scale * scale;
@@ -92,13 +93,13 @@ void backward_impl(const BackwardStepArgs<T>& args) {
   std::vector<T> row_sums(args.rows);
   T scale = 1;
   if constexpr (kClip == kClipNorm) {
-    at::parallel_for(0, args.rows, grain, [&](int64_t begin, int64_t end) {
+    parallel_for(0, args.rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
         row_sums[r] = backward_step_row<T, kClip, true, true>(args, r, T(1));
     });
     scale = norm_clip_scale(total(row_sums), args.clip);
   }
-  at::parallel_for(0, args.rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, args.rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       row_sums[r] = backward_step_row<T, kClip, false, kSumSquares>(args, r, scale);
   });
