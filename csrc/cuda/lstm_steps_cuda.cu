@@ -1,8 +1,8 @@
 // CUDA step kernels (GPU plan, stage 1), host side: one fused pointwise kernel per time step
 // and pass, between the per-step GEMMs that the layer driver (csrc/ops.cpp) runs through at::
 // ops. The kernels, their two shapes (fast path, two-stage reduction) and the launch shapes are
-// in lstm_steps_kernels.cuh; here the vector width and the template flags are dispatched and
-// the kernels launched.
+// in lstm_steps_kernels.cuh (run on the CPU by tests/test_steps_emulated.py); here the vector
+// width and the template flags are dispatched and the kernels launched.
 //
 // Every kernel runs on the current stream of the current device (the driver holds the device
 // guard), never synchronises the host and never allocates, so a whole forward+backward can be

@@ -1,6 +1,8 @@
 // Device code of the CUDA step kernels (GPU plan, stage 1), and the launch shapes their host
 // side uses. Included by lstm_steps_cuda.cu (the host side: dispatch, launches, the kernels()
-// table); no torch includes, so that a CPU emulation of CUDA can compile it too.
+// table) and, with LSTM_FUSED_EMULATE_CUDA defined, by tests/emulation/steps_emulator.cpp,
+// which runs these very kernels on the CPU (one fiber per CUDA thread, real block barriers and
+// warp shuffles, tests/test_steps_emulated.py) with the same launch shapes. No torch includes.
 //
 // One fused pointwise kernel per time step and pass. The gate math is lstm_cell.h's,
 // instantiated for float/double, so the GPU runs the arithmetic the CPU tests check.
