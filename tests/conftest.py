@@ -1,7 +1,15 @@
-"""Shared helpers: backends to test, module pairs with identical weights, and a runner that
-compares nn.LSTM and lstm_fused.LSTM on outputs and on every gradient."""
+"""Shared helpers: backends to test, module pairs with identical weights, a runner that
+compares nn.LSTM and lstm_fused.LSTM on outputs and on every gradient, and the build and run
+of the CUDA emulator programs of tests/emulation/."""
 
 from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -161,3 +169,57 @@ def compare_modules(ref, ours, inp, hx, leaves, tol=None, check_grads=True):
     for name, a, b in zip(names, grads_ref, grads_ours):
         assert a is not None and b is not None, name
         torch.testing.assert_close(b, a, **tol, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+# ---- CUDA kernels under the CPU emulation (tests/emulation/)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMULATION = os.path.join(ROOT, "tests", "emulation")
+EMULATION_HEADERS = [os.path.join(EMULATION, name)
+                     for name in ("cuda_emulation.h", "emulator_harness.h")]
+
+
+def _cxx_compiler():
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def build_emulator(program, headers):
+    """The binary of tests/emulation/<program>.cpp, compiled (C++20, -O2) into the temp folder
+    once per content of its sources (the program, the emulation, `headers`: paths under csrc/)
+    and compiler. Skips the calling test without Linux (ucontext fibers) or a C++ compiler."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the emulator uses ucontext fibers (Linux)")
+    cxx = _cxx_compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    main = os.path.join(EMULATION, program + ".cpp")
+    digest = hashlib.sha256(cxx.encode())
+    for path in [main] + EMULATION_HEADERS + [os.path.join(ROOT, "csrc", h) for h in headers]:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    exe = os.path.join(tempfile.gettempdir(), f"lstm_fused_{program}_{digest.hexdigest()[:16]}")
+    if not os.path.exists(exe):
+        tmp = exe + f".{os.getpid()}.tmp"
+        cmd = [cxx, "-std=c++20", "-O2", "-pthread", "-Wall", "-Wno-unknown-pragmas",
+               "-I", os.path.join(ROOT, "csrc"), "-I", EMULATION, main, "-o", tmp]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, f"{program} does not compile:\n{res.stderr[-4000:]}"
+        os.replace(tmp, exe)
+    return exe
+
+
+def emulator_cases(exe):
+    """The case names the emulator binary runs (`--list`)."""
+    out = subprocess.run([exe, "--list"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    return out.stdout.split()
+
+
+def assert_emulated_case_passes(exe, case, timeout=300):
+    res = subprocess.run([exe, case], capture_output=True, text=True, timeout=timeout)
+    lines = res.stdout.strip().splitlines()
+    assert res.returncode == 0 and lines and lines[-1].startswith("PASS"), \
+        res.stdout[-3000:] + res.stderr[-3000:]

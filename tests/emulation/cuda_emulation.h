@@ -1,31 +1,45 @@
-// A tiny CPU emulation of the CUDA features the persistent kernels use, so the kernels of
-// csrc/cuda/lstm_persistent_kernels.cuh run unchanged on a machine without a GPU:
-// one fiber (ucontext) per CUDA thread, threadIdx/blockIdx, dynamic shared memory per block,
-// __syncthreads (block barrier) and cooperative_groups::this_grid().sync() (grid barrier),
-// __ldcg, float4, min, fmaf.
+// A tiny CPU emulation of the CUDA features the project's kernels use, so the kernels of
+// csrc/cuda/lstm_persistent_kernels.cuh and csrc/cuda/lstm_steps_kernels.cuh run unchanged on a
+// machine without a GPU: one fiber (ucontext) per CUDA thread, threadIdx/blockIdx/blockDim/
+// gridDim (1-D), dynamic shared memory and __shared__ arrays per block, __syncthreads (block
+// barrier), cooperative_groups::this_grid().sync() (grid barrier), __shfl_down_sync (full
+// warps of 32 lanes), the launch of a __global__ function (launch_kernel), __ldcg, float4,
+// min, fmaf, sqrt.
 //
 // Scheduling: blocks run one at a time, each from one grid barrier to the next; within a
-// block, every ready fiber runs until its next barrier (or its end), and a block barrier opens
-// when all the block's threads wait at it. The order of blocks and of threads is a parameter
-// (forward, reverse, shuffled): a kernel whose results depend on it has a race (two threads
-// touching the same memory between two barriers: threads of a block between block barriers,
-// blocks between grid barriers), which the emulator's callers detect by comparing the results
-// of several orders bit for bit. A barrier that not every thread reaches (divergence, early
-// exit, a block barrier against a grid barrier) is reported as an error instead of hanging.
+// block, every ready fiber runs until its next barrier or shuffle (or its end); a shuffle
+// completes when all 32 lanes of the warp wait at it, a block barrier opens when all the
+// block's threads wait at it. The order of blocks and of threads is a parameter (forward,
+// reverse, shuffled): a kernel whose results depend on it has a race (two threads touching the
+// same memory between two barriers: threads of a block between block barriers, blocks between
+// grid barriers or within one launch without them), which the emulator's callers detect by
+// comparing the results of several orders bit for bit. A barrier or shuffle that not every
+// thread reaches (divergence, early exit, a block barrier against a grid barrier) is reported
+// as an error instead of hanging.
+//
+// __shared__ arrays are thread_local statics, and every block runs its turns on an OS thread
+// of its own (the threads take turns: one runs at a time, in the scheduling order), so every
+// block has its own arrays, zero at the block's start (a GPU leaves them undefined).
 #pragma once
 
 #include <ucontext.h>
 
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <exception>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <thread>
+#include <type_traits>
 #include <vector>
 
 #define LSTM_FUSED_EMULATE_CUDA 1
@@ -35,6 +49,7 @@
 #define __forceinline__ inline
 #define __grid_constant__
 #define __launch_bounds__(...)
+#define __shared__ static thread_local
 
 struct alignas(16) float4 {
   float x, y, z, w;
@@ -44,6 +59,7 @@ inline float __ldcg(const float* p) { return *p; }
 inline float4 __ldcg(const float4* p) { return *p; }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
+using std::sqrt;  // float and double overloads, as in CUDA device code
 
 namespace emu {
 
@@ -51,7 +67,9 @@ struct Dim3 {
   unsigned x = 0, y = 0, z = 0;
 };
 
-enum class State { kReady, kBlockBarrier, kGridBarrier, kDone };
+enum class State { kReady, kShuffle, kBlockBarrier, kGridBarrier, kDone, kFailed };
+
+constexpr int kWarpSize = 32;
 
 struct Fiber {
   ucontext_t context;
@@ -59,13 +77,19 @@ struct Fiber {
   Dim3 thread, block;
   State state = State::kReady;
   float* smem = nullptr;
+  // At a shuffle: the bytes this lane offers, their size, the distance down to the lane it
+  // reads; after it: what it read.
+  uint64_t shuffle_offer = 0, shuffle_result = 0;
+  size_t shuffle_bytes = 0;
+  unsigned shuffle_delta = 0;
 };
 
 struct Machine {
   ucontext_t scheduler;
   Fiber* current = nullptr;
   std::function<void()> body;
-  std::string error;
+  Dim3 block_dim, grid_dim;
+  std::string error;  // set by a fiber that cannot go on; the scheduler throws it
 };
 
 inline Machine& machine() {
@@ -81,6 +105,31 @@ inline void wait(State state) {
   swapcontext(&f.context, &machine().scheduler);
 }
 
+// Stops the calling fiber for good; launch() throws `message`.
+[[noreturn]] inline void fail(const std::string& message) {
+  if (machine().error.empty()) machine().error = message;
+  wait(State::kFailed);
+  std::abort();  // never resumed
+}
+
+// __shfl_down_sync for a full warp: lane l gets the value of lane l + delta, or its own
+// value where l + delta is past the warp. All 32 lanes exchange at the same point.
+template <typename T>
+T shuffle_down(unsigned mask, T value, unsigned delta, int width) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= sizeof(uint64_t));
+  if (mask != 0xffffffffu || width != kWarpSize) {
+    fail("emulator: only full-warp shuffles (mask 0xffffffff, width 32) are emulated");
+  }
+  Fiber& f = self();
+  std::memcpy(&f.shuffle_offer, &value, sizeof(T));
+  f.shuffle_bytes = sizeof(T);
+  f.shuffle_delta = delta;
+  wait(State::kShuffle);
+  T result;
+  std::memcpy(&result, &f.shuffle_result, sizeof(T));
+  return result;
+}
+
 inline void entry() {
   machine().body();
   self().state = State::kDone;
@@ -89,20 +138,115 @@ inline void entry() {
 
 enum class Order { kForward, kReverse, kShuffled };
 
+// The OS thread a block's turns run on (its thread_local storage holds the block's
+// __shared__ arrays). run() hands it one turn and waits for it, so one thread runs at a time.
+class BlockThread {
+ public:
+  BlockThread() : thread_([this] { serve(); }) {}
+  BlockThread(const BlockThread&) = delete;
+  BlockThread& operator=(const BlockThread&) = delete;
+  ~BlockThread() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    thread_.join();
+  }
+  // Runs turn() on this thread; rethrows what it threw.
+  void run(const std::function<void()>& turn) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    turn_ = &turn;
+    error_ = nullptr;
+    wake_.notify_all();
+    wake_.wait(lock, [this] { return turn_ == nullptr; });
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void serve() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [this] { return stop_ || turn_ != nullptr; });
+      if (stop_) return;
+      try {
+        (*turn_)();
+      } catch (...) {
+        error_ = std::current_exception();
+      }
+      turn_ = nullptr;
+      wake_.notify_all();
+    }
+  }
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  const std::function<void()>* turn_ = nullptr;
+  std::exception_ptr error_;
+  bool stop_ = false;
+  std::thread thread_;  // last: starts once the members above exist
+};
+
+// One block of a launch. Its fibers and thread exist from its first turn until all of its
+// fibers are done, so that a launch of many blocks without grid barriers holds one block's
+// stacks at a time.
+struct Block {
+  std::vector<Fiber> fibers;
+  std::vector<float> smem;
+  std::unique_ptr<BlockThread> thread;
+  bool done = false;
+};
+
+inline std::string where(int b, int warp = -1) {
+  const std::string block = "emulator: block " + std::to_string(b);
+  return warp >= 0 ? block + " warp " + std::to_string(warp) : block;
+}
+
+// Completes the shuffle of every warp whose lanes wait at one; false when none does.
+inline bool complete_shuffles(std::vector<Fiber>& fibers, int b) {
+  bool any = false;
+  for (size_t w = 0; w * kWarpSize < fibers.size(); ++w) {
+    Fiber* lanes = &fibers[w * kWarpSize];
+    const size_t lane_count = std::min<size_t>(kWarpSize, fibers.size() - w * kWarpSize);
+    size_t waiting = 0;
+    for (size_t l = 0; l < lane_count; ++l) waiting += lanes[l].state == State::kShuffle;
+    if (waiting == 0) continue;
+    if (waiting != kWarpSize) {
+      throw std::runtime_error(where(b, static_cast<int>(w)) + ": " + std::to_string(waiting) +
+                               " of " + std::to_string(kWarpSize) +
+                               " lanes wait at __shfl_down_sync, the others do not");
+    }
+    for (size_t l = 0; l < lane_count; ++l) {
+      if (lanes[l].shuffle_bytes != lanes[0].shuffle_bytes) {
+        throw std::runtime_error(where(b, static_cast<int>(w)) +
+                                 ": lanes shuffle values of different types");
+      }
+      const size_t source = l + lanes[l].shuffle_delta;
+      lanes[l].shuffle_result = lanes[source < kWarpSize ? source : l].shuffle_offer;
+    }
+    for (size_t l = 0; l < lane_count; ++l) lanes[l].state = State::kReady;
+    any = true;
+  }
+  return any;
+}
+
 // Runs body() as a grid of `blocks` x `threads` threads with `smem_bytes` of dynamic shared
 // memory per block (filled with NaN: reading what nobody wrote shows). Throws on a barrier
-// that cannot open.
+// or shuffle that cannot complete.
 inline void launch(int blocks, int threads, size_t smem_bytes, Order order, unsigned seed,
                    std::function<void()> body) {
   constexpr size_t kStack = 64 * 1024;
   Machine& m = machine();
   m.body = std::move(body);
-  std::vector<std::vector<float>> smem(blocks,
-                                       std::vector<float>(smem_bytes / 4 + 4, std::nanf("")));
-  std::vector<Fiber> fibers(static_cast<size_t>(blocks) * threads);
-  for (int b = 0; b < blocks; ++b) {
+  m.error.clear();
+  m.block_dim = {static_cast<unsigned>(threads), 1, 1};
+  m.grid_dim = {static_cast<unsigned>(blocks), 1, 1};
+  std::vector<Block> grid(blocks);
+  auto start_block = [&](int b) {
+    Block& blk = grid[b];
+    blk.smem.assign(smem_bytes / 4 + 4, std::nanf(""));
+    blk.fibers = std::vector<Fiber>(threads);  // in place: a ucontext_t must not move
     for (int t = 0; t < threads; ++t) {
-      Fiber& f = fibers[static_cast<size_t>(b) * threads + t];
+      Fiber& f = blk.fibers[t];
       f.stack.reset(new char[kStack]);
       getcontext(&f.context);
       f.context.uc_stack.ss_sp = f.stack.get();
@@ -112,10 +256,10 @@ inline void launch(int blocks, int threads, size_t smem_bytes, Order order, unsi
       f.thread.x = t;
       f.block.x = b;
       // 16-byte aligned, as CUDA's dynamic shared memory
-      uintptr_t base = reinterpret_cast<uintptr_t>(smem[b].data());
+      uintptr_t base = reinterpret_cast<uintptr_t>(blk.smem.data());
       f.smem = reinterpret_cast<float*>((base + 15) & ~uintptr_t(15));
     }
-  }
+  };
   // Blocks run one after the other, each until all its threads wait at the grid barrier (or
   // are done): a block gets a whole grid-barrier interval ahead of the others, so the block
   // order decides which of two blocks touches shared global memory first.
@@ -128,50 +272,83 @@ inline void launch(int blocks, int threads, size_t smem_bytes, Order order, unsi
     std::reverse(thread_order.begin(), thread_order.end());
   }
   std::mt19937 rng(seed);
-  auto fiber = [&](int b, int t) -> Fiber& { return fibers[static_cast<size_t>(b) * threads + t]; };
   for (;;) {
     if (order == Order::kShuffled) std::shuffle(block_order.begin(), block_order.end(), rng);
     for (int b : block_order) {
-      for (;;) {
-        if (order == Order::kShuffled) std::shuffle(thread_order.begin(), thread_order.end(), rng);
-        for (int t : thread_order) {
-          Fiber& f = fiber(b, t);
-          if (f.state != State::kReady) continue;
-          m.current = &f;
-          swapcontext(&m.scheduler, &f.context);
+      Block& blk = grid[b];
+      if (blk.done) continue;
+      if (!blk.thread) blk.thread = std::make_unique<BlockThread>();
+      // One turn of the block: every fiber runs until it waits at the grid barrier or is done.
+      blk.thread->run([&] {
+        if (blk.fibers.empty()) start_block(b);
+        for (;;) {
+          if (order == Order::kShuffled) {
+            std::shuffle(thread_order.begin(), thread_order.end(), rng);
+          }
+          for (int t : thread_order) {
+            Fiber& f = blk.fibers[t];
+            if (f.state != State::kReady) continue;
+            m.current = &f;
+            swapcontext(&m.scheduler, &f.context);
+          }
+          m.current = nullptr;
+          if (!m.error.empty()) throw std::runtime_error(m.error);
+          if (complete_shuffles(blk.fibers, b)) continue;
+          int at_block = 0;
+          for (const Fiber& f : blk.fibers) at_block += f.state == State::kBlockBarrier;
+          if (at_block == 0) break;  // all at the grid barrier or done
+          if (at_block != threads) {
+            throw std::runtime_error(where(b) + ": " + std::to_string(at_block) + " of " +
+                                     std::to_string(threads) +
+                                     " threads wait at __syncthreads, the others do not");
+          }
+          for (Fiber& f : blk.fibers) f.state = State::kReady;
         }
-        m.current = nullptr;
-        int at_block = 0;
-        for (int t = 0; t < threads; ++t) at_block += fiber(b, t).state == State::kBlockBarrier;
-        if (at_block == 0) break;  // all at the grid barrier or done
-        if (at_block != threads) {
-          throw std::runtime_error("emulator: block " + std::to_string(b) + ": " +
-                                   std::to_string(at_block) + " of " + std::to_string(threads) +
-                                   " threads wait at __syncthreads, the others do not");
-        }
-        for (int t = 0; t < threads; ++t) fiber(b, t).state = State::kReady;
+      });
+      if (std::all_of(blk.fibers.begin(), blk.fibers.end(),
+                      [](const Fiber& f) { return f.state == State::kDone; })) {
+        blk = Block();
+        blk.done = true;
       }
     }
     size_t done = 0, at_grid = 0;
-    for (const Fiber& f : fibers) {
-      done += f.state == State::kDone;
-      at_grid += f.state == State::kGridBarrier;
+    for (const Block& blk : grid) {
+      if (blk.done) done += threads;
+      for (const Fiber& f : blk.fibers) at_grid += f.state == State::kGridBarrier;
     }
-    if (done == fibers.size()) return;
-    if (at_grid != fibers.size()) {
+    const size_t total = static_cast<size_t>(blocks) * threads;
+    if (done == total) return;
+    if (at_grid != total) {
       throw std::runtime_error("emulator: deadlock: " + std::to_string(at_grid) +
                                " threads at the grid barrier, " + std::to_string(done) +
-                               " done, of " + std::to_string(fibers.size()));
+                               " done, of " + std::to_string(total));
     }
-    for (Fiber& f : fibers) f.state = State::kReady;
+    for (Block& blk : grid) {
+      for (Fiber& f : blk.fibers) f.state = State::kReady;
+    }
   }
+}
+
+// kernel<<<blocks, threads>>>(args...): a __global__ function on a 1-D grid without dynamic
+// shared memory. Every thread gets its own copy of the arguments, as on the device.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), int blocks, int threads, Order order,
+                   unsigned seed, const Args&... args) {
+  launch(blocks, threads, 0, order, seed, [&] { kernel(args...); });
 }
 
 }  // namespace emu
 
 #define threadIdx (::emu::self().thread)
 #define blockIdx (::emu::self().block)
+#define blockDim (::emu::machine().block_dim)
+#define gridDim (::emu::machine().grid_dim)
 inline void __syncthreads() { ::emu::wait(::emu::State::kBlockBarrier); }
+
+template <typename T>
+T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = ::emu::kWarpSize) {
+  return ::emu::shuffle_down(mask, value, delta, width);
+}
 
 namespace lstm_fused {
 namespace cuda {

@@ -1,27 +1,27 @@
 // Runs the persistent CUDA kernels (csrc/cuda/lstm_persistent_kernels.cuh) on the CPU under
 // cuda_emulation.h and checks them against a float64 reference of the driver's semantics
 // (lstm_steps.h: ForwardSequenceArgs / BackwardSequenceArgs, csrc/ops.cpp's per-step loop).
-//
-//   persistent_emulator [case-name ...]      all cases when none is named
-//   persistent_emulator --list               the case names
+// Command line and output: emulator_harness.h.
 //
 // For every case: the plan the host side would use for an emulated device (SM count and
 // shared memory chosen to reach the code paths: several blocks, a last block with fewer units,
 // K split into chunks, rows split into chunks, the scalar staging path), then the forward and
 // the backward kernel, each in three scheduling orders (forward, reverse, shuffled). Checks:
 // every output written (outputs start as NaN), close to the reference (|d| <= 1e-4 + 1e-4|ref|),
-// the three orders bit-identical (a difference means a race between barriers). Prints one
-// line per case, PASS or FAIL with the reason; exit status 1 if any case failed.
+// the three orders bit-identical (a difference means a race between barriers).
 #include "cuda_emulation.h"
+#include "emulator_harness.h"
 
 #include "cuda/lstm_persistent_kernels.cuh"
 
-#include <cstring>
-#include <iostream>
 #include <sstream>
 
 using namespace lstm_fused;
 using namespace lstm_fused::cuda::persistent_detail;
+using emu::compare;
+using emu::kOrders;
+using emu::randn;
+using emu::same_bits_as_first;
 
 namespace {
 
@@ -169,29 +169,7 @@ BackwardRef backward_reference(const Problem& p, const Layout& l, bool reverse, 
   return r;
 }
 
-std::string compare(const char* what, const std::vector<float>& got, const std::vector<double>& want,
-                    int64_t stride = 0, int64_t col = 0, int64_t width = 0) {
-  // (stride, col, width): got is a strided matrix, compare columns [col, col + width) of it.
-  const int64_t n = static_cast<int64_t>(want.size());
-  for (int64_t e = 0; e < n; ++e) {
-    const int64_t g = stride ? (e / width) * stride + col + e % width : e;
-    const double a = got[g], b = want[e];
-    const double err = std::fabs(a - b);
-    if (!(err <= 1e-4 + 1e-4 * std::fabs(b))) {
-      std::ostringstream os;
-      os << what << "[" << e << "] = " << a << ", want " << b;
-      return os.str();
-    }
-  }
-  return "";
-}
-
-std::vector<float> randn(std::mt19937& rng, int64_t n, double scale) {
-  std::normal_distribution<float> dist(0.f, static_cast<float>(scale));
-  std::vector<float> v(n);
-  for (auto& x : v) x = dist(rng);
-  return v;
-}
+const double kTol = 1e-4;  // float kernels against the float64 reference
 
 const int64_t kSmemLarge = 232448;  // an H100's opt-in shared memory per block
 
@@ -213,8 +191,6 @@ std::string describe(const persistent::Plan& p) {
   return os.str();
 }
 
-const emu::Order kOrders[] = {emu::Order::kForward, emu::Order::kReverse, emu::Order::kShuffled};
-
 // Runs one persistent kernel under the emulation: its parameters from the driver's arguments
 // and the plan, then the launch in the given scheduling order. False when the packed-sequence
 // segments do not fit the kernel parameters.
@@ -227,15 +203,6 @@ bool emulate_launch(const Args& a, const persistent::Plan& plan, emu::Order orde
   emu::launch(static_cast<int>(plan.blocks), persistent::kThreads,
               static_cast<size_t>(plan.smem_bytes), order, seed, [&] { kernel(params); });
   return true;
-}
-
-// The first order's results are the reference; any later order must give the same bits.
-bool same_bits_as_first(std::vector<float>& first, const std::vector<float>& all) {
-  if (first.empty()) {
-    first = all;
-    return true;
-  }
-  return std::memcmp(all.data(), first.data(), all.size() * sizeof(float)) == 0;
 }
 
 std::string run_case(const Case& c, std::string& info) {
@@ -285,11 +252,13 @@ std::string run_case(const Case& c, std::string& info) {
     if (!emulate_launch<ForwardParams>(a, fplan, order, 7, fill_forward_params,
                                        persistent_forward_kernel)) return "segments";
     std::string e;
-    if (!(e = compare("gates", gates, fref.gates)).empty()) return "forward: " + e;
-    if (!(e = compare("cells", cells, fref.cells)).empty()) return "forward: " + e;
-    if (!(e = compare("output", output, fref.output, p.ld, p.col, H)).empty()) return "forward: " + e;
-    if (!(e = compare("h_n", h, fref.h_n)).empty()) return "forward: " + e;
-    if (!(e = compare("c_n", cstate, fref.c_n)).empty()) return "forward: " + e;
+    if (!(e = compare("gates", gates, fref.gates, kTol)).empty()) return "forward: " + e;
+    if (!(e = compare("cells", cells, fref.cells, kTol)).empty()) return "forward: " + e;
+    if (!(e = compare("output", output, fref.output, kTol, p.ld, p.col, H)).empty()) {
+      return "forward: " + e;
+    }
+    if (!(e = compare("h_n", h, fref.h_n, kTol)).empty()) return "forward: " + e;
+    if (!(e = compare("c_n", cstate, fref.c_n, kTol)).empty()) return "forward: " + e;
     for (int64_t r = 0; r < N; ++r) {  // the other direction's columns stay untouched
       for (int64_t k = 0; k < p.ld; ++k) {
         if ((k < p.col || k >= p.col + H) && !std::isnan(output[r * p.ld + k])) {
@@ -327,9 +296,9 @@ std::string run_case(const Case& c, std::string& info) {
     if (!emulate_launch<BackwardParams>(a, bplan, order, 11, fill_backward_params,
                                         persistent_backward_kernel)) return "segments";
     std::string e;
-    if (!(e = compare("dgates", dgates, bref.dgates)).empty()) return "backward: " + e;
-    if (!(e = compare("dh0", dh, bref.dh0)).empty()) return "backward: " + e;
-    if (!(e = compare("dc0", dc, bref.dc0)).empty()) return "backward: " + e;
+    if (!(e = compare("dgates", dgates, bref.dgates, kTol)).empty()) return "backward: " + e;
+    if (!(e = compare("dh0", dh, bref.dh0, kTol)).empty()) return "backward: " + e;
+    if (!(e = compare("dc0", dc, bref.dc0, kTol)).empty()) return "backward: " + e;
     std::vector<float> all = dgates;
     all.insert(all.end(), dh.begin(), dh.end());
     all.insert(all.end(), dc.begin(), dc.end());
@@ -390,32 +359,4 @@ std::vector<Case> cases() {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  std::vector<std::string> wanted(argv + 1, argv + argc);
-  if (wanted.size() == 1 && wanted[0] == "--list") {
-    for (const Case& c : cases()) std::cout << c.name << "\n";
-    return 0;
-  }
-  int failed = 0, ran = 0;
-  for (const Case& c : cases()) {
-    if (!wanted.empty() && std::find(wanted.begin(), wanted.end(), c.name) == wanted.end()) continue;
-    ++ran;
-    std::string info, error;
-    try {
-      error = run_case(c, info);
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
-    if (error.empty()) {
-      std::cout << "PASS " << c.name << " (" << info << ")" << std::endl;
-    } else {
-      ++failed;
-      std::cout << "FAIL " << c.name << " (" << info << "): " << error << std::endl;
-    }
-  }
-  if (ran == 0) {
-    std::cout << "no such case" << std::endl;
-    return 2;
-  }
-  return failed ? 1 : 0;
-}
+int main(int argc, char** argv) { return emu::run_cases(argc, argv, cases(), run_case); }

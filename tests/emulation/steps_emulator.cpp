@@ -1,0 +1,643 @@
+// Runs the CUDA step kernels (csrc/cuda/lstm_steps_kernels.cuh) on the CPU under
+// cuda_emulation.h and checks them against a float64 reference of their semantics
+// (lstm_steps.h: ForwardStepArgs / HiddenGradStepArgs / BackwardStepArgs, as the CPU twin
+// csrc/cpu/lstm_steps_cpu.cpp implements them; gate formulas of lstm_cell.h written out here).
+// Command line and output: emulator_harness.h.
+//
+// Launches as lstm_steps_cuda.cu's host side does: the vector width from the same
+// *_vectorizable predicates, the grids from the same blocks_for / reduce_grid, 256 threads,
+// the fast path or the two-stage reduction by the same flags. Each hidden-grad and backward
+// case runs every flag set (clip off / value / norm that rescales / norm that does not, each
+// with and without sum_squares). Checks:
+//  - the vector width the case is built for;
+//  - close to the reference (float: |d| <= 1e-4 + 1e-4|ref|, double: 1e-10);
+//  - every output written and nothing else: write-only outputs start as NaN; in-place
+//    buffers' inactive rows, other columns and sum_squares when not asked for must keep their
+//    values; every buffer sits between NaN guards; the c[t-1] source a row must not read is NaN;
+//  - the three scheduling orders bit-identical (a difference is a race).
+// The "emulator" case checks the emulation itself (shuffles, per-block __shared__, the
+// divergence errors). The mutations this was checked with: tests/test_steps_emulated.py.
+#include "cuda_emulation.h"
+#include "emulator_harness.h"
+
+#include "cuda/lstm_steps_kernels.cuh"
+
+#include <functional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+using namespace lstm_fused;
+using namespace lstm_fused::cuda::steps_detail;
+
+namespace {
+
+// ------------------------------------------------------------------------------------------
+// Launches, as lstm_steps_cuda.cu's host side (stream order: one kernel after the other).
+// ------------------------------------------------------------------------------------------
+struct Schedule {
+  emu::Order order;
+  unsigned seed;
+};
+
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, int64_t blocks, const Schedule& s, const Args&... args) {
+  emu::launch_kernel(kernel, static_cast<int>(blocks), kThreads, s.order, s.seed, args...);
+}
+
+// Runtime clip mode / telemetry flag -> template arguments, as the .cu's dispatch_* do.
+template <typename Launch>
+void dispatch_flags(int64_t clip_mode, bool sums, const Launch& run) {
+  switch (clip_mode) {
+    case kClipValue:
+      return sums ? run.template operator()<kClipValue, true>()
+                  : run.template operator()<kClipValue, false>();
+    case kClipNorm:
+      return sums ? run.template operator()<kClipNorm, true>()
+                  : run.template operator()<kClipNorm, false>();
+    default:
+      return sums ? run.template operator()<kClipOff, true>()
+                  : run.template operator()<kClipOff, false>();
+  }
+}
+
+// run.operator()<VEC>() with VEC as the host side picks it; returns VEC.
+template <typename T, typename Run>
+int with_vec(bool vectorizable, const Run& run) {
+  if (vectorizable) {
+    run.template operator()<kVec<T>>();
+    return kVec<T>;
+  }
+  run.template operator()<1>();
+  return 1;
+}
+
+// A hidden-grad or backward step: the two-stage reduction when telemetry or norm clipping is
+// asked for, else the fast path (nothing to launch without elements), as the .cu's
+// launch_hidden_grad / launch_backward.
+template <int64_t kClip, bool kSums, typename Args, typename Partial, typename Finish,
+          typename Fast>
+void launch_gradient_step(const Args& args, int64_t count, const Schedule& s, Partial partial,
+                          Finish finish, Fast fast) {
+  if constexpr (kClip == kClipNorm || kSums) {
+    const ReduceGrid grid = reduce_grid(count, kClip == kClipNorm);
+    launch(partial, grid.partial_blocks, s, args);
+    launch(finish, grid.finish_blocks, s, args, grid.partial_blocks);
+  } else if (count > 0) {
+    launch(fast, blocks_for(count), s, args);
+  }
+}
+
+// Each returns the vector width it ran with.
+template <typename T>
+int forward_step(const ForwardStepArgs<T>& args, const Schedule& s) {
+  return with_vec<T>(forward_vectorizable(args), [&]<int VEC>() {
+    const int64_t count = args.rows * (args.hidden / VEC);
+    if (count > 0) launch(forward_step_kernel<T, VEC>, blocks_for(count), s, args);
+  });
+}
+
+template <typename T>
+int hidden_grad_step(const HiddenGradStepArgs<T>& args, const Schedule& s) {
+  return with_vec<T>(hidden_grad_vectorizable(args), [&]<int VEC>() {
+    const int64_t count = args.rows * (args.size / VEC);
+    dispatch_flags(args.clip_mode, args.sum_squares != nullptr, [&]<int64_t kClip, bool kSums>() {
+      launch_gradient_step<kClip, kSums>(args, count, s, hidden_grad_partial_kernel<T, VEC, kClip>,
+                                         hidden_grad_finish_kernel<T, VEC, kClip, kSums>,
+                                         hidden_grad_kernel<T, VEC, kClip>);
+    });
+  });
+}
+
+template <typename T>
+int backward_step(const BackwardStepArgs<T>& args, const Schedule& s) {
+  return with_vec<T>(backward_vectorizable(args), [&]<int VEC>() {
+    const int64_t count = args.rows * (args.hidden / VEC);
+    dispatch_flags(args.clip_mode, args.sum_squares != nullptr, [&]<int64_t kClip, bool kSums>() {
+      // norm clipping: stage 1 stores the unclipped dc (pass 1), stage 2 finishes (pass 2)
+      constexpr int kPass = kClip == kClipNorm ? 1 : 0;
+      launch_gradient_step<kClip, kSums>(args, count, s,
+                                         backward_partial_kernel<T, VEC, kClip, kPass>,
+                                         backward_finish_kernel<T, VEC, kClip, kSums>,
+                                         backward_step_kernel<T, VEC, kClip>);
+    });
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// Cases
+// ------------------------------------------------------------------------------------------
+enum class Kind { kForward, kHiddenGrad, kBackward, kRowsZero, kEmulator };
+
+struct Case {
+  std::string name;
+  Kind kind;
+  bool is_double;
+  int64_t rows, batch, hidden;  // active rows, allocated rows, H (P for the hidden gradient)
+  int vec;                      // the vector width the host side must pick for this case
+  int64_t stride = 0;           // output / grad_output row stride; 0: none (null)
+  int64_t column = 0;           // this direction's first column in output / grad_output
+  int64_t prev_split = 0;       // backward: rows below it continue from cells_prev
+  bool misalign_grad_r = false; // backward: grad_r one value off 16 bytes (VEC 1, H aligned)
+  int orders = 3;               // scheduling orders to run and compare
+  bool grid_stride = false;     // the reduction must need more than one element per thread
+  std::vector<std::string> flag_sets = {};  // hidden-grad / backward: empty = all of kFlagSets
+};
+
+// One way to call hidden-grad / backward. norm_fraction: clip = this fraction of the
+// unclipped norm (< 1 rescales, > 1 does not); value clipping clamps at kValueClip.
+struct FlagSet {
+  const char* name;
+  int64_t clip_mode;
+  double norm_fraction;
+  bool sums;
+};
+constexpr double kValueClip = 0.5;
+const FlagSet kFlagSets[] = {
+    {"off", kClipOff, 0, false},          {"off+sums", kClipOff, 0, true},
+    {"value", kClipValue, 0, false},      {"value+sums", kClipValue, 0, true},
+    {"norm", kClipNorm, 0.5, false},      {"norm+sums", kClipNorm, 0.5, true},
+    {"norm-above", kClipNorm, 2, false},  {"norm-above+sums", kClipNorm, 2, true},
+};
+
+std::vector<FlagSet> flag_sets_of(const Case& c) {
+  std::vector<FlagSet> v;
+  for (const FlagSet& f : kFlagSets) {
+    if (c.flag_sets.empty() ||
+        std::find(c.flag_sets.begin(), c.flag_sets.end(), f.name) != c.flag_sets.end()) {
+      v.push_back(f);
+    }
+  }
+  return v;
+}
+
+const double kNaN = std::nan("");
+
+template <typename T>
+double tolerance() {
+  return sizeof(T) == 4 ? 1e-4 : 1e-10;
+}
+
+// A device buffer stand-in: n values, 16-byte aligned (or `misalign` values past that), NaN
+// until written, between guards of NaN that values() checks (a write out of bounds throws).
+// Not copyable: data() must stay where it is.
+template <typename T>
+class Buffer {
+ public:
+  explicit Buffer(int64_t n, int64_t misalign = 0)
+      : storage_(n + 2 * kGuard + 16 / sizeof(T), T(kNaN)), size_(n) {
+    const auto address = reinterpret_cast<uintptr_t>(storage_.data() + kGuard);
+    start_ = kGuard + static_cast<int64_t>((16 - address % 16) % 16 / sizeof(T)) + misalign;
+  }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  T* data() { return storage_.data() + start_; }
+  std::vector<T> values() const {
+    for (int64_t k = 0; k < static_cast<int64_t>(storage_.size()); ++k) {
+      if ((k < start_ || k >= start_ + size_) && !std::isnan(storage_[k])) {
+        throw std::runtime_error("a kernel wrote out of a buffer's bounds");
+      }
+    }
+    return std::vector<T>(storage_.begin() + start_, storage_.begin() + start_ + size_);
+  }
+  // The first `values.size()` values, from `values`.
+  void fill(const std::vector<T>& values) { std::copy(values.begin(), values.end(), data()); }
+
+ private:
+  static constexpr int64_t kGuard = 16;
+  std::vector<T> storage_;
+  int64_t start_ = 0, size_ = 0;
+};
+
+// The values of an in-place buffer, as the reference's starting point: inactive rows (and any
+// place the kernel must not write) keep them.
+template <typename T>
+std::vector<double> as_double(const std::vector<T>& v) {
+  return std::vector<double>(v.begin(), v.end());
+}
+
+double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+// The clip to pass to the kernel and the step's sum of squares after clipping.
+struct Clipped {
+  double clip, sum_squares;
+};
+
+// Clips the gradient g[0, count) of a step (its active rows) in the reference, as lstm_steps.h
+// says: clamp each value to [-clip, clip], or rescale so that the L2 norm is at most clip.
+Clipped clip_reference(std::vector<double>& g, int64_t count, const FlagSet& flags) {
+  double sum = 0;
+  for (int64_t e = 0; e < count; ++e) {
+    if (flags.clip_mode == kClipValue) g[e] = std::min(std::max(g[e], -kValueClip), kValueClip);
+    sum += g[e] * g[e];
+  }
+  if (flags.clip_mode != kClipNorm) return {kValueClip, sum};
+  const double norm = std::sqrt(sum), clip = flags.norm_fraction * norm;
+  const double scale = norm > clip ? clip / norm : 1.0;
+  for (int64_t e = 0; e < count; ++e) g[e] *= scale;
+  return {clip, sum * scale * scale};
+}
+
+// All of a run's outputs in one vector, for the bit comparison across orders.
+template <typename T>
+std::vector<T> concat(std::initializer_list<std::vector<T>> parts) {
+  std::vector<T> all;
+  for (const auto& p : parts) all.insert(all.end(), p.begin(), p.end());
+  return all;
+}
+
+const char* const kRace = "results depend on the scheduling order (race)";
+
+std::string check_vec(const Case& c, int vec) {
+  if (vec == c.vec) return "";
+  return "ran with VEC " + std::to_string(vec) + ", want " + std::to_string(c.vec);
+}
+
+std::string describe_grid(int64_t count, bool reduction, bool norm) {
+  std::ostringstream os;
+  if (reduction) {
+    const ReduceGrid g = reduce_grid(count, norm);
+    os << "blocks " << g.partial_blocks << "+" << g.finish_blocks;
+  } else {
+    os << "blocks " << (count > 0 ? blocks_for(count) : 0);
+  }
+  return os.str();
+}
+
+// The grids of a hidden-grad / backward case into info; "" or why the case misses its point.
+std::string check_shape(const Case& c, int64_t count, std::string& info) {
+  info = describe_grid(count, false, false) + ", reduction " + describe_grid(count, true, true);
+  if (c.grid_stride && count <= int64_t(reduce_grid(count, true).partial_blocks) * kThreads) {
+    return "the case does not reach the reduction's grid-stride loop";
+  }
+  return "";
+}
+
+// ---- forward
+template <typename T>
+std::string run_forward(const Case& c, std::string& info) {
+  const int64_t H = c.hidden, B = c.batch, R = c.rows, S = c.stride;
+  std::mt19937 rng(1234);
+  std::vector<T> pre = emu::randn<T>(rng, B * 4 * H, 2.0), cell_in = emu::randn<T>(rng, B * H, 1.0);
+  // in place: gates, cell_state (inactive rows keep their values); the rest starts as NaN
+  std::vector<double> want_gates = as_double(pre), want_cell_state = as_double(cell_in),
+                      want_cells(B * H, kNaN), want_hidden(B * H, kNaN), want_output(B * S, kNaN);
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t j = 0; j < H; ++j) {
+      const T* p = &pre[r * 4 * H + j];
+      const double i = sigmoid(p[0]), f = sigmoid(p[H]), g = std::tanh(p[2 * H]),
+                   o = sigmoid(p[3 * H]);
+      const double cell = f * cell_in[r * H + j] + i * g, h = o * std::tanh(cell);
+      double* G = &want_gates[r * 4 * H + j];
+      G[0] = i, G[H] = f, G[2 * H] = g, G[3 * H] = o;
+      want_cell_state[r * H + j] = cell;
+      want_cells[r * H + j] = cell;
+      want_hidden[r * H + j] = h;
+      if (S) want_output[r * S + c.column + j] = h;
+    }
+  }
+  const double tol = tolerance<T>();
+  info = describe_grid(R * (H / c.vec), false, false);
+  std::vector<T> first;
+  for (int k = 0; k < c.orders; ++k) {
+    Buffer<T> gates(B * 4 * H), cell_state(B * H), cells(B * H), hidden(B * H), output(B * S);
+    gates.fill(pre);
+    cell_state.fill(cell_in);
+    const ForwardStepArgs<T> a{R, H, gates.data(), cell_state.data(), cells.data(), hidden.data(),
+                               S ? output.data() + c.column : nullptr, S};
+    const int vec = forward_step(a, {emu::kOrders[k], 7});
+    std::string e;
+    if (!(e = check_vec(c, vec)).empty()) return e;
+    if (!(e = emu::compare("gates", gates.values(), want_gates, tol)).empty()) return e;
+    if (!(e = emu::compare("cell_state", cell_state.values(), want_cell_state, tol)).empty()) {
+      return e;
+    }
+    if (!(e = emu::compare("cells", cells.values(), want_cells, tol)).empty()) return e;
+    if (!(e = emu::compare("hidden_state", hidden.values(), want_hidden, tol)).empty()) return e;
+    if (!(e = emu::compare("output", output.values(), want_output, tol)).empty()) return e;
+    const auto all = concat<T>({gates.values(), cell_state.values(), cells.values(),
+                                hidden.values(), output.values()});
+    if (!emu::same_bits_as_first(first, all)) return kRace;
+  }
+  return "";
+}
+
+// ---- hidden gradient
+template <typename T>
+std::string run_hidden_grad_flags(const Case& c, const FlagSet& flags,
+                                  const std::vector<T>& dh_next, const std::vector<T>& dy) {
+  const int64_t P = c.hidden, B = c.batch, R = c.rows, S = c.stride;
+  std::vector<double> want = as_double(dh_next);
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t j = 0; j < P; ++j) {
+      double d = dh_next[r * P + j];
+      if (S) d += dy[r * S + c.column + j];
+      want[r * P + j] = d;
+    }
+  }
+  const auto [clip, sum] = clip_reference(want, R * P, flags);
+  const double tol = tolerance<T>();
+  std::vector<T> first;
+  for (int k = 0; k < c.orders; ++k) {
+    Buffer<T> dhidden(B * P), grad_output(B * S), sum_squares(1), partials(kReduceBlocks);
+    dhidden.fill(dh_next);
+    grad_output.fill(dy);
+    const bool reduction = flags.sums || flags.clip_mode == kClipNorm;
+    const HiddenGradStepArgs<T> a{R,
+                                  P,
+                                  S ? grad_output.data() + c.column : nullptr,
+                                  S,
+                                  dhidden.data(),
+                                  flags.clip_mode,
+                                  static_cast<T>(clip),
+                                  flags.sums ? sum_squares.data() : nullptr,
+                                  reduction ? partials.data() : nullptr};
+    const int vec = hidden_grad_step(a, {emu::kOrders[k], 11});
+    std::string e;
+    if (!(e = check_vec(c, vec)).empty()) return e;
+    if (!(e = emu::compare("dhidden", dhidden.values(), want, tol)).empty()) return e;
+    if (!(e = emu::compare("sum_squares", sum_squares.values(), {flags.sums ? sum : kNaN}, tol))
+             .empty()) {
+      return e;
+    }
+    if (!emu::same_bits_as_first(first, concat<T>({dhidden.values(), sum_squares.values()}))) {
+      return kRace;
+    }
+  }
+  return "";
+}
+
+template <typename T>
+std::string run_hidden_grad(const Case& c, std::string& info) {
+  const int64_t P = c.hidden, B = c.batch, R = c.rows, S = c.stride;
+  std::mt19937 rng(4321);
+  std::vector<T> dh_next = emu::randn<T>(rng, B * P, 1.0), dy = emu::randn<T>(rng, B * S, 1.0);
+  const std::string e = check_shape(c, R * (P / c.vec), info);
+  if (!e.empty()) return e;
+  for (const FlagSet& flags : flag_sets_of(c)) {
+    const std::string e = run_hidden_grad_flags(c, flags, dh_next, dy);
+    if (!e.empty()) return std::string(flags.name) + ": " + e;
+  }
+  return "";
+}
+
+// ---- backward
+template <typename T>
+struct BackwardInputs {
+  std::vector<T> gates, cells, cells_prev, cell_initial, grad_r, dcell;
+};
+
+template <typename T>
+std::string run_backward_flags(const Case& c, const FlagSet& flags, const BackwardInputs<T>& in) {
+  const int64_t H = c.hidden, B = c.batch, R = c.rows;
+  std::vector<double> want_dgates(B * 4 * H, kNaN), want_dcell = as_double(in.dcell);
+  std::vector<double> dc(R * H);
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t j = 0; j < H; ++j) {
+      const T* G = &in.gates[r * 4 * H + j];
+      const double t = std::tanh(double(in.cells[r * H + j]));
+      dc[r * H + j] = in.dcell[r * H + j] + in.grad_r[r * H + j] * G[3 * H] * (1 - t * t);
+    }
+  }
+  const auto [clip, sum] = clip_reference(dc, R * H, flags);
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t j = 0; j < H; ++j) {
+      const T* G = &in.gates[r * 4 * H + j];
+      const double i = G[0], f = G[H], g = G[2 * H], o = G[3 * H], d = dc[r * H + j];
+      const double t = std::tanh(double(in.cells[r * H + j]));
+      const double cell_prev =
+          r < c.prev_split ? in.cells_prev[r * H + j] : in.cell_initial[r * H + j];
+      double* D = &want_dgates[r * 4 * H + j];
+      D[0] = d * g * i * (1 - i);
+      D[H] = d * cell_prev * f * (1 - f);
+      D[2 * H] = d * i * (1 - g * g);
+      D[3 * H] = in.grad_r[r * H + j] * t * o * (1 - o);
+      want_dcell[r * H + j] = d * f;
+    }
+  }
+  const double tol = tolerance<T>();
+  std::vector<T> first;
+  for (int k = 0; k < c.orders; ++k) {
+    Buffer<T> gates(B * 4 * H), cells(B * H), cells_prev(B * H), cell_initial(B * H),
+        grad_r(B * H, c.misalign_grad_r ? 1 : 0), dcell(B * H), dgates(B * 4 * H),
+        sum_squares(1), partials(kReduceBlocks);
+    gates.fill(in.gates);
+    cells.fill(in.cells);
+    cells_prev.fill(in.cells_prev);
+    cell_initial.fill(in.cell_initial);
+    grad_r.fill(in.grad_r);
+    dcell.fill(in.dcell);
+    const bool reduction = flags.sums || flags.clip_mode == kClipNorm;
+    BackwardStepArgs<T> a;
+    a.rows = R;
+    a.hidden = H;
+    a.gates = gates.data();
+    a.cells = cells.data();
+    a.cells_prev = c.prev_split > 0 ? cells_prev.data() : nullptr;  // null where no row reads it
+    a.cell_initial = c.prev_split < R ? cell_initial.data() : nullptr;
+    a.prev_split = c.prev_split;
+    a.grad_r = grad_r.data();
+    a.dcell = dcell.data();
+    a.dgates = dgates.data();
+    a.clip_mode = flags.clip_mode;
+    a.clip = static_cast<T>(clip);
+    a.sum_squares = flags.sums ? sum_squares.data() : nullptr;
+    a.partials = reduction ? partials.data() : nullptr;
+    const int vec = backward_step(a, {emu::kOrders[k], 13});
+    std::string e;
+    if (!(e = check_vec(c, vec)).empty()) return e;
+    if (!(e = emu::compare("dgates", dgates.values(), want_dgates, tol)).empty()) return e;
+    if (!(e = emu::compare("dcell", dcell.values(), want_dcell, tol)).empty()) return e;
+    if (!(e = emu::compare("sum_squares", sum_squares.values(), {flags.sums ? sum : kNaN}, tol))
+             .empty()) {
+      return e;
+    }
+    const auto all = concat<T>({dgates.values(), dcell.values(), sum_squares.values()});
+    if (!emu::same_bits_as_first(first, all)) return kRace;
+  }
+  return "";
+}
+
+// Activated gates in their ranges: sigmoid for i, f, o, tanh for g.
+template <typename T>
+std::vector<T> activated_gates(std::mt19937& rng, int64_t rows, int64_t H) {
+  std::vector<T> gates = emu::randn<T>(rng, rows * 4 * H, 2.0);
+  for (int64_t e = 0; e < rows * 4 * H; ++e) {
+    const bool g_gate = (e / H) % 4 == 2;
+    gates[e] = static_cast<T>(g_gate ? std::tanh(double(gates[e])) : sigmoid(gates[e]));
+  }
+  return gates;
+}
+
+template <typename T>
+std::string run_backward(const Case& c, std::string& info) {
+  const int64_t H = c.hidden, B = c.batch, R = c.rows;
+  std::mt19937 rng(99);
+  BackwardInputs<T> in;
+  in.gates = activated_gates<T>(rng, B, H);
+  in.cells = emu::randn<T>(rng, B * H, 1.0);
+  in.cells_prev = emu::randn<T>(rng, B * H, 1.0);
+  in.cell_initial = emu::randn<T>(rng, B * H, 1.0);
+  in.grad_r = emu::randn<T>(rng, B * H, 1.0);
+  in.dcell = emu::randn<T>(rng, B * H, 1.0);
+  // each row reads c[t-1] from one of the two: the other's copy of the row is NaN
+  const int64_t continuing = std::min(c.prev_split, R);
+  std::fill(in.cells_prev.begin() + continuing * H, in.cells_prev.end(), T(kNaN));
+  std::fill(in.cell_initial.begin(), in.cell_initial.begin() + continuing * H, T(kNaN));
+  const std::string e = check_shape(c, R * (H / c.vec), info);
+  if (!e.empty()) return e;
+  for (const FlagSet& flags : flag_sets_of(c)) {
+    const std::string e = run_backward_flags(c, flags, in);
+    if (!e.empty()) return std::string(flags.name) + ": " + e;
+  }
+  return "";
+}
+
+// ---- the emulation itself
+void shuffle_kernel(float* out) {
+  const int t = static_cast<int>(threadIdx.x);
+  float v = static_cast<float>(t);
+  for (unsigned offset = 1; offset < 32; offset <<= 1) {
+    v += __shfl_down_sync(0xffffffffu, v, offset);
+  }
+  out[t] = v;
+}
+
+void half_mask_shuffle_kernel(float* out) {
+  out[threadIdx.x] = __shfl_down_sync(0xffffu, 1.f, 1);
+}
+
+void divergent_shuffle_kernel(float* out) {
+  if (threadIdx.x % 32 < 16) out[threadIdx.x] = __shfl_down_sync(0xffffffffu, 1.f, 1);
+}
+
+// Reads the block's __shared__ value before and after writing it, across a grid barrier
+// (there blocks interleave: the array must still be the block's own).
+void shared_kernel(float* before, float* after) {
+  __shared__ float value[1];
+  if (threadIdx.x == 0) before[blockIdx.x] = value[0];
+  __syncthreads();
+  if (threadIdx.x == 0) value[0] = static_cast<float>(blockIdx.x);
+  lstm_fused::cuda::persistent_detail::cg::this_grid().sync();
+  after[blockIdx.x * blockDim.x + threadIdx.x] = value[0];
+}
+
+std::string expect_error(const std::function<void()>& launch_it, const char* what) {
+  try {
+    launch_it();
+  } catch (const std::exception& e) {
+    if (std::string(e.what()).find(what) != std::string::npos) return "";
+    return std::string("wrong error: ") + e.what();
+  }
+  return std::string("no error for ") + what;
+}
+
+std::string run_emulator_checks(std::string& info) {
+  info = "shuffle, divergence, __shared__";
+  for (emu::Order order : emu::kOrders) {
+    // lane l sums lanes l, l+1, ..: each step adds what lane l+offset holds, or (past the
+    // warp) its own value again
+    std::vector<float> out(64, kNaN);
+    emu::launch_kernel(shuffle_kernel, 1, 64, order, 3, out.data());
+    for (int t = 0; t < 64; ++t) {
+      std::vector<float> v(32);
+      for (int l = 0; l < 32; ++l) v[l] = static_cast<float>(t / 32 * 32 + l);
+      for (int offset = 1; offset < 32; offset <<= 1) {
+        std::vector<float> next(v);
+        for (int l = 0; l < 32; ++l) next[l] += l + offset < 32 ? v[l + offset] : v[l];
+        v = next;
+      }
+      if (out[t] != v[t % 32]) {
+        return "shuffle: thread " + std::to_string(t) + " got " + std::to_string(out[t]);
+      }
+    }
+    // (the launches before this one left values in every block's array)
+    std::vector<float> before(3, kNaN), after(3 * 32, kNaN);
+    emu::launch_kernel(shared_kernel, 3, 32, order, 5, before.data(), after.data());
+    for (int b = 0; b < 3; ++b) {
+      if (before[b] != 0) return "__shared__ does not start as zeros in every block";
+      for (int t = 0; t < 32; ++t) {
+        if (after[b * 32 + t] != b) return "__shared__ is not per block";
+      }
+    }
+  }
+  std::vector<float> out(64);
+  const emu::Order order = emu::Order::kForward;
+  std::string e = expect_error(
+      [&] { emu::launch_kernel(divergent_shuffle_kernel, 1, 64, order, 1, out.data()); },
+      "16 of 32 lanes wait at __shfl_down_sync");
+  if (!e.empty()) return e;
+  e = expect_error(  // a partial warp: 16 lanes
+      [&] { emu::launch_kernel(shuffle_kernel, 1, 48, order, 1, out.data()); },
+      "16 of 32 lanes wait at __shfl_down_sync");
+  if (!e.empty()) return e;
+  return expect_error(
+      [&] { emu::launch_kernel(half_mask_shuffle_kernel, 1, 64, order, 1, out.data()); },
+      "only full-warp shuffles");
+}
+
+// ---- a step without rows: nothing launched or read, sums written as 0
+template <typename T>
+std::string run_rows_zero(const Case& c, std::string& info) {
+  std::string e = run_forward<T>(c, info);
+  if (!e.empty()) return "forward: " + e;
+  e = run_hidden_grad<T>(c, info);
+  if (!e.empty()) return "hidden-grad: " + e;
+  e = run_backward<T>(c, info);
+  if (!e.empty()) return "backward: " + e;
+  return "";
+}
+
+template <typename T>
+std::string run_typed(const Case& c, std::string& info) {
+  switch (c.kind) {
+    case Kind::kForward: return run_forward<T>(c, info);
+    case Kind::kHiddenGrad: return run_hidden_grad<T>(c, info);
+    case Kind::kBackward: return run_backward<T>(c, info);
+    case Kind::kRowsZero: return run_rows_zero<T>(c, info);
+    case Kind::kEmulator: return run_emulator_checks(info);
+  }
+  return "unknown kind";
+}
+
+std::string run_case(const Case& c, std::string& info) {
+  return c.is_double ? run_typed<double>(c, info) : run_typed<float>(c, info);
+}
+
+std::vector<Case> cases() {
+  using K = Kind;
+  std::vector<Case> v;
+  v.push_back({"emulator", K::kEmulator, false, 0, 0, 0, 1});
+  // 9 of 11 rows active, H a multiple of 4: VEC 4 / 2; H odd or a stride / pointer off the
+  // 16-byte grid: VEC 1. Outputs and grad_output in the second direction's columns.
+  v.push_back({"forward-float-vec4", K::kForward, false, 9, 11, 148, 4, 296, 148});
+  v.push_back({"forward-float-vec1", K::kForward, false, 9, 11, 147, 1});  // no output
+  v.push_back({"forward-double-vec2", K::kForward, true, 9, 11, 148, 2, 296, 148});
+  v.push_back({"forward-double-vec1", K::kForward, true, 9, 11, 148, 1, 297, 148});
+  v.push_back({"hidden-grad-float-vec4", K::kHiddenGrad, false, 9, 11, 148, 4, 296, 148});
+  v.push_back({"hidden-grad-float-vec1", K::kHiddenGrad, false, 9, 11, 147, 1, 147, 0});
+  v.push_back({"hidden-grad-double-vec2", K::kHiddenGrad, true, 9, 11, 148, 2});  // no grad_output
+  v.push_back({"hidden-grad-double-vec1", K::kHiddenGrad, true, 9, 11, 148, 1, 297, 148});
+  // packed: rows from prev_split on start from cell_initial
+  v.push_back({"backward-float-vec4", K::kBackward, false, 9, 11, 148, 4, 0, 0, 6});
+  v.push_back({"backward-float-vec1", K::kBackward, false, 9, 11, 147, 1, 0, 0, 9});
+  v.push_back({"backward-double-vec2", K::kBackward, true, 9, 11, 148, 2, 0, 0, 0});
+  v.push_back({"backward-double-vec1", K::kBackward, true, 9, 11, 148, 1, 0, 0, 4, true});
+  v.push_back({"rows-0-float", K::kRowsZero, false, 0, 3, 148, 4, 296, 0, 0});
+  v.push_back({"rows-0-double", K::kRowsZero, true, 0, 3, 147, 1, 147, 0, 0});
+  // more packed elements (80 x 4096 / 4 = 81,920) than the reduction's 256 x 256 threads:
+  // stage 1 and the norm-clip stage 2 on 256 blocks with a grid-stride loop
+  Case big_hidden{"big-hidden-grad", K::kHiddenGrad, false, 80, 81, 4096, 4, 4096, 0};
+  big_hidden.flag_sets = {"value+sums", "norm+sums"};
+  big_hidden.grid_stride = true;
+  v.push_back(big_hidden);
+  Case big_backward{"big-backward", K::kBackward, false, 80, 81, 4096, 4, 0, 0, 50};
+  big_backward.flag_sets = {"value+sums", "norm+sums"};
+  big_backward.grid_stride = true;
+  v.push_back(big_backward);
+  return v;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) { return emu::run_cases(argc, argv, cases(), run_case); }
