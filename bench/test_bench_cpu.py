@@ -18,11 +18,13 @@ pytestmark = pytest.mark.skipif(backend_unavailable_reason("fused") is not None,
                                 reason=str(backend_unavailable_reason("fused")))
 
 
-@pytest.mark.parametrize("mode", benchmarking.MODES)
 @pytest.mark.parametrize("impl", benchmarking.IMPLS)
-@pytest.mark.parametrize("case", benchmarking.CPU_GRID, ids=lambda case: case.name)
+@pytest.mark.parametrize("case,mode", [(case, mode) for case in benchmarking.CPU_GRID
+                                       for mode in case.modes],
+                         ids=lambda v: v.name if isinstance(v, benchmarking.BenchCase) else v)
 def test_lstm_cpu(benchmark, case, impl, mode):
     workload = benchmarking.make_workloads(case, mode, "cpu", impls=(impl,))[impl]
     benchmark.group = f"{case.name} {mode}"
-    benchmark.extra_info.update(case=case.name, impl=impl, mode=mode)
+    benchmark.extra_info.update(case=case.name, impl=impl, mode=mode,
+                                useful_gflop=case.useful_flops(mode) / 1e9)
     benchmark.pedantic(workload, warmup_rounds=2, rounds=10)

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 __all__ = [
     "BenchCase", "CPU_GRID", "GPU_GRID", "TINY_GRID", "GRIDS", "IMPLS", "MODES",
-    "build_modules", "make_workloads", "time_interleaved", "peak_memory_bytes",
+    "build_modules", "make_workloads", "time_interleaved", "peak_memory_bytes", "gemm_rates",
     "run_benchmark", "geomean_speedup", "machine_info", "markdown_report", "plot_speedups",
     "write_results", "update_results_page",
 ]
@@ -38,7 +38,9 @@ MODES = ("forward", "forward+backward")
 @dataclass(frozen=True)
 class BenchCase:
     """One benchmark shape: sequence length T, batch B, hidden size H (input size I = H
-    unless given), layers, bidirectional, proj_size, dtype (a torch dtype's name)."""
+    unless given), layers, bidirectional, proj_size, dtype (a torch dtype's name); packed:
+    a PackedSequence of unsorted lengths between T/2 and T instead of a (T, B, I) tensor;
+    modes: which of MODES run (a one-token step is inference only)."""
 
     T: int
     B: int
@@ -48,6 +50,8 @@ class BenchCase:
     proj_size: int = 0
     dtype: str = "float32"
     I: int | None = None  # noqa: E741 - the notation of docs/ARCHITECTURE.md
+    packed: bool = False
+    modes: tuple[str, ...] = MODES
 
     @property
     def input_size(self) -> int:
@@ -71,20 +75,56 @@ class BenchCase:
             parts.append("bi")
         if self.proj_size:
             parts.append(f"P{self.proj_size}")
+        if self.packed:
+            parts.append("packed")
         parts.append(self.dtype)
         return "-".join(parts)
 
+    def lengths(self) -> list[int]:
+        """The sequence lengths of a packed case: between T/2 and T, unsorted (the longest
+        in the middle), so that packing has to sort."""
+        lengths = [self.T - (b * self.T) // (2 * self.B) for b in range(self.B)]
+        return lengths[1::2] + lengths[0::2]
 
-# The CPU benchmark grid (float32, I = H unless noted).
+    def useful_flops(self, mode: str) -> int:
+        """FLOPs of the GEMMs an LSTM must do for this case and mode (2 per multiply-add),
+        whatever the implementation: per layer and direction, over all N rows, the input
+        projection and the recurrent product (and W_hr); the backward adds the input, weight
+        and recurrent gradients (twice each product, W_hr's twice too)."""
+        rows = sum(self.lengths()) if self.packed else self.T * self.B
+        D, H = (2 if self.bidirectional else 1), self.H
+        P = self.proj_size or H
+        forward = backward = 0
+        for layer in range(self.layers):
+            inputs = self.input_size if layer == 0 else D * P
+            product = 4 * H * (inputs + P) + (H * P if self.proj_size else 0)
+            forward += 2 * rows * product * D
+            backward += 2 * 2 * rows * product * D  # input / hidden and weight gradients
+        return forward if mode == "forward" else forward + backward
+
+
+
+# The CPU benchmark grid (float32, I = H unless noted): the shapes the targets name (the
+# word-LM example's, a large compute-bound one, a bidirectional stack, one token), the other
+# dtypes and packed input.
 CPU_GRID = (
     BenchCase(T=100, B=32, H=128),
     BenchCase(T=100, B=32, H=256, layers=2),
     BenchCase(T=200, B=8, H=64),
     BenchCase(T=50, B=64, H=512),
     BenchCase(T=500, B=1, H=128),
+    BenchCase(T=35, B=20, H=200, layers=2),
+    BenchCase(T=20, B=256, H=1024, modes=("forward+backward",)),
+    BenchCase(T=60, B=16, I=256, H=128, layers=2, bidirectional=True),
+    BenchCase(T=1, B=1, H=200, layers=2, modes=("forward",)),
     BenchCase(T=100, B=32, H=128, layers=2, bidirectional=True),
     BenchCase(T=100, B=32, H=128, proj_size=64),
     BenchCase(T=100, B=32, H=128, dtype="float64"),
+    BenchCase(T=100, B=32, H=128, dtype="bfloat16"),
+    BenchCase(T=50, B=64, H=512, dtype="bfloat16"),
+    BenchCase(T=100, B=32, H=128, dtype="float16"),
+    BenchCase(T=100, B=32, H=128, packed=True),
+    BenchCase(T=100, B=32, H=128, layers=2, bidirectional=True, packed=True),
 )
 
 # GPU grid (also the rows of bench/bench_gpu.py): the shape of published cuDNN and FlashRNN
@@ -121,7 +161,11 @@ def build_modules(case: BenchCase, device, seed: int = 0) -> dict[str, nn.Module
     return {"nn.LSTM": ref, "lstm_fused": LSTM.from_torch(ref)}
 
 
-def _forward(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def _data(output) -> torch.Tensor:
+    return output.data if isinstance(output, nn.utils.rnn.PackedSequence) else output
+
+
+def _forward(module: nn.Module, x) -> Callable[[], None]:
     module.eval()
 
     def run():
@@ -131,17 +175,19 @@ def _forward(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def _forward_backward(module: nn.Module, x: torch.Tensor,
+def _forward_backward(module: nn.Module, x, leaf: torch.Tensor,
                       grad_output: torch.Tensor) -> Callable[[], None]:
+    """x: the module's input (a tensor, or a PackedSequence packed from `leaf` at every call,
+    as a training step packs its batch)."""
     module.train()  # dropout is 0: same math, but nn.LSTM picks its training kernels
     params = list(module.parameters())
 
     def run():
-        output, _ = module(x)
-        output.backward(grad_output)
+        output, _ = module(x() if callable(x) else x)
+        _data(output).backward(grad_output)
         # dropped as optimizer.zero_grad() does, so every call starts without gradients and
         # its peak memory includes allocating them
-        x.grad = None
+        leaf.grad = None
         for p in params:
             p.grad = None
 
@@ -159,13 +205,20 @@ def make_workloads(case: BenchCase, mode: str, device="cpu", impls: Sequence[str
     g = torch.Generator(device=device).manual_seed(seed + 1)
     x = torch.randn(case.T, case.B, case.input_size, generator=g, device=device,
                     dtype=case.torch_dtype)
+    lengths = torch.tensor(case.lengths()) if case.packed else None
+
+    def pack():
+        return nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+
     if mode == "forward":
-        return {impl: _forward(modules[impl], x) for impl in impls}
+        return {impl: _forward(modules[impl], pack() if case.packed else x) for impl in impls}
     out_size = (case.proj_size or case.H) * (2 if case.bidirectional else 1)
-    grad_output = torch.randn(case.T, case.B, out_size, generator=g, device=device,
+    rows = (int(lengths.sum()),) if case.packed else (case.T, case.B)
+    grad_output = torch.randn(*rows, out_size, generator=g, device=device,
                               dtype=case.torch_dtype)
     x.requires_grad_()
-    return {impl: _forward_backward(modules[impl], x, grad_output) for impl in impls}
+    return {impl: _forward_backward(modules[impl], pack if case.packed else x, x, grad_output)
+            for impl in impls}
 
 
 # -- timing and memory -----------------------------------------------------------------------
@@ -262,16 +315,36 @@ def _summary(samples: list[float]) -> dict:
             "q1_ms": quartiles[0], "q3_ms": quartiles[2], "times_ms": samples}
 
 
+def gemm_rates(dtypes: Sequence[str], device="cpu", size: int = 2048,
+               repeats: int = 5) -> dict[str, float]:
+    """The machine's large-GEMM rate in GFLOP/s per dtype: torch.mm of two (size x size)
+    matrices, the median of `repeats` calls after one warm-up. The ceiling an LSTM's GEMMs
+    can reach; each benchmark row's GFLOP/s is shown as a fraction of it."""
+    device = torch.device(device)
+    timer = _time_cuda_ms if device.type == "cuda" else _time_cpu_ms
+    rates = {}
+    for name in dict.fromkeys(dtypes):
+        a = torch.randn(size, size, device=device).to(getattr(torch, name))
+        b = torch.randn(size, size, device=device).to(getattr(torch, name))
+        torch.mm(a, b)
+        ms = statistics.median(timer(lambda: torch.mm(a, b)) for _ in range(repeats))
+        rates[name] = 2 * size ** 3 / (ms * 1e6)
+    return rates
+
+
 def run_benchmark(grid: Sequence[BenchCase], device="cpu", repeats: int = 15, warmup: int = 3,
                   measure_memory: bool = True,
-                  progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Time every case of `grid` in both MODES for both IMPLS. One row per (case, mode):
-    {"case", "config", "mode", "nn.LSTM": summary, "lstm_fused": summary, "speedup",
-    "peak_bytes": {impl: bytes} (forward+backward only)}; speedup = nn.LSTM median /
-    lstm_fused median (> 1: lstm_fused is faster)."""
+                  progress: Callable[[str], None] | None = None,
+                  gemm_rates: Mapping[str, float] | None = None) -> list[dict]:
+    """Time every case of `grid` in its modes (both MODES unless the case says otherwise) for
+    both IMPLS. One row per (case, mode): {"case", "config", "mode", "nn.LSTM": summary,
+    "lstm_fused": summary, "speedup", "useful_gflop", "gflops": {impl: GFLOP/s},
+    "gemm_fraction" (lstm_fused's GFLOP/s over gemm_rates[dtype], when given), "peak_bytes":
+    {impl: bytes} (forward+backward only)}; speedup = nn.LSTM median / lstm_fused median
+    (> 1: lstm_fused is faster)."""
     rows = []
     for case in grid:
-        for mode in MODES:
+        for mode in case.modes:
             if progress:
                 progress(f"{case.name} {mode}")
             workloads = make_workloads(case, mode, device)
@@ -279,6 +352,11 @@ def run_benchmark(grid: Sequence[BenchCase], device="cpu", repeats: int = 15, wa
             row = {"case": case.name, "config": asdict(case), "mode": mode}
             row.update({impl: _summary(samples[impl]) for impl in IMPLS})
             row["speedup"] = row["nn.LSTM"]["median_ms"] / row["lstm_fused"]["median_ms"]
+            flops = case.useful_flops(mode)
+            row["useful_gflop"] = flops / 1e9
+            row["gflops"] = {impl: flops / (row[impl]["median_ms"] * 1e6) for impl in IMPLS}
+            if gemm_rates and gemm_rates.get(case.dtype):
+                row["gemm_fraction"] = row["gflops"]["lstm_fused"] / gemm_rates[case.dtype]
             if measure_memory and mode == "forward+backward":
                 row["peak_bytes"] = {impl: peak_memory_bytes(fn, device)
                                      for impl, fn in workloads.items()}
@@ -357,9 +435,16 @@ def markdown_report(rows: Sequence[dict], info: Mapping, command: str) -> str:
         *(["On the CPU nn.LSTM runs oneDNN's fused RNN for float32 without proj_size; the "
            "float64 and proj_size rows use its native per-step path.", ""]
           if info["device"] == "cpu" else []),
+        "GFLOP/s: the GEMM FLOPs any LSTM must do (BenchCase.useful_flops) over lstm_fused's "
+        "time, forward / forward+backward; of GEMM: that rate over the machine's large-GEMM "
+        "rate in the same dtype (torch.mm 2048x2048, measured when the run started"
+        + (": " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in info["gemm_gflops"].items())
+           if info.get("gemm_gflops") else "") + ").",
+        "",
         "| case | nn.LSTM fwd | lstm_fused fwd | speedup fwd | nn.LSTM fwd+bwd "
-        "| lstm_fused fwd+bwd | speedup fwd+bwd | peak MiB nn.LSTM / lstm_fused |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| lstm_fused fwd+bwd | speedup fwd+bwd | GFLOP/s | of GEMM | peak MiB nn.LSTM / "
+        "lstm_fused |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, modes in by_case.items():
         cells = [name]
@@ -370,6 +455,11 @@ def markdown_report(rows: Sequence[dict], info: Mapping, command: str) -> str:
                 continue
             cells += [f"{r['nn.LSTM']['median_ms']:.2f}", f"{r['lstm_fused']['median_ms']:.2f}",
                       f"{r['speedup']:.2f}x"]
+        rates = [modes[m]["gflops"]["lstm_fused"] if m in modes and "gflops" in modes[m] else None
+                 for m in MODES]
+        fractions = [modes[m].get("gemm_fraction") if m in modes else None for m in MODES]
+        cells.append(" / ".join("-" if v is None else f"{v:.0f}" for v in rates))
+        cells.append(" / ".join("-" if v is None else f"{v:.0%}" for v in fractions))
         peak = modes.get("forward+backward", {}).get("peak_bytes")
         cells.append(f"{_mib(peak['nn.LSTM'])} / {_mib(peak['lstm_fused'])}" if peak else "")
         lines.append("| " + " | ".join(cells) + " |")

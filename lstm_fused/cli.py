@@ -106,12 +106,19 @@ def _cmd_bench(args, argv) -> int:
     print(f"benchmarking {len(grid)} cases on {info.get('gpu', info['cpu'])}, "
           f"{info['torch_threads']} threads, {repeats} timed rounds after {warmup} warm-up",
           flush=True)
+    # the ceiling of each dtype's GEMMs on this machine, before the grid (smaller when quick)
+    info["gemm_gflops"] = benchmarking.gemm_rates(
+        [c.dtype for c in grid], device, size=1024 if args.quick else 2048,
+        repeats=3 if args.quick else 5)
+    print("large-GEMM rate: " + ", ".join(f"{k} {v:.0f} GFLOP/s"
+                                         for k, v in info["gemm_gflops"].items()), flush=True)
     with warnings.catch_warnings():
         # said once in the report instead, not in the middle of the progress lines
         warnings.filterwarnings("ignore", "LSTM with projections is not supported with oneDNN")
         rows = benchmarking.run_benchmark(
             grid, device, repeats=repeats, warmup=warmup,
-            progress=lambda what: print(f"  {what}", file=sys.stderr, flush=True))
+            progress=lambda what: print(f"  {what}", file=sys.stderr, flush=True),
+            gemm_rates=info["gemm_gflops"])
     settings = {"grid": args.grid or device.type, "repeats": repeats, "warmup": warmup,
                 "quick": args.quick}
     paths = benchmarking.write_results(out_dir, rows, info, settings, command)
