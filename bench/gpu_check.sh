@@ -145,6 +145,8 @@ CHECKS_LIMIT=$(budget 130 $(( MIN_BENCH + MIN_REPORT )))
 SAN=$(command -v compute-sanitizer 2>/dev/null \
       || ls -1 /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer 2>/dev/null | head -1)
 PYTEST_ARGS=(-v -rfEs -p no:cacheprovider --durations=10)
+CASE=(bench/sanitize_case.py)  # the sanitizers' case; --device cpu in a dry run
+(( DRY_RUN )) && CASE+=(--device cpu)
 "$PY" -c "import pytest" 2>/dev/null || log "WARNING: pytest is not importable by $PY; the test stage will fail"
 
 tests_lane() {
@@ -154,63 +156,68 @@ tests_lane() {
     --junitxml="$WORK/junit-cuda.xml"
 }
 
-# sanitize TOOL LIMIT [CASE ARGS...]: one compute-sanitizer tool over bench/sanitize_case.py.
+# sanitize LANE TOOL LIMIT CMD...: one compute-sanitizer tool over a command (a python script
+# and its arguments), logged as LANE.
 sanitize() {
-  local tool=$1 limit=$2 f=$WORK/$1.log
-  shift 2
+  local lane=$1 tool=$2 limit=$3 f=$WORK/$1.log
+  shift 3
   if (( DRY_RUN )); then
     # the CPU equivalent: the same cases on the CPU kernels, no sanitizer
-    echo "# dry run: bench/sanitize_case.py --device cpu $*, no compute-sanitizer" > "$f"
-    run_stage "$tool" "$limit" "$f" "$PY" bench/sanitize_case.py --device cpu "$@"
+    echo "# dry run: $*, on the CPU, no compute-sanitizer" > "$f"
+    run_stage "$lane" "$limit" "$f" "$PY" "$@"
     return
   fi
   if [[ -z "$SAN" ]]; then
     echo "compute-sanitizer not found" > "$f"
-    printf '%s\t-1\t0\tcompute-sanitizer not found\n' "$tool" >> "$STAGES"
+    printf '%s\t-1\t0\tcompute-sanitizer not found\n' "$lane" >> "$STAGES"
     return
   fi
   # Only our kernels are instrumented (cuBLAS runs natively: fast, and no third-party noise).
   # No caching allocator, so every tensor is its own allocation and overruns are caught.
   echo "# filter: --kernel-name kns=lstm_fused" > "$f"
   local t0=$SECONDS
-  run_stage "$tool" "$limit" "$f" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+  run_stage "$lane" "$limit" "$f" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     "$SAN" --tool "$tool" --kernel-name kns=lstm_fused --print-limit 100 --error-exitcode 99 \
-    "$PY" bench/sanitize_case.py "$@"
+    "$PY" "$@"
   local rc=$? left=$(( limit - (SECONDS - t0) ))
   if ! grep -q "SUMMARY" "$f" && (( rc != 124 && rc != 137 && rc != 255 && left >= 10 )); then
     # the filter syntax may differ between sanitizer versions: once more without it
     echo "# filter: none (retry: no summary with the filter, rc=$rc)" >> "$f"
-    run_stage "$tool-nofilter" "$left" "$f" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      "$SAN" --tool "$tool" --print-limit 100 --error-exitcode 99 "$PY" bench/sanitize_case.py "$@"
+    run_stage "$lane-nofilter" "$left" "$f" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      "$SAN" --tool "$tool" --print-limit 100 --error-exitcode 99 "$PY" "$@"
   fi
 }
 
 small_limit() { local l=$CAP_SMALL_SANITIZER; (( l > $1 )) && l=$1; echo "$l"; }
 
 if (( PREFLIGHT != 0 )); then
-  for stage in tests-cuda memcheck racecheck synccheck initcheck; do
+  for stage in tests-cuda memcheck memcheck-fuzz racecheck synccheck initcheck; do
     skip_stage "$stage" "preflight failed"
   done
 else
   san_limit=$CAP_SANITIZER
   (( san_limit > CHECKS_LIMIT )) && san_limit=$CHECKS_LIMIT
-  log "checks: tests, memcheck, racecheck, synccheck+initcheck in parallel (limit ${CHECKS_LIMIT}s)"
+  log "checks in parallel: tests, memcheck (cases, fuzz), racecheck, synccheck+initcheck" \
+      "(limit ${CHECKS_LIMIT}s)"
   tests_lane &
-  sanitize memcheck "$san_limit" &
+  sanitize memcheck memcheck "$san_limit" "${CASE[@]}" &
+  # the raw-op fuzz cases' CUDA versions (tests/test_op_fuzz.py, malformed arguments too)
+  LSTM_FUSED_FUZZ_CUDA_EXAMPLES=60 sanitize memcheck-fuzz memcheck "$san_limit" \
+    -m pytest -q -p no:cacheprovider tests/test_op_fuzz.py -m cuda &
   if (( DRY_RUN )); then
     skip_stage racecheck "dry run: no CPU equivalent (the CPU cases ran under memcheck)"
   else
-    sanitize racecheck "$san_limit" &
+    sanitize racecheck racecheck "$san_limit" "${CASE[@]}" &
   fi
   (
-    sanitize synccheck "$(small_limit $(( CHECKS_LIMIT / 2 )))" --small
-    sanitize initcheck "$(small_limit $(( CHECKS_LIMIT / 2 )))" --small
+    sanitize synccheck synccheck "$(small_limit $(( CHECKS_LIMIT / 2 )))" "${CASE[@]}" --small
+    sanitize initcheck initcheck "$(small_limit $(( CHECKS_LIMIT / 2 )))" "${CASE[@]}" --small
   ) &
   wait
 fi
 {
-  for tool in memcheck racecheck synccheck initcheck; do
-    echo "################ compute-sanitizer --tool $tool"
+  for tool in memcheck memcheck-fuzz racecheck synccheck initcheck; do
+    echo "################ compute-sanitizer: $tool"
     cat "$WORK/$tool.log" 2>/dev/null || echo "(not run)"
   done
 } > "$LOGDIR/sanitizer.log"

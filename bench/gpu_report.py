@@ -113,9 +113,10 @@ def sanitizer(work, tool):
     if text is None:
         return dict(errors=None, note="not run", case_finished=False)
     res = dict(errors=None)
+    finished = bool(re.search(r"sanitize_case: (\d+) cases ran|^\d+ passed|\b\d+ passed\b", text,
+                              re.M))
     if text.startswith("# dry run"):
-        case = re.search(r"sanitize_case: (\d+) cases ran", text)
-        return dict(errors=None, note=text.splitlines()[0][2:], case_finished=bool(case))
+        return dict(errors=None, note=text.splitlines()[0][2:], case_finished=finished)
     m = re.findall(r"ERROR SUMMARY:\s*(\d+) error", text)
     if m:
         res["errors"] = int(m[-1])
@@ -128,8 +129,7 @@ def sanitizer(work, tool):
     filt = re.search(r"^# filter: (.*)$", text, re.M)
     if filt:
         res["filter"] = filt.group(1)
-    case = re.search(r"sanitize_case: (\d+) cases ran", text)
-    res["case_finished"] = bool(case)
+    res["case_finished"] = finished
     return res
 
 
@@ -146,7 +146,9 @@ def fmt(v, digits=2):
     return str(v)
 
 
-TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
+# sanitizer lanes (WORKDIR/<lane>.log): memcheck-fuzz is memcheck over tests/test_op_fuzz.py's
+# CUDA cases
+TOOLS = ("memcheck", "memcheck-fuzz", "racecheck", "synccheck", "initcheck")
 
 
 def markdown(rep):

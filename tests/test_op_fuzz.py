@@ -16,6 +16,9 @@ bench/gpu_check.sh also runs it under compute-sanitizer memcheck.
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -244,8 +247,6 @@ def _expect_clear_error(call, target):
     with pytest.raises(RuntimeError) as error:
         call()
     message = str(error.value).splitlines()[0]
-    import re
-
     assert re.search(NAMES[target], message), (target, message)
 
 
@@ -292,8 +293,12 @@ def test_raw_ops_match_the_reference_or_refuse(layer, change):
     fuzz_one(layer, change, "cpu", None)
 
 
+# fewer under compute-sanitizer (bench/gpu_check.sh sets it), where every launch is slow
+CUDA_EXAMPLES = int(os.environ.get("LSTM_FUSED_FUZZ_CUDA_EXAMPLES", "150"))
+
+
 @requires_cuda
-@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@settings(max_examples=CUDA_EXAMPLES, deadline=None, derandomize=True, database=None)
 @given(layers(), changes(backward=True))
 def test_raw_ops_cuda_match_the_reference_or_refuse(layer, change):
     """The CUDA twin: the same checks run on the GPU (the driver is shared), plus tensors left
