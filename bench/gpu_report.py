@@ -285,8 +285,9 @@ def summary(rep, paths):
              f"csrc tree {rep['source'].get('csrc_tree')} (clean: {rep['source'].get('csrc_clean')})",
              "stages: " + ", ".join(f"{x['stage']} {x['seconds']}s rc={x['rc']}"
                                     for x in rep["stages"]),
-             f"CUDA tests: {t['passed']} passed, {t['failed']} failed, {t['errors']} errors, "
-             f"{t['skipped']} skipped",
+             # (not pytest's "N passed, N failed" wording: CI reads such lines as its suite's)
+             f"CUDA tests: passed {t['passed']}, failed {t['failed']}, errors {t['errors']}, "
+             f"skipped {t['skipped']}",
              "sanitizer errors: " + ", ".join(f"{tool} {fmt(rep['sanitizer'][tool].get('errors'))}"
                                               for tool in TOOLS)]
     rows = [r for r in rep["bench"] if r.get("status") == "ok"]

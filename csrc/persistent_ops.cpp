@@ -19,27 +19,18 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "cuda/persistent_plan.h"
+#include "env_switch.h"
 
 namespace lstm_fused {
 namespace persistent {
 namespace {
 
-bool env_enabled() {
-  const char* value = std::getenv("LSTM_FUSED_CUDA_PERSISTENT");
-  if (value == nullptr) return false;
-  for (const char* on : {"1", "true", "yes", "on", "TRUE", "True", "YES", "ON"}) {
-    if (std::strcmp(value, on) == 0) return true;
-  }
-  return false;
-}
-
 std::atomic<bool>& state() {
-  static std::atomic<bool> on{env_enabled()};  // the environment is read once, on first use
+  // the environment is read once, on first use; off unless it says on
+  static std::atomic<bool> on{env_flag("LSTM_FUSED_CUDA_PERSISTENT", false)};
   return on;
 }
 

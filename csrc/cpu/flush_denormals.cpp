@@ -8,11 +8,11 @@
 //                                                             the kernels restore them)
 #include "flush_denormals.h"
 
+#include "../env_switch.h"
+
 #include <torch/library.h>
 
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include <omp.h>
@@ -21,17 +21,9 @@ namespace lstm_fused {
 namespace cpu {
 namespace {
 
-bool env_enabled() {
-  const char* value = std::getenv("LSTM_FUSED_FLUSH_DENORMALS");
-  if (value == nullptr) return true;
-  for (const char* off : {"0", "false", "no", "off", "FALSE", "False", "NO", "OFF"}) {
-    if (std::strcmp(value, off) == 0) return false;
-  }
-  return true;
-}
-
 std::atomic<bool>& state() {
-  static std::atomic<bool> on{env_enabled()};  // the environment is read once, on first use
+  // the environment is read once, on first use; on unless it says off
+  static std::atomic<bool> on{env_flag("LSTM_FUSED_FLUSH_DENORMALS", true)};
   return on;
 }
 
