@@ -123,6 +123,20 @@ struct BackwardSequenceArgs : SequenceShape {
   T* sum_squares = nullptr;
 };
 
+// A GEMM in BLAS's column-major convention, as cuBLAS and Fortran BLAS define it:
+// C (m x n, leading dimension ldc) = alpha op(A) op(B) + beta C, op = transposed for 'T';
+// C is not read when beta is 0. On the device's current stream.
+template <typename T>
+using ColumnMajorGemm = void (*)(char transa, char transb, int64_t m, int64_t n, int64_t k,
+                                 T alpha, const T* a, int64_t lda, const T* b, int64_t ldb,
+                                 T beta, T* c, int64_t ldc);
+
+// dst[r, 0:cols] = src[r, 0:cols] for r < rows (row strides ldd, lds in elements), on the
+// device's current stream.
+template <typename T>
+using CopyRows = void (*)(T* dst, int64_t ldd, const T* src, int64_t lds, int64_t rows,
+                          int64_t cols);
+
 // One device's step kernels for one compute type. The CUDA ones run on the current stream of
 // the current device (the driver sets the device guard) and never synchronise the host.
 // sum_squares pointers point to memory of the same device as the other buffers.
@@ -143,6 +157,11 @@ struct StepKernels {
   // Size of the scratch the step kernels' reductions need (HiddenGradStepArgs::partials), in
   // values of T; 0 when they need none (the driver then passes null).
   int64_t reduce_partials = 0;
+  // Optional: the per-step products and row copies of the driver's time loop as raw-pointer
+  // calls on the device (StepWeight, copy_rows in ops.cpp): no tensor views, no dispatcher
+  // inside the loop. Null: the CPU's own paths (BLAS, packed GEMM, memcpy).
+  ColumnMajorGemm<T> gemm = nullptr;
+  CopyRows<T> copy_rows = nullptr;
 };
 
 struct DeviceKernels {

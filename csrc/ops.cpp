@@ -273,11 +273,16 @@ const StepKernels<double>& kernels_for<double>(const DeviceKernels& kernels) {
   return kernels.f64;
 }
 
-// dst[r, :cols] = src[r, :cols] for rows r (row strides ldd, lds), on `device`. On the CPU a
-// plain loop: inside the time loop, at:: views and copy_ cost more than the copy itself.
+// dst[r, :cols] = src[r, :cols] for rows r (row strides ldd, lds), on `device`: the device's
+// raw-pointer copy where it has one (StepKernels::copy_rows), on the CPU a plain loop (inside
+// the time loop, at:: views and copy_ cost more than the copy itself).
 template <typename T>
-void copy_rows(const at::Device& device, T* dst, int64_t ldd, const T* src, int64_t lds,
-               int64_t rows, int64_t cols) {
+void copy_rows(const StepKernels<T>& kernels, const at::Device& device, T* dst, int64_t ldd,
+               const T* src, int64_t lds, int64_t rows, int64_t cols) {
+  if (kernels.copy_rows != nullptr) {
+    kernels.copy_rows(dst, ldd, src, lds, rows, cols);
+    return;
+  }
   if (device.is_cpu()) {
     for (int64_t r = 0; r < rows; ++r) {
       std::memcpy(dst + r * ldd, src + r * lds, cols * sizeof(T));
@@ -340,9 +345,11 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
   }
   at::Tensor r_buffer = has_proj ? at::empty({layout.batch, H}, gates.options()) : at::Tensor();
   const int64_t pack_budget = pack_budget_bytes<T>(gates.numel());
-  const StepWeight<T> recurrent(p.w_hh, /*transposed=*/true, layout.batch, pack_budget);
+  const StepWeight<T> recurrent(p.w_hh, /*transposed=*/true, layout.batch, pack_budget,
+                                kernels.gemm);
   const std::optional<StepWeight<T>> projection =
-      has_proj ? std::make_optional<StepWeight<T>>(p.w_hr, true, layout.batch, pack_budget)
+      has_proj ? std::make_optional<StepWeight<T>>(p.w_hr, true, layout.batch, pack_budget,
+                                                   kernels.gemm)
                : std::nullopt;
   T* const gates_data = gates.data_ptr<T>();
   T* const hidden_data = h_state.data_ptr<T>();
@@ -366,7 +373,7 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     kernels.forward(args);
     if (has_proj) {
       projection->multiply(rows, hidden_data, P, r_data, H, /*accumulate=*/false);
-      copy_rows<T>(output.device(), output.data_ptr<T>() + offset * out_stride + d * P,
+      copy_rows<T>(kernels, output.device(), output.data_ptr<T>() + offset * out_stride + d * P,
                    out_stride, hidden_data, P, rows, P);
     }
   }
@@ -548,10 +555,11 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
     const std::optional<StepWeight<T>> recurrent =
         looped ? std::nullopt
                : std::make_optional<StepWeight<T>>(p.w_hh, /*transposed=*/false, layout.batch,
-                                                   pack_budget);
+                                                   pack_budget, step_kernels.gemm);
     const std::optional<StepWeight<T>> projection =
         (has_proj && !looped)
-            ? std::make_optional<StepWeight<T>>(p.w_hr, false, layout.batch, pack_budget)
+            ? std::make_optional<StepWeight<T>>(p.w_hr, false, layout.batch, pack_budget,
+                                                step_kernels.gemm)
             : std::nullopt;
     // Reverse of the forward processing order.
     for (int64_t s = layout.steps - 1; s >= 0 && !looped; --s) {
@@ -577,7 +585,8 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       T* const dh_data = dh.data_ptr<T>();
       const T* grad_r = dh_data;
       if (has_proj) {
-        copy_rows<T>(dh_all.device(), dh_all.data_ptr<T>() + offset * P, P, dh_data, P, rows, P);
+        copy_rows<T>(step_kernels, dh_all.device(), dh_all.data_ptr<T>() + offset * P, P, dh_data,
+                     P, rows, P);
         projection->multiply(rows, dr_buffer.data_ptr<T>(), H, dh_data, P, /*accumulate=*/false);
         grad_r = dr_buffer.data_ptr<T>();
       }

@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "cpu/small_gemm_cpu.h"
+#include "lstm_steps.h"
 
 namespace lstm_fused {
 
@@ -62,16 +63,21 @@ int64_t pack_budget_bytes(int64_t gate_elements) {
 // product's time). MKL's packed buffer is at least ~7.5 MiB whatever W's size, so W is packed
 // only when that fits `pack_budget_bytes` (the driver allows a quarter of the saved gates:
 // long sequences, where the buffer is noise in the peak memory). Steps with fewer rows
-// (packed sequences) use the plain call. Elsewhere (CUDA) it is at::addmm/at::mm on the
-// current stream.
+// (packed sequences) use the plain call. With a `device_gemm` (StepKernels::gemm: cuBLAS on
+// CUDA) it is one call of it with raw pointers; else, off the CPU, at::addmm/at::mm.
 template <typename T>
 class StepWeight {
  public:
   StepWeight(const at::Tensor& weight, bool transposed, int64_t max_rows,
-             int64_t pack_budget_bytes = 0)
-      : weight_(weight), transposed_(transposed), max_rows_(max_rows) {
+             int64_t pack_budget_bytes = 0, ColumnMajorGemm<T> device_gemm = nullptr)
+      : weight_(weight), transposed_(transposed), max_rows_(max_rows), device_gemm_(device_gemm) {
     n_ = transposed ? weight.size(0) : weight.size(1);
     k_ = transposed ? weight.size(1) : weight.size(0);
+    if (device_gemm_ != nullptr) {
+      TORCH_INTERNAL_ASSERT(weight.dim() == 2 && weight.stride(1) == 1,
+                            "StepWeight: the device GEMM needs a row-major weight");
+      return;
+    }
     constexpr int64_t kIntMax = std::numeric_limits<int>::max();
     blas_ = weight.device().is_cpu() && Blas<T>::gemm() != nullptr && max_rows <= kIntMax &&
             n_ <= kIntMax && k_ <= kIntMax && weight.stride(0) <= kIntMax &&
@@ -114,13 +120,19 @@ class StepWeight {
         return;
       }
     }
+    // Row-major out = a op(W) is column-major out^T = op(W)^T a^T (BLAS's and cuBLAS's
+    // convention): m = n_ columns of out, n = rows, W with leading dimension stride(0).
+    const char trans_w = transposed_ ? 'T' : 'N', trans_a = 'N';
+    const T alpha = 1, beta = accumulate ? 1 : 0;
+    if (device_gemm_ != nullptr) {
+      device_gemm_(trans_w, trans_a, n_, rows, k_, alpha, weight_.data_ptr<T>(),
+                   weight_.stride(0), a, lda, beta, out, ldo);
+      return;
+    }
     if (blas_) {
-      // Row-major out = a op(W) is column-major out^T = op(W)^T a^T.
-      const char trans_w = transposed_ ? 'T' : 'N', trans_a = 'N';
       const int m = n_, n = static_cast<int>(rows), k = k_;
       const int ldw = static_cast<int>(weight_.stride(0)), lda_ = static_cast<int>(lda),
                 ldo_ = static_cast<int>(ldo);
-      const T alpha = 1, beta = accumulate ? 1 : 0;
       Blas<T>::gemm()(&trans_w, &trans_a, &m, &n, &k, &alpha, weight_.data_ptr<T>(), &ldw, a,
                       &lda_, &beta, out, &ldo_);
       return;
@@ -140,6 +152,7 @@ class StepWeight {
   at::Tensor weight_;
   bool transposed_;
   int64_t max_rows_;
+  ColumnMajorGemm<T> device_gemm_;
   // Weights up to this many elements (512 KiB in float32: a core's L2 holds them) use
   // cpu::small_gemm; larger ones BLAS, whose cache blocking wins there.
   static constexpr int64_t kSmallWeightElements = int64_t(1) << 17;

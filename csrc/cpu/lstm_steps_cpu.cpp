@@ -3,8 +3,11 @@
 // clipping) are summed per row by one thread and then over rows in order, so results do not
 // depend on the thread count.
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <cmath>
 #include <vector>
 
@@ -147,16 +150,89 @@ void backward_step(const BackwardStepArgs<T>& args) {
   dispatch_flags<T, Backward>(args);
 }
 
+// ---- The device's raw-pointer calls, replayed on the CPU (tests) ---------------------------
+// With the switch on (lstm_fused::set_cpu_device_call_replay), the CPU op runs the driver's
+// time loop the way it runs on CUDA: the per-step products through StepKernels::gemm in
+// cuBLAS's column-major convention and the row copies through StepKernels::copy_rows, each
+// here a plain reference loop with cuBLAS's / cudaMemcpy2D's argument rules, so that a wrong
+// pointer, leading dimension, transpose or offset shows as a wrong result (and under
+// ./dev sanitize as an out-of-bounds access). The sequence kernels are off then.
+std::atomic<bool> replay_on{false};
+std::atomic<int64_t> replayed_gemms{0};
+std::atomic<int64_t> replayed_copies{0};
+
+template <typename T>
+void reference_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, T alpha,
+                    const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c,
+                    int64_t ldc) {
+  TORCH_CHECK((transa == 'N' || transa == 'T') && (transb == 'N' || transb == 'T'),
+              "replayed gemm: transpose flags must be N or T, got ", transa, transb);
+  TORCH_CHECK(m >= 0 && n >= 0 && k >= 0, "replayed gemm: negative size");
+  // cuBLAS's CUBLAS_STATUS_INVALID_VALUE conditions on the leading dimensions
+  TORCH_CHECK(lda >= std::max<int64_t>(1, transa == 'N' ? m : k) &&
+                  ldb >= std::max<int64_t>(1, transb == 'N' ? k : n) &&
+                  ldc >= std::max<int64_t>(1, m),
+              "replayed gemm: a leading dimension is too small (m=", m, " n=", n, " k=", k,
+              " lda=", lda, " ldb=", ldb, " ldc=", ldc, ")");
+  replayed_gemms.fetch_add(1, std::memory_order_relaxed);
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t i = 0; i < m; ++i) {
+      T sum = 0;
+      for (int64_t l = 0; l < k; ++l) {
+        const T a_il = transa == 'N' ? a[i + l * lda] : a[l + i * lda];
+        const T b_lj = transb == 'N' ? b[l + j * ldb] : b[j + l * ldb];
+        sum += a_il * b_lj;
+      }
+      T& out = c[i + j * ldc];
+      out = alpha * sum + (beta == T(0) ? T(0) : beta * out);  // C unread when beta is 0
+    }
+  }
+}
+
+template <typename T>
+void reference_copy_rows(T* dst, int64_t ldd, const T* src, int64_t lds, int64_t rows,
+                         int64_t cols) {
+  // cudaMemcpy2D: the pitches must hold a row
+  TORCH_CHECK(rows >= 0 && cols >= 0 && ldd >= cols && lds >= cols,
+              "replayed copy: pitch smaller than the width (ldd=", ldd, " lds=", lds,
+              " cols=", cols, ")");
+  replayed_copies.fetch_add(1, std::memory_order_relaxed);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ldd, src + r * lds, cols * sizeof(T));
+}
+
+template <typename T>
+StepKernels<T> step_kernels(bool replay) {
+  StepKernels<T> k;
+  k.forward = &forward_step<T>;
+  k.hidden_grad = &hidden_grad_step<T>;
+  k.backward = &backward_step<T>;
+  if (replay) {
+    k.gemm = &reference_gemm<T>;
+    k.copy_rows = &reference_copy_rows<T>;
+  } else {
+    k.forward_sequence = &forward_sequence<T>;
+    k.backward_sequence = &backward_sequence<T>;
+    k.backward_sequence_flow = true;
+  }
+  return k;
+}
+
 }  // namespace
 
 const DeviceKernels& kernels() {
-  static const DeviceKernels table{
-      {&forward_step<float>, &hidden_grad_step<float>, &backward_step<float>,
-       &forward_sequence<float>, &backward_sequence<float>, /*backward_sequence_flow=*/true},
-      {&forward_step<double>, &hidden_grad_step<double>, &backward_step<double>,
-       &forward_sequence<double>, &backward_sequence<double>, /*backward_sequence_flow=*/true}};
-  return table;
+  static const DeviceKernels table{step_kernels<float>(false), step_kernels<double>(false)};
+  static const DeviceKernels replay{step_kernels<float>(true), step_kernels<double>(true)};
+  return replay_on.load(std::memory_order_relaxed) ? replay : table;
 }
 
 }  // namespace cpu
+
+TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
+  m.def("set_cpu_device_call_replay(bool enabled) -> bool",
+        [](bool enabled) { return cpu::replay_on.exchange(enabled); });
+  m.def("cpu_device_call_replay_counts() -> int[]", []() {
+    return std::vector<int64_t>{cpu::replayed_gemms.load(), cpu::replayed_copies.load()};
+  });
+}
+
 }  // namespace lstm_fused

@@ -11,7 +11,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
+#include <dlfcn.h>
+
 #include <cstdint>
+#include <limits>
 
 #include "../lstm_layer.h"
 #include "../lstm_steps.h"
@@ -132,18 +135,114 @@ void backward_step(const BackwardStepArgs<T>& args) {
                               : dispatch_backward<T, 1>(args);
 }
 
+// The driver's per-step products: cuBLAS on torch's handle for the current stream, raw
+// pointers (the call at::addmm ends in, without the tensor views and the dispatcher per step);
+// float32 uses TF32 exactly when torch.backends.cuda.matmul.allow_tf32 says so. cuBLAS comes
+// from the copy torch already loaded (its C++ wrappers in libtorch_cuda are not exported, and
+// the toolkit need not have cuBLAS to link against); without it the driver keeps at::addmm.
+struct Cublas {
+  // the C entry points' types (the C++ header overloads cublasGemmEx)
+  using GemmEx = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int,
+                                    int, int, const void*, const void*, cudaDataType, int,
+                                    const void*, cudaDataType, int, const void*, void*,
+                                    cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
+  using Dgemm = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int,
+                                   int, int, const double*, const double*, int, const double*,
+                                   int, const double*, double*, int);
+  GemmEx gemm_ex = nullptr;
+  Dgemm dgemm = nullptr;
+  bool available() const { return gemm_ex != nullptr && dgemm != nullptr; }
+};
+
+const Cublas& cublas() {
+  static const Cublas calls = [] {
+    Cublas c;
+    for (const char* name : {"libcublas.so.13", "libcublas.so.12", "libcublas.so"}) {
+      void* lib = dlopen(name, RTLD_NOW | RTLD_NOLOAD);  // only a copy already loaded
+      if (lib == nullptr) continue;
+      c.gemm_ex = reinterpret_cast<decltype(c.gemm_ex)>(dlsym(lib, "cublasGemmEx"));
+      c.dgemm = reinterpret_cast<decltype(c.dgemm)>(dlsym(lib, "cublasDgemm_v2"));
+      if (c.available()) break;
+    }
+    return c;
+  }();
+  return calls;
+}
+
+cublasOperation_t cublas_op(char trans) { return trans == 'T' ? CUBLAS_OP_T : CUBLAS_OP_N; }
+
+int as_int(int64_t value, const char* name) {
+  TORCH_CHECK(value >= 0 && value <= std::numeric_limits<int>::max(), "lstm_fused: ", name, " = ",
+              value, " does not fit cuBLAS's int");
+  return static_cast<int>(value);
+}
+
+void check_cublas(cublasStatus_t status) {
+  TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "lstm_fused: cuBLAS error ",
+              static_cast<int>(status));
+}
+
+template <typename T>
+void step_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+               int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
+
+template <>
+void step_gemm<float>(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha,
+                      const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                      float* c, int64_t ldc) {
+  const cublasComputeType_t compute = at::globalContext().allowTF32CuBLAS()
+                                          ? CUBLAS_COMPUTE_32F_FAST_TF32
+                                          : CUBLAS_COMPUTE_32F;
+  check_cublas(cublas().gemm_ex(at::cuda::getCurrentCUDABlasHandle(), cublas_op(transa),
+                                cublas_op(transb), as_int(m, "m"), as_int(n, "n"),
+                                as_int(k, "k"), &alpha, a, CUDA_R_32F, as_int(lda, "lda"), b,
+                                CUDA_R_32F, as_int(ldb, "ldb"), &beta, c, CUDA_R_32F,
+                                as_int(ldc, "ldc"), compute, CUBLAS_GEMM_DEFAULT));
+}
+
+template <>
+void step_gemm<double>(char transa, char transb, int64_t m, int64_t n, int64_t k, double alpha,
+                       const double* a, int64_t lda, const double* b, int64_t ldb, double beta,
+                       double* c, int64_t ldc) {
+  check_cublas(cublas().dgemm(at::cuda::getCurrentCUDABlasHandle(), cublas_op(transa),
+                              cublas_op(transb), as_int(m, "m"), as_int(n, "n"), as_int(k, "k"),
+                              &alpha, a, as_int(lda, "lda"), b, as_int(ldb, "ldb"), &beta, c,
+                              as_int(ldc, "ldc")));
+}
+
+template <typename T>
+void copy_rows(T* dst, int64_t ldd, const T* src, int64_t lds, int64_t rows, int64_t cols) {
+  if (rows == 0 || cols == 0) return;
+  C10_CUDA_CHECK(cudaMemcpy2DAsync(dst, ldd * sizeof(T), src, lds * sizeof(T), cols * sizeof(T),
+                                   rows, cudaMemcpyDeviceToDevice,
+                                   at::cuda::getCurrentCUDAStream()));
+}
+
+template <typename T>
+StepKernels<T> step_kernels() {
+  StepKernels<T> k;
+  k.forward = &forward_step<T>;
+  k.hidden_grad = &hidden_grad_step<T>;
+  k.backward = &backward_step<T>;
+  k.reduce_partials = kReduceBlocks;
+  k.gemm = cublas().available() ? &step_gemm<T> : nullptr;
+  k.copy_rows = &copy_rows<T>;
+  return k;
+}
+
 }  // namespace
 
 const DeviceKernels& kernels() {
-  // float32 also gets the persistent sequence kernels (lstm_persistent_cuda.cu): off unless
-  // LSTM_FUSED_CUDA_PERSISTENT=1 or lstm_fused::set_cuda_persistent(True); they decline
-  // (the driver then loops over the step kernels) when a case does not fit.
-  static const DeviceKernels table{
-      {&forward_step<float>, &hidden_grad_step<float>, &backward_step<float>,
-       &persistent_forward_sequence, &persistent_backward_sequence,
-       /*backward_sequence_flow=*/false, &persistent::enabled, kReduceBlocks},
-      {&forward_step<double>, &hidden_grad_step<double>, &backward_step<double>, nullptr,
-       nullptr, /*backward_sequence_flow=*/false, nullptr, kReduceBlocks}};
+  static const DeviceKernels table = [] {
+    DeviceKernels t{step_kernels<float>(), step_kernels<double>()};
+    // float32 also gets the persistent sequence kernels (lstm_persistent_cuda.cu): off unless
+    // LSTM_FUSED_CUDA_PERSISTENT=1 or lstm_fused::set_cuda_persistent(True); they decline
+    // (the driver then loops over the step kernels) when a case does not fit.
+    t.f32.forward_sequence = &persistent_forward_sequence;
+    t.f32.backward_sequence = &persistent_backward_sequence;
+    t.f32.sequence_enabled = &persistent::enabled;
+    return t;
+  }();
   return table;
 }
 
