@@ -11,8 +11,9 @@ an idle GPU queue (synchronize), is bracketed by CUDA events, and the measuremen
 ours per-step, ours persistent; forward and forward+backward) are interleaved iteration by
 iteration so that clock drift and thermals hit all alike. Medians are reported.
 
-Columns: `nn_lstm` (cuDNN), `per_step` (ours with the persistent kernels switched off) and,
-when the build has them (lstm_fused::set_cuda_persistent), `persistent` (switched on); rows
+Columns: `nn_lstm` (cuDNN), `per_step` (ours with the persistent kernels switched off),
+`direct` (the per-step path with its raw-pointer cuBLAS calls, lstm_fused::set_cuda_direct_gemm)
+and, when the build has them (lstm_fused::set_cuda_persistent), `persistent` (switched on); rows
 where they decline (no launch during warm-up: float64, projection, W_hh too large for shared
 memory, the backward's batch cap) record that and skip the third column's timing.
 `default_path` names the path each pass took with the switch as the process found it (the
@@ -142,19 +143,24 @@ def _persistent_ops():
     return set_switch, lambda: list(stats())[:2]
 
 
-def _switched(on, call):
-    """`call` with the persistent kernels switched on or off (restored afterwards)."""
+def _switched(on, call, direct=False):
+    """`call` with the persistent kernels switched on or off and the per-step path's direct
+    cuBLAS calls on or off (both restored afterwards)."""
     persistent = _persistent_ops()
     if persistent is None:
         return call
     set_switch = persistent[0]
+    set_direct = getattr(torch.ops.lstm_fused, "set_cuda_direct_gemm", None)
 
     def wrapped():
         old = set_switch(on)
+        old_direct = set_direct(direct) if set_direct is not None else None
         try:
             call()
         finally:
             set_switch(old)
+            if set_direct is not None:
+                set_direct(old_direct)
     return wrapped
 
 
@@ -211,6 +217,8 @@ def run_row(r, args, deadline):
              ("nn_lstm", "fwdbwd"): fwdbwd(ref)}
     persistent = _persistent_ops() if _is_cuda() else None
     if persistent is not None:
+        calls[("direct", "fwd")] = _switched(False, fwd(ours), direct=True)
+        calls[("direct", "fwdbwd")] = _switched(False, fwdbwd(ours), direct=True)
         calls[("persistent", "fwd")] = _switched(True, fwd(ours))
         calls[("persistent", "fwdbwd")] = _switched(True, fwdbwd(ours))
     result = dict(r, id=row_id(r), status="ok")
@@ -274,8 +282,8 @@ def run_row(r, args, deadline):
             gpu_ms, host_ms = _time_call(calls[key])
             times[key].append(gpu_ms)
             host[key].append(host_ms)
-    for impl in ("per_step", "nn_lstm", "persistent"):
-        if impl == "persistent" and persistent is None:
+    for impl in ("per_step", "nn_lstm", "direct", "persistent"):
+        if impl in ("direct", "persistent") and persistent is None:
             continue
         entry = {}
         for mode in ("fwd", "fwdbwd"):
@@ -286,13 +294,15 @@ def run_row(r, args, deadline):
         result[impl] = entry
     # host time of our per-step calls, per step of each layer and direction (and pass)
     steps = r["T"] * r["layers"] * D
-    for mode, passes in (("fwd", 1), ("fwdbwd", 2)):
-        hs = host.get(("per_step", mode), [])
-        result["per_step"][f"{mode}_host_us_per_step"] = (
-            statistics.median(hs) * 1e3 / (steps * passes) if hs else None)
+    for impl in ("per_step", "direct"):
+        for mode, passes in (("fwd", 1), ("fwdbwd", 2)):
+            hs = host.get((impl, mode), [])
+            if impl in result:
+                result[impl][f"{mode}_host_us_per_step"] = (
+                    statistics.median(hs) * 1e3 / (steps * passes) if hs else None)
     for mode in ("fwd", "fwdbwd"):
         ref_ms = result["nn_lstm"][f"{mode}_ms"]
-        for impl in ("per_step", "persistent"):
+        for impl in ("per_step", "direct", "persistent"):
             ms = result.get(impl, {}).get(f"{mode}_ms")
             if impl in result:
                 result[f"speedup_{impl}_{mode}"] = (ref_ms / ms) if (ms and ref_ms) else None

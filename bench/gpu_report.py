@@ -181,16 +181,18 @@ def markdown(rep):
     lines.append(f"- verdict: {rep['verdict']}")
     lines += ["", f"Benchmark: {m.get('forward_mode', '')}; {m.get('timing', '')}. Median ms; "
               "(x) = nn.LSTM time / ours, > 1: ours faster. per-step = ours with the persistent "
-              "kernels off, persistent = on (`declined`: they do not take the row). TF32 `off` "
+              "kernels off, direct = the per-step path with raw-pointer cuBLAS calls, persistent "
+              "= on (`declined`: they do not take the row). TF32 `off` "
               "is the headline for fp32 (both sides), `on` the second measurement. host = "
               f"{m.get('host_time', '')}. path = the default dispatch (forward / backward).", ""]
     head = ("| T | B | I | H | L | bi | proj | dtype | tf32 | nn.LSTM fwd | per-step fwd | "
-            "persistent fwd | nn.LSTM fwd+bwd | per-step fwd+bwd | persistent fwd+bwd | "
-            "host us/step | path | status |")
+            "direct fwd | persistent fwd | nn.LSTM fwd+bwd | per-step fwd+bwd | direct fwd+bwd | "
+            "persistent fwd+bwd | host us/step per-step | host us/step direct | path | status |")
     lines.append(head)
     lines.append("|" + "---|" * (head.count("|") - 1))
     for r in rep["bench"]:
         c, o, p = r.get("nn_lstm", {}), r.get("per_step", {}), r.get("persistent")
+        direct = r.get("direct")
         status = r.get("status", "")
         if r.get("errors"):
             status += ": " + "; ".join(f"{k}: {v[:80]}" for k, v in r["errors"].items())
@@ -211,10 +213,14 @@ def markdown(rep):
         lines.append(
             f"| {r['T']} | {r['B']} | {r['I']} | {r['H']} | {r['layers']} | "
             f"{'yes' if r['bidirectional'] else 'no'} | {r['proj'] or '-'} | {r['dtype']} | {tf32} | "
-            f"{fmt(c.get('fwd_ms'), 3)} | {cell(o, 'fwd', 'speedup_per_step_fwd')} | {pers('fwd')} | "
+            f"{fmt(c.get('fwd_ms'), 3)} | {cell(o, 'fwd', 'speedup_per_step_fwd')} | "
+            f"{cell(direct, 'fwd', 'speedup_direct_fwd')} | {pers('fwd')} | "
             f"{fmt(c.get('fwdbwd_ms'), 3)} | {cell(o, 'fwdbwd', 'speedup_per_step_fwdbwd')} | "
+            f"{cell(direct, 'fwdbwd', 'speedup_direct_fwdbwd')} | "
             f"{pers('fwdbwd')} | {fmt(o.get('fwd_host_us_per_step'), 1)} / "
             f"{fmt(o.get('fwdbwd_host_us_per_step'), 1)} | "
+            f"{fmt((direct or {}).get('fwd_host_us_per_step'), 1)} / "
+            f"{fmt((direct or {}).get('fwdbwd_host_us_per_step'), 1)} | "
             f"{path.get('forward', '-')} / {path.get('backward', '-')} | {status} |")
     if not rep["bench"]:
         lines.append("| (no benchmark results) |" + " |" * (head.count("|") - 2))

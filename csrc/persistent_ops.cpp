@@ -3,6 +3,9 @@
 //
 //   lstm_fused::set_cuda_persistent(bool enabled) -> bool    previous state
 //   lstm_fused::cuda_persistent_enabled() -> bool
+//   lstm_fused::set_cuda_direct_gemm(bool enabled) -> bool   the per-step path's raw-pointer
+//                                                             cuBLAS calls (off by default;
+//                                                             LSTM_FUSED_CUDA_DIRECT_GEMM=1)
 //   lstm_fused::cuda_persistent_stats() -> int[]             [forward launches, backward launches,
 //                                                             forward declines, backward declines]
 //   lstm_fused::persistent_plan(int hidden, int batch, int sm_count, int smem_per_block,
@@ -31,6 +34,13 @@ namespace {
 std::atomic<bool>& state() {
   // the environment is read once, on first use; off unless it says on
   static std::atomic<bool> on{env_flag("LSTM_FUSED_CUDA_PERSISTENT", false)};
+  return on;
+}
+
+std::atomic<bool>& direct_gemm_state() {
+  // the CUDA per-step path's raw-pointer cuBLAS calls (StepKernels::gemm): opt-in until a GPU
+  // run has passed with them
+  static std::atomic<bool> on{env_flag("LSTM_FUSED_CUDA_DIRECT_GEMM", false)};
   return on;
 }
 
@@ -79,6 +89,8 @@ bool enabled() { return state().load(std::memory_order_relaxed); }
 
 bool set_enabled(bool on) { return state().exchange(on); }
 
+bool direct_gemm_enabled() { return direct_gemm_state().load(std::memory_order_relaxed); }
+
 void count_launch(bool backward) {
   (backward ? backward_launches : forward_launches).fetch_add(1, std::memory_order_relaxed);
 }
@@ -93,6 +105,8 @@ TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   m.def("set_cuda_persistent(bool enabled) -> bool",
         [](bool enabled) { return persistent::set_enabled(enabled); });
   m.def("cuda_persistent_enabled() -> bool", []() { return persistent::enabled(); });
+  m.def("set_cuda_direct_gemm(bool enabled) -> bool",
+        [](bool enabled) { return persistent::direct_gemm_state().exchange(enabled); });
   m.def("cuda_persistent_stats() -> int[]", []() {
     return std::vector<int64_t>{persistent::forward_launches.load(),
                                 persistent::backward_launches.load(),

@@ -218,32 +218,39 @@ void copy_rows(T* dst, int64_t ldd, const T* src, int64_t lds, int64_t rows, int
                                    at::cuda::getCurrentCUDAStream()));
 }
 
+// direct: the raw-pointer GEMM and row copies (else the driver's at::addmm / copy_ path).
 template <typename T>
-StepKernels<T> step_kernels() {
+StepKernels<T> step_kernels(bool direct) {
   StepKernels<T> k;
   k.forward = &forward_step<T>;
   k.hidden_grad = &hidden_grad_step<T>;
   k.backward = &backward_step<T>;
   k.reduce_partials = kReduceBlocks;
-  k.gemm = cublas().available() ? &step_gemm<T> : nullptr;
-  k.copy_rows = &copy_rows<T>;
+  if (direct && cublas().available()) {
+    k.gemm = &step_gemm<T>;
+    k.copy_rows = &copy_rows<T>;
+  }
   return k;
+}
+
+DeviceKernels make_table(bool direct) {
+  DeviceKernels t{step_kernels<float>(direct), step_kernels<double>(direct)};
+  // float32 also gets the persistent sequence kernels (lstm_persistent_cuda.cu): off unless
+  // LSTM_FUSED_CUDA_PERSISTENT=1 or lstm_fused::set_cuda_persistent(True); they decline
+  // (the driver then loops over the step kernels) when a case does not fit.
+  t.f32.forward_sequence = &persistent_forward_sequence;
+  t.f32.backward_sequence = &persistent_backward_sequence;
+  t.f32.sequence_enabled = &persistent::enabled;
+  return t;
 }
 
 }  // namespace
 
+// The table for the switch's current state (persistent::direct_gemm_enabled).
 const DeviceKernels& kernels() {
-  static const DeviceKernels table = [] {
-    DeviceKernels t{step_kernels<float>(), step_kernels<double>()};
-    // float32 also gets the persistent sequence kernels (lstm_persistent_cuda.cu): off unless
-    // LSTM_FUSED_CUDA_PERSISTENT=1 or lstm_fused::set_cuda_persistent(True); they decline
-    // (the driver then loops over the step kernels) when a case does not fit.
-    t.f32.forward_sequence = &persistent_forward_sequence;
-    t.f32.backward_sequence = &persistent_backward_sequence;
-    t.f32.sequence_enabled = &persistent::enabled;
-    return t;
-  }();
-  return table;
+  static const DeviceKernels plain = make_table(false);
+  static const DeviceKernels direct = make_table(true);
+  return persistent::direct_gemm_enabled() ? direct : plain;
 }
 
 }  // namespace cuda

@@ -286,6 +286,10 @@ bool enabled();
 bool set_enabled(bool on);          // returns the previous state
 void count_launch(bool backward);   // launch counters, for tests (lstm_fused::cuda_persistent_stats)
 void count_decline(bool backward);  // declines while the switch is on (same op)
+// The CUDA per-step path's raw-pointer cuBLAS calls (StepKernels::gemm / copy_rows): off by
+// default until a GPU run has passed with them; LSTM_FUSED_CUDA_DIRECT_GEMM=1 or
+// lstm_fused::set_cuda_direct_gemm(True).
+bool direct_gemm_enabled();
 
 }  // namespace persistent
 
