@@ -73,7 +73,7 @@ def _unfold(t, batch_axis, size):
 @torch.library.register_vmap("lstm_fused::layer_forward")
 def _layer_forward_vmap(info, in_dims, input, hx, cx, params, batch_sizes, flow_probe,
                         options):
-    x_dim, hx_dim, cx_dim, param_dims, bs_dim, probe_dim, _ = in_dims
+    x_dim, hx_dim, cx_dim, param_dims, bs_dim, _, _ = in_dims
     _refuse(bs_dim, "layer_forward")
     if flow_probe is not None:
         raise NotImplementedError(
