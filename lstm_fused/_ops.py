@@ -2,15 +2,19 @@
 
 `torch.ops.lstm_fused.layer_forward` / `layer_backward` are defined in csrc/ops.cpp (schemas in
 docs/ARCHITECTURE.md). Here they get fake kernels (shape/dtype propagation for torch.compile
-and FakeTensor) and an autograd formula whose backward is the fused `layer_backward` op, so a
-compiled graph keeps the fused BPTT loop as one node.
+and FakeTensor) and Autograd kernels: layer_forward's backward is the fused `layer_backward`
+op, so a compiled graph keeps the fused BPTT loop as one node; forward-mode AD runs the
+reference layer; layer_backward refuses to be differentiated. Both work under torch.func;
+their batching rules (vmap) are in _vmap.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
+from torch._functorch.utils import enable_single_level_autograd_function
 
 from . import reference
 from ._loader import load_library
@@ -21,6 +25,8 @@ load_library()
 
 layer_forward = torch.ops.lstm_fused.layer_forward.default
 layer_backward = torch.ops.lstm_fused.layer_backward.default
+# the same, for the autograd kernels themselves (the names above may be wrapped by tests)
+_LAYER_FORWARD, _LAYER_BACKWARD = layer_forward, layer_backward
 
 
 # -- checks at the op boundary ---------------------------------------------------------------
@@ -155,32 +161,96 @@ def _layer_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, params, o
     )
 
 
-def _setup_context(ctx, inputs, output):
-    input, hx, cx, params, batch_sizes, flow_probe, options = inputs
-    out, _, _, gates, cells = output
-    ctx.num_params = len(params)
-    ctx.options = list(options)
-    ctx.has_batch_sizes = batch_sizes is not None
-    ctx.record_flow = flow_probe is not None and flow_probe.requires_grad
-    # (D, T, 5) probes also ask for the flow counted from each sequence's own last step
-    ctx.flow_from_last_step = (ctx.record_flow
-                               and flow_probe.shape[-1] == FLOW_CHANNELS_PER_SEQUENCE)
-    saved = [input, hx, cx, out, gates, cells, *params]
-    if batch_sizes is not None:
-        saved.append(batch_sizes)
-    ctx.save_for_backward(*saved)
-    # Outputs without a gradient (always gates and cells, often hy/cy) reach the backward as
-    # None, not as zeros autograd would allocate ((D, N, 4H) + (D, N, H) every backward);
-    # layer_backward takes a missing gradient as zeros.
-    ctx.set_materialize_grads(False)
+class _LayerForwardFunction(torch.autograd.function._SingleLevelFunction):
+    """layer_forward's reverse-mode autograd: what the op's Autograd kernel
+    (_layer_forward_autograd, below) applies; its backward runs layer_backward.
+
+    The kernel runs inside the dispatcher, where torch.func has already picked the level the
+    call belongs to (the top of its interpreter stack), as for any C++ autograd kernel. So
+    this is a single-level Function, applied at that level, not a torch.autograd.Function,
+    which torch.func would route through its own machinery once more. (The Function that
+    torch.library.register_autograd generates is a torch.autograd.Function without
+    setup_context, which torch.func.grad/vjp/jacrev refuse: pytorch#168393, #179652.)
+    Autograd tracks tensors only as direct arguments: the parameters come last, flattened.
+    """
+
+    @staticmethod
+    def forward(input, hx, cx, batch_sizes, flow_probe, options, *params):
+        with _grad_modes_of_the_caller(), torch._C._AutoDispatchBelowAutograd():
+            return _LAYER_FORWARD(input, hx, cx, list(params), batch_sizes, flow_probe, options)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, hx, cx, batch_sizes, flow_probe, options, *params = inputs
+        out, _, _, gates, cells = output
+        ctx.num_params = len(params)
+        ctx.options = list(options)
+        ctx.has_batch_sizes = batch_sizes is not None
+        ctx.record_flow = flow_probe is not None and flow_probe.requires_grad
+        # (D, T, 5) probes also ask for the flow counted from each sequence's own last step
+        ctx.flow_from_last_step = (ctx.record_flow
+                                   and flow_probe.shape[-1] == FLOW_CHANNELS_PER_SEQUENCE)
+        ctx.only_differentiating_level = _only_differentiating_level()
+        saved = [input, hx, cx, out, gates, cells, *params]
+        if batch_sizes is not None:
+            saved.append(batch_sizes)
+        ctx.save_for_backward(*saved)
+        ctx.mark_non_differentiable(gates, cells)
+        # Outputs without a gradient (always gates and cells, often hy/cy) reach the backward
+        # as None, not as zeros autograd would allocate ((D, N, 4H) + (D, N, H) every
+        # backward); layer_backward takes a missing gradient as zeros.
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells):
+        grad_input, grad_hx, grad_cx, grad_params, grad_probe = _backward(
+            ctx, grad_output, grad_hy, grad_cy)
+        return grad_input, grad_hx, grad_cx, None, grad_probe, None, *grad_params
 
 
-def _backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells):
+@contextlib.contextmanager
+def _grad_modes_of_the_caller():
+    """Inside a Function's forward: grad modes on again (apply switched both off; the
+    kernels apply only where grad mode is on), as torch.func's own single-level Functions
+    do. Below autograd they matter only to the torch.func levels under the one dispatching
+    the call, which must record the op too (the outer grad of grad(grad(f)))."""
+    with torch.enable_grad(), torch.autograd.forward_ad._set_fwd_grad_enabled(True):
+        yield
+
+
+def _only_differentiating_level():
+    """True when this call is being dispatched at a torch.func grad/vjp level (the top of
+    the interpreter stack) with no other grad or jvp level below it (vmaps aside). torch.func
+    runs every backward with create_graph=True, but then only that level could differentiate
+    the backward, and it never does: the fused backward serves. With two levels (grad of
+    grad, jacrev of jacrev, jacfwd of jacrev) the outer one differentiates the inner
+    backward, which must be the differentiable one."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    grad_type, jvp_type = (torch._C._functorch.TransformType.Grad,
+                           torch._C._functorch.TransformType.Jvp)
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    return (bool(stack) and stack[-1].key() == grad_type
+            and sum(i.key() in (grad_type, jvp_type) for i in stack) == 1)
+
+
+def _is_legacy_batched(tensors):
+    return any(t is not None and torch._C._functorch.is_legacy_batchedtensor(t)
+               for t in tensors)
+
+
+def _backward(ctx, grad_output, grad_hy, grad_cy):
     saved = ctx.saved_tensors
     input, hx, cx, out, gates, cells = saved[:6]
     params = list(saved[6:6 + ctx.num_params])
     batch_sizes = saved[6 + ctx.num_params] if ctx.has_batch_sizes else None
-    if torch.is_grad_enabled():
+    grads = (grad_output, grad_hy, grad_cy)
+    differentiable = torch.is_grad_enabled() and not ctx.only_differentiating_level
+    # autograd.grad(is_grads_batched=True), which gradcheck's check_batched_grad uses, runs
+    # the backward under torch's legacy vmap, where custom ops get no batching rules: the
+    # reference backward is aten ops, which it batches
+    differentiable = differentiable or _is_legacy_batched(grads)
+    if differentiable:
         # create_graph=True: the fused backward is not itself differentiable, so recompute the
         # layer with the reference implementation and differentiate that (double backward).
         grads = _differentiable_backward(grad_output, grad_hy, grad_cy, input, hx, cx, params,
@@ -198,7 +268,7 @@ def _backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells):
             grad_output, grad_hy, grad_cy, input, hx, cx, params, out, gates, cells,
             batch_sizes, LayerOptions.from_list(ctx.options), flow)
         grad_probe = torch.cat([flow, from_last_step], -1)
-    return grad_input, grad_hx, grad_cx, grad_params, None, grad_probe, None
+    return grad_input, grad_hx, grad_cx, grad_params, grad_probe
 
 
 def _flow_from_last_step(grad_output, grad_hy, grad_cy, input, hx, cx, params, out, gates,
@@ -248,26 +318,194 @@ def _flow_from_last_step(grad_output, grad_hy, grad_cy, input, hx, cx, params, o
     return realigned_flow[[1, 0][:directions], :, :2].square()
 
 
+def _reference_layer(batch_sizes, opts):
+    def layer(input, hx, cx, *params):
+        return reference.lstm_layer(input, hx, cx, params, batch_sizes=batch_sizes, options=opts)
+    return layer
+
+
+def _check_no_taps_under_functorch(opts):
+    # the reference's clipping and flow taps are autograd.Functions of the old style, which
+    # torch.func refuses; the fused path (one torch.func level) clips in the kernel
+    if torch._C._are_functorch_transforms_active() and opts.clip_mode != 0:
+        raise NotImplementedError(
+            "lstm_fused: bptt_clip under nested torch.func transforms (grad of grad, hessian) "
+            "is not supported: the differentiable backward is the reference's, whose clipping "
+            "does not run under torch.func")
+
+
 def _differentiable_backward(grad_output, grad_hy, grad_cy, input, hx, cx, params,
                              batch_sizes, opts):
+    """The layer's vjp through the reference implementation, itself differentiable."""
     inputs = [input, hx, cx, *params]
+    layer = _reference_layer(batch_sizes, opts)
     # a backward inside an autocast region runs with autocast on: recompute in the saved
     # tensors' dtypes, as layer_backward does (csrc/ops.cpp excludes autocast there)
     with torch.enable_grad(), torch.autocast(input.device.type, enabled=False):
-        # Tensors that do not require grad still need a graph to differentiate through.
-        leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in inputs]
-        out, hy, cy = reference.lstm_layer(leaves[0], leaves[1], leaves[2], leaves[3:],
-                                           batch_sizes=batch_sizes, options=opts)
-        given = [(o, g) for o, g in zip((out, hy, cy), (grad_output, grad_hy, grad_cy))
-                 if g is not None]
-        grads = torch.autograd.grad([o for o, _ in given], leaves, [g for _, g in given],
-                                    create_graph=True, allow_unused=True)
+        if torch._C._are_functorch_transforms_active():
+            # inside a torch.func transform: its own vjp (requires_grad_ is refused there)
+            _check_no_taps_under_functorch(opts)
+            outs, vjp_fn = torch.func.vjp(layer, *inputs)
+            grads = vjp_fn(tuple(torch.zeros_like(o) if g is None else g
+                                 for o, g in zip(outs, (grad_output, grad_hy, grad_cy))))
+        else:
+            # Tensors that do not require grad still need a graph to differentiate through.
+            leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in inputs]
+            out, hy, cy = layer(*leaves)
+            given = [(o, g) for o, g in zip((out, hy, cy), (grad_output, grad_hy, grad_cy))
+                     if g is not None]
+            grads = torch.autograd.grad([o for o, _ in given], leaves, [g for _, g in given],
+                                        create_graph=True, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
     return grads[0], grads[1], grads[2], grads[3:]
 
 
-torch.library.register_autograd("lstm_fused::layer_forward", _backward,
-                                setup_context=_setup_context)
+class _LayerBackwardFunction(torch.autograd.function._SingleLevelFunction):
+    """layer_backward under autograd (its Autograd kernel, below). The fused BPTT pass has
+    no derivative of its own; its results are differentiated through the reference: the vjp
+    of the reference layer's vjp, with respect to the incoming gradients, input, hx, cx and
+    the parameters (output, gates and cells are functions of those, so they get none).
+
+    Under a single torch.func grad level the layer's backward is this op (_backward), and
+    ordinary autograd may differentiate its results once more (torch.compile of
+    torch.func.grad does, parameters that require grad make it possible in eager)."""
+
+    @staticmethod
+    def forward(grad_output, grad_hy, grad_cy, input, hx, cx, output, gates, cells,
+                batch_sizes, record_flow, options, *params):
+        with _grad_modes_of_the_caller(), torch._C._AutoDispatchBelowAutograd():
+            grad_input, grad_hx, grad_cx, grad_params, flow = _LAYER_BACKWARD(
+                grad_output, grad_hy, grad_cy, input, hx, cx, list(params), output, gates,
+                cells, batch_sizes, record_flow, options)
+        return grad_input, grad_hx, grad_cx, flow, *grad_params
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (grad_output, grad_hy, grad_cy, input, hx, cx, _output, _gates, _cells, batch_sizes,
+         _record_flow, options, *params) = inputs
+        ctx.given = [g is not None for g in (grad_output, grad_hy, grad_cy)]
+        ctx.num_params = len(params)
+        ctx.options = list(options)
+        ctx.batch_sizes = batch_sizes
+        ctx.save_for_backward(grad_output, grad_hy, grad_cy, input, hx, cx, *params)
+        ctx.mark_non_differentiable(output[3])  # the flow norms
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, gg_input, gg_hx, gg_cx, _gg_flow, *gg_params):
+        grad_output, grad_hy, grad_cy, *inputs = ctx.saved_tensors
+        layer = _reference_layer(ctx.batch_sizes, LayerOptions.from_list(ctx.options))
+        grads = [torch.zeros_like(o) if g is None else g
+                 for o, g in zip(_reference_output_likes(inputs, ctx.batch_sizes),
+                                 (grad_output, grad_hy, grad_cy))]
+        ggs = [torch.zeros_like(t) if g is None else g
+               for t, g in zip(inputs, (gg_input, gg_hx, gg_cx, *gg_params))]
+        with torch.autocast(inputs[0].device.type, enabled=False):
+            if torch._C._are_functorch_transforms_active():
+                _check_no_taps_under_functorch(LayerOptions.from_list(ctx.options))
+
+                def first_order(grads, inputs):
+                    outs, vjp_fn = torch.func.vjp(layer, *inputs)
+                    return vjp_fn(tuple(grads))
+
+                _, vjp_fn = torch.func.vjp(first_order, grads, inputs)
+                d_grads, d_inputs = vjp_fn(tuple(ggs))
+            else:
+                create_graph = torch.is_grad_enabled()
+                with torch.enable_grad():
+                    grad_leaves = [g.detach().requires_grad_() for g in grads]
+                    leaves = [t.detach().requires_grad_() for t in inputs]
+                    first = torch.autograd.grad(layer(*leaves), leaves, grad_leaves,
+                                                create_graph=True, allow_unused=True)
+                    used = [(f, g) for f, g in zip(first, ggs) if f is not None]
+                    second = torch.autograd.grad([f for f, _ in used], grad_leaves + leaves,
+                                                 [g for _, g in used], allow_unused=True,
+                                                 create_graph=create_graph)
+                d_grads, d_inputs = second[:3], second[3:]
+        d_grads = [d if given else None for d, given in zip(d_grads, ctx.given)]
+        d_input, d_hx, d_cx, *d_params = d_inputs
+        return (*d_grads, d_input, d_hx, d_cx, None, None, None, None, None, None, *d_params)
+
+
+def _reference_output_likes(inputs, batch_sizes):
+    """Tensors shaped like the layer's (output, hy, cy) for `inputs` (input, hx, cx, ...)."""
+    input, hx, cx, w_ih, *_ = inputs
+    directions, out_size = hx.shape[0], hx.shape[2]
+    if batch_sizes is None:
+        output = input.new_empty((input.shape[0], input.shape[1], directions * out_size))
+    else:
+        output = input.new_empty((input.shape[0], directions * out_size))
+    return output, hx, cx
+
+
+def _layer_backward_autograd(keyset, grad_output, grad_hy, grad_cy, input, hx, cx, params,
+                             output, gates, cells, batch_sizes, record_flow, options):
+    args = (grad_output, grad_hy, grad_cy, input, hx, cx, output, gates, cells)
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args, *params):
+        with enable_single_level_autograd_function():
+            grad_input, grad_hx, grad_cx, flow, *grad_params = _LayerBackwardFunction.apply(
+                *args, batch_sizes, record_flow, options, *params)
+        return grad_input, grad_hx, grad_cx, grad_params, flow
+    with torch._C._AutoDispatchBelowAutograd():
+        return _LAYER_BACKWARD.redispatch(keyset & torch._C._after_autograd_keyset, *args[:6],
+                                         params, *args[6:], batch_sizes, record_flow, options)
+
+
+def _has_tangents(tensors):
+    """Whether forward-mode AD is differentiating this call: a torch.func jvp level the
+    call is at, or ordinary forward AD with a dual tensor among `tensors`."""
+    if torch._C._are_functorch_transforms_active():
+        top = torch._C._functorch.peek_interpreter_stack()
+        if top is not None and top.key() == torch._C._functorch.TransformType.Jvp:
+            level = top.level()
+            return any(t is not None and torch._C._functorch.maybe_get_level(t) == level
+                       for t in tensors)
+    if torch.autograd.forward_ad._current_level >= 0:  # inside a forward_ad.dual_level()
+        return any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent
+                   is not None for t in tensors)
+    return False
+
+
+def _forward_mode_layer(input, hx, cx, params, batch_sizes, flow_probe, options):
+    """layer_forward under forward-mode AD (jvp, jacfwd): the fused kernels have no
+    forward-mode pass, so the layer is the reference one, in aten ops that carry the
+    tangents at this level (and, in ordinary autograd, a reverse-mode graph with the flow
+    probe and clipping). gates and cells, outputs for the backward only, come from the fused
+    op."""
+    opts = LayerOptions.from_list(options)
+    if torch._C._are_functorch_transforms_active():
+        # a jvp level: tangents are the forward's derivative, which BPTT clipping and flow
+        # probes (reverse-mode only; their taps do not run under torch.func) leave alone
+        opts, flow_probe = dataclasses.replace(opts, bptt_clip=0.0, bptt_clip_mode=0), None
+    out, hy, cy = reference.lstm_layer(input, hx, cx, params, batch_sizes=batch_sizes,
+                                       flow_probe=flow_probe, options=opts)
+    with torch._C._AutoDispatchBelowAutograd(), torch.autograd.forward_ad._set_fwd_grad_enabled(
+            False):
+        *_, gates, cells = _LAYER_FORWARD(input, hx, cx, params, batch_sizes, None, options)
+    return out, hy, cy, gates.detach(), cells.detach()
+
+
+def _layer_forward_autograd(keyset, input, hx, cx, params, batch_sizes, flow_probe, options):
+    """The op's Autograd kernel: under forward-mode AD the reference layer, when a gradient
+    is needed _LayerForwardFunction (at the torch.func level being dispatched, if any), else
+    the op below autograd."""
+    if _has_tangents((input, hx, cx, *params)):
+        return _forward_mode_layer(input, hx, cx, params, batch_sizes, flow_probe, options)
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(input, hx, cx, flow_probe,
+                                                               *params):
+        with enable_single_level_autograd_function():
+            return _LayerForwardFunction.apply(input, hx, cx, batch_sizes, flow_probe,
+                                               options, *params)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _LAYER_FORWARD.redispatch(keyset & torch._C._after_autograd_keyset, input, hx, cx,
+                                        params, batch_sizes, flow_probe, options)
+
+
+_autograd_lib = torch.library.Library("lstm_fused", "IMPL")
+_autograd_lib.impl("layer_forward", _layer_forward_autograd, "Autograd", with_keyset=True)
+_autograd_lib.impl("layer_backward", _layer_backward_autograd, "Autograd", with_keyset=True)
+
+from . import _vmap  # noqa: E402,F401 - the batching rules (torch.func.vmap) of both ops
 
 
 # Autocast: like aten's RNN kernels under autocast (mkldnn_rnn_layer on the CPU, _cudnn_rnn on
