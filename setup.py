@@ -10,7 +10,9 @@ Environment:
     LSTM_FUSED_DEBUG=1       -O0 -g (C++) / -O0 -g -G (CUDA)
     CUDA_HOME                toolkit root (else found from `nvcc --dryrun`, then /usr/local/cuda*)
     TORCH_CUDA_ARCH_LIST     CUDA architectures; "8.0;9.0" when unset
-    LSTM_FUSED_CPU_SIMD      avx512|avx2|none for the CPU kernels (default: this machine's CPU)
+    LSTM_FUSED_CPU_SIMD      avx512|avx2|none: build that SIMD level only (default: one library
+                             per level, avx512, avx2 and none on x86-64, the best the CPU has
+                             picked at run time; LSTM_FUSED_CPU_CAPABILITY forces one then)
     MAX_JOBS                 parallel compile jobs (default: available cores, at most 8)
     LSTM_FUSED_TEMP_BUILD=1  objects in a throwaway folder instead of build/temp.* (no reuse)
     LSTM_FUSED_SANITIZE=1    AddressSanitizer + UndefinedBehaviorSanitizer build (CPU only; the
@@ -22,6 +24,7 @@ with torch.ops.load_library (see lstm_fused/_loader.py).
 
 import glob
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -161,31 +164,49 @@ if not with_cuda:
 if not cpp_sources and not cu_sources:
     sys.exit("[lstm_fused setup] no sources in csrc/ (expected csrc/*.cpp)")
 
-def cpu_simd_flags():
-    """SIMD level of the CPU step kernels: at::vec::Vectorized (with Sleef exp/tanh from
-    libtorch) only uses AVX2/AVX-512 when CPU_CAPABILITY says so; otherwise it falls back to
-    scalar loops, 2-5x slower. The level is the build machine's (the library is built where it
-    runs); LSTM_FUSED_CPU_SIMD=avx512|avx2|none overrides."""
+def machine_simd_level():
+    """The best SIMD level of the build machine's CPU: avx512, avx2 or default."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        flags = set()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
+        return "avx512"
+    if {"avx2", "fma"} <= flags:
+        return "avx2"
+    return "default"
+
+
+# The compiler flags of each SIMD level. at::vec::Vectorized (with Sleef exp/tanh from
+# libtorch) only uses AVX2/AVX-512 when CPU_CAPABILITY says so; otherwise it falls back to
+# scalar loops, 2-5x slower.
+SIMD_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+               "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
+    "default": [],
+}
+
+
+def cpu_simd_levels():
+    """The SIMD levels to build a library for, best first. A portable build has one library
+    per level (lstm_fused/_C_<level>*.so) and the loader picks, at run time, the best one the
+    running CPU has (lstm_fused/_loader.py, as ATen picks its kernels), so a library built on
+    an AVX-512 machine also runs on an AVX2-only one. LSTM_FUSED_CPU_SIMD=avx512|avx2|none
+    builds that level only; sanitizer and debug builds build the machine's level only."""
     choice = os.environ.get("LSTM_FUSED_CPU_SIMD", "").strip().lower()
-    if not choice:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as f:
-                flags = set(next((line for line in f if line.startswith("flags")), "").split())
-        except OSError:
-            flags = set()
-        if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
-            choice = "avx512"
-        elif {"avx2", "fma"} <= flags:
-            choice = "avx2"
-        else:
-            choice = "none"
-    log(f"CPU SIMD level: {choice}")
-    if choice == "avx512":
-        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
-    if choice == "avx2":
-        return ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
-    return []
+    if choice == "none":
+        choice = "default"
+    if choice:
+        if choice not in SIMD_FLAGS:
+            raise SystemExit(f"LSTM_FUSED_CPU_SIMD must be one of avx512, avx2, none; got {choice!r}")
+        return [choice]
+    if env_flag("LSTM_FUSED_SANITIZE") or env_flag("LSTM_FUSED_DEBUG"):
+        return [machine_simd_level()]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return ["avx512", "avx2", "default"]
+    return ["default"]
 
 
 debug = env_flag("LSTM_FUSED_DEBUG")
@@ -206,7 +227,8 @@ sanitizer_flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
 if sanitize:
     log("sanitizers: address, undefined")
 cxx_flags += sanitizer_flags
-cxx_flags += cpu_simd_flags()
+simd_levels = cpu_simd_levels()
+log(f"CPU SIMD levels: {', '.join(simd_levels)}")
 nvcc_flags = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + [
     "-Xptxas=-v",            # register / spill report per kernel into the build log
     "-Xcompiler=-fopenmp",
@@ -223,18 +245,26 @@ if with_cuda:
         extra_cxx_tail += ["-idirafter", inc]
         nvcc_flags += [f"-Xcompiler=-idirafter{inc}"]  # nvcc itself has no -idirafter
 
-ext_kwargs = dict(
-    sources=cpp_sources + (cu_sources if with_cuda else []),
-    include_dirs=include_dirs,
-    define_macros=define_macros,
-    depends=depends,
-    extra_link_args=extra_link_args,
-)
-if with_cuda:
-    ext = cpp_ext.CUDAExtension(f"{PKG}._C", extra_compile_args={"cxx": cxx_flags + extra_cxx_tail,
-                                                                   "nvcc": nvcc_flags}, **ext_kwargs)
-else:
-    ext = cpp_ext.CppExtension(f"{PKG}._C", extra_compile_args={"cxx": cxx_flags}, **ext_kwargs)
+# One library per SIMD level. The CUDA sources are compiled once, into the first, and their
+# objects linked into the others (BuildExt.build_extension): host code without SIMD flags.
+ext_modules = []
+for index, level in enumerate(simd_levels):
+    flags = cxx_flags + SIMD_FLAGS[level] + [f"-DLSTM_FUSED_CPU_SIMD_LEVEL={level}"]
+    kwargs = dict(
+        sources=cpp_sources + (cu_sources if with_cuda and index == 0 else []),
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        depends=depends,
+        extra_link_args=extra_link_args,
+    )
+    name = f"{PKG}._C_{level}"
+    if with_cuda:
+        ext_modules.append(cpp_ext.CUDAExtension(
+            name, extra_compile_args={"cxx": flags + extra_cxx_tail, "nvcc": nvcc_flags},
+            **kwargs))
+    else:
+        ext_modules.append(cpp_ext.CppExtension(name, extra_compile_args={"cxx": flags},
+                                                **kwargs))
 
 
 def write_build_info(path):
@@ -243,6 +273,7 @@ def write_build_info(path):
         f"TORCH_VERSION = {torch.__version__!r}\n"
         f"CUDA_VERSION = {torch.version.cuda!r}\n"
         f"WITH_CUDA = {with_cuda!r}\n"
+        f"CPU_SIMD = {simd_levels!r}\n"
     )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -260,6 +291,21 @@ class BuildExt(cpp_ext.BuildExtension):
                 torch.__version__.replace("+", "_"), "cuda" if with_cuda else "cpu",
                 "-sanitize" if sanitize else "")
             self.build_temp = os.path.join(ROOT, "build", "temp." + tag)
+
+    def build_extension(self, ext):
+        # Each SIMD level's objects in a folder of its own; the CUDA objects of the first
+        # library go into the others too.
+        base = getattr(self, "_base_temp", None) or self.build_temp
+        self._base_temp = base
+        level = ext.name.rsplit("_C_", 1)[-1]
+        self.build_temp = os.path.join(base, level)
+        if with_cuda and ext is not ext_modules[0]:
+            first = os.path.join(base, simd_levels[0])
+            ext.extra_objects = list(self.compiler.object_filenames(cu_sources, output_dir=first))
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = base
 
     def copy_file(self, infile, outfile, *args, **kwargs):
         # Replace the library by unlinking it first (new inode): overwriting it in place would
@@ -279,7 +325,14 @@ class BuildExt(cpp_ext.BuildExtension):
             targets.add(os.path.join(self.build_lib, PKG, "_build_info.py"))
         for t in targets:
             write_build_info(t)
-        log(f"built {PKG}._C: torch {torch.__version__}, CUDA {torch.version.cuda if with_cuda else 'off'}")
+            # libraries of earlier builds that this one did not make (another SIMD set, the
+            # single _C of older versions) must not be loaded
+            keep = {os.path.basename(self.get_ext_fullpath(e.name)) for e in ext_modules}
+            for stale in glob.glob(os.path.join(os.path.dirname(t), "_C*.so")):
+                if os.path.basename(stale) not in keep:
+                    os.unlink(stale)
+        log(f"built {PKG}._C ({', '.join(simd_levels)}): torch {torch.__version__}, CUDA "
+            f"{torch.version.cuda if with_cuda else 'off'}")
 
 
 # One compile job per available core (2 on the dev box), at most 8 (nvcc needs ~1-2 GB each).
@@ -305,7 +358,7 @@ setup(
     name=PKG,
     version=read_version(),
     packages=find_packages(include=[PKG, f"{PKG}.*"]),
-    ext_modules=[ext],
+    ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt.with_options(use_ninja=_ninja_available())},
     zip_safe=False,
 )

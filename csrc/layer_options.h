@@ -55,7 +55,8 @@ struct LayerOptions {
                 "lstm_fused: bptt_clip must be a finite value >= 0 (0 = off), got ",
                 o.bptt_clip);
     const double mode = values[kBpttClipMode];
-    TORCH_CHECK(mode == kClipOff || mode == kClipValue || mode == kClipNorm,
+    TORCH_CHECK(mode == double(kClipOff) || mode == double(kClipValue) ||
+                    mode == double(kClipNorm),
                 "lstm_fused: bptt_clip_mode must be 0 (off), 1 (value) or 2 (norm), got ", mode);
     o.bptt_clip_mode = static_cast<int64_t>(mode);
     return o;
