@@ -13,12 +13,13 @@
 
 namespace lstm_fused {
 
-// `options`: LayerOptions::from_list's slots (layer_options.h).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
+// `options`: LayerOptions::from_list's slots (layer_options.h); `masks`: the mask tensors
+// they ask for (recurrent dropout, zoneout).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
     at::TensorList params, const std::optional<at::Tensor>& batch_sizes,
     const std::optional<at::Tensor>& flow_probe, c10::ArrayRef<double> options,
-    const DeviceKernels& kernels);
+    at::TensorList masks, const DeviceKernels& kernels);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor>
 layer_backward(const std::optional<at::Tensor>& grad_output,
@@ -26,19 +27,23 @@ layer_backward(const std::optional<at::Tensor>& grad_output,
                const std::optional<at::Tensor>& grad_cy, const at::Tensor& input,
                const at::Tensor& hx, const at::Tensor& cx, at::TensorList params,
                const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
-               const std::optional<at::Tensor>& batch_sizes, bool record_flow,
-               c10::ArrayRef<double> options, const DeviceKernels& kernels);
+               const at::Tensor& products, const std::optional<at::Tensor>& batch_sizes,
+               bool record_flow, c10::ArrayRef<double> options, at::TensorList masks,
+               const DeviceKernels& kernels);
 
 // The op schemas' entry points, bound to one device's kernels (the forward only checks
 // flow_probe: it rides along for autograd). A device registers them with
 //   TORCH_LIBRARY_IMPL(lstm_fused, CUDA, m) { register_layer_ops<cuda::kernels>(m); }
 template <const DeviceKernels& (*Kernels)()>
 struct LayerOps {
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+  forward(
       const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
       at::TensorList params, const std::optional<at::Tensor>& batch_sizes,
-      const std::optional<at::Tensor>& flow_probe, c10::ArrayRef<double> options) {
-    return layer_forward(input, hx, cx, params, batch_sizes, flow_probe, options, Kernels());
+      const std::optional<at::Tensor>& flow_probe, c10::ArrayRef<double> options,
+      at::TensorList masks) {
+    return layer_forward(input, hx, cx, params, batch_sizes, flow_probe, options, masks,
+                         Kernels());
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor>
@@ -46,10 +51,11 @@ struct LayerOps {
            const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
            const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
            at::TensorList params, const at::Tensor& output, const at::Tensor& gates,
-           const at::Tensor& cells, const std::optional<at::Tensor>& batch_sizes,
-           bool record_flow, c10::ArrayRef<double> options) {
+           const at::Tensor& cells, const at::Tensor& products,
+           const std::optional<at::Tensor>& batch_sizes, bool record_flow,
+           c10::ArrayRef<double> options, at::TensorList masks) {
     return layer_backward(grad_output, grad_hy, grad_cy, input, hx, cx, params, output, gates,
-                          cells, batch_sizes, record_flow, options, Kernels());
+                          cells, products, batch_sizes, record_flow, options, masks, Kernels());
   }
 };
 

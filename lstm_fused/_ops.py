@@ -45,8 +45,7 @@ def _expect(t, name, shape, dtype, device):
 
 
 def _param_names(opts):
-    return (["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if opts.has_biases else [])
-            + (["weight_hr"] if opts.has_proj else []))
+    return opts.param_names()
 
 
 def _check_layer(input, hx, cx, params, opts, batch_sizes):
@@ -68,9 +67,10 @@ def _check_layer(input, hx, cx, params, opts, batch_sizes):
     hidden, input_size = w_ih.shape[0] // 4, w_ih.shape[1]
     out_size = hidden
     if opts.has_proj:
-        w_hr = params[per_direction - 1]
+        proj_index = names.index("weight_hr")
+        w_hr = params[proj_index]
         torch._check(w_hr.dim() == 2 and w_hr.shape[0] > 0,
-                     lambda: f"lstm_fused: params[{per_direction - 1}] (weight_hr) must be a 2-D "
+                     lambda: f"lstm_fused: params[{proj_index}] (weight_hr) must be a 2-D "
                      f"(proj_size, hidden_size) tensor with proj_size > 0, got shape "
                      f"{list(w_hr.shape)}")
         out_size = w_hr.shape[0]
@@ -99,7 +99,9 @@ def _check_layer(input, hx, cx, params, opts, batch_sizes):
         torch._check(t.dtype == input.dtype, lambda: f"lstm_fused: hidden state dtype {t.dtype} "
                      f"does not match input dtype {input.dtype}")
     shapes = {"weight_ih": (4 * hidden, input_size), "weight_hh": (4 * hidden, out_size),
-              "bias_ih": (4 * hidden,), "bias_hh": (4 * hidden,), "weight_hr": (out_size, hidden)}
+              "bias_ih": (4 * hidden,), "bias_hh": (4 * hidden,), "weight_hr": (out_size, hidden),
+              "layer_norm_ih": (4 * hidden,), "layer_norm_hh": (4 * hidden,),
+              "layer_norm_cell_weight": (hidden,), "layer_norm_cell_bias": (hidden,)}
     for index, param in enumerate(params):
         torch._check(param.device == input.device,
                      lambda: "Input and parameter tensors are not at the same device, found "
@@ -112,10 +114,29 @@ def _check_layer(input, hx, cx, params, opts, batch_sizes):
     return directions, hidden, out_size, steps, rows
 
 
+def _check_masks(masks, opts, input, batch, rows, hidden, out_size):
+    """The checks of csrc/ops.cpp check_masks."""
+    names = opts.mask_names()
+    torch._check(len(masks) == len(names),
+                 lambda: f"lstm_fused: expected {len(names)} mask tensor(s) "
+                 f"({' '.join(names)} as the options say), got {len(masks)}")
+    for k, (name, shape) in enumerate(zip(names, opts.mask_shapes(batch, rows, hidden,
+                                                                   out_size))):
+        _expect(masks[k], f"masks[{k}] ({name})", shape, input.dtype, input.device)
+
+
+def _products_shape(opts, directions, rows, hidden):
+    """layer_forward's `products`: x W_ih^T and the recurrent products, saved for layer
+    norm's backward; empty without layer norm."""
+    return (directions, 2, rows, 4 * hidden) if opts.layer_norm else (0,)
+
+
 @torch.library.register_fake("lstm_fused::layer_forward")
-def _layer_forward_fake(input, hx, cx, params, batch_sizes, flow_probe, options):
+def _layer_forward_fake(input, hx, cx, params, batch_sizes, flow_probe, options, masks):
+    opts = LayerOptions.from_list(options)
     directions, hidden, out_size, steps, rows = _check_layer(
-        input, hx, cx, params, LayerOptions.from_list(options), batch_sizes)
+        input, hx, cx, params, opts, batch_sizes)
+    _check_masks(masks, opts, input, hx.shape[1], rows, hidden, out_size)
     acc = acc_dtype(input.dtype)
     if flow_probe is not None:
         channels = (FLOW_CHANNELS_PER_SEQUENCE if flow_probe.dim() == 3
@@ -127,24 +148,29 @@ def _layer_forward_fake(input, hx, cx, params, batch_sizes, flow_probe, options)
         output = input.new_empty((rows, directions * out_size))
     gates = input.new_empty((directions, rows, 4 * hidden), dtype=acc)
     cells = input.new_empty((directions, rows, hidden), dtype=acc)
-    return output, hx.new_empty(hx.shape), cx.new_empty(cx.shape), gates, cells
+    products = input.new_empty(_products_shape(opts, directions, rows, hidden), dtype=acc)
+    return output, hx.new_empty(hx.shape), cx.new_empty(cx.shape), gates, cells, products
 
 
 @torch.library.register_fake("lstm_fused::layer_backward")
 def _layer_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, params, output, gates,
-                         cells, batch_sizes, record_flow, options):
+                         cells, products, batch_sizes, record_flow, options, masks):
+    opts = LayerOptions.from_list(options)
     directions, hidden, out_size, steps, rows = _check_layer(
-        input, hx, cx, params, LayerOptions.from_list(options), batch_sizes)
+        input, hx, cx, params, opts, batch_sizes)
     acc = acc_dtype(input.dtype)
     output_shape = ((input.shape[0], input.shape[1], directions * out_size) if batch_sizes is None
                     else (rows, directions * out_size))
     _expect(output, "output", output_shape, input.dtype, input.device)
     _expect(gates, "gates", (directions, rows, 4 * hidden), acc, input.device)
     _expect(cells, "cells", (directions, rows, hidden), acc, input.device)
+    _expect(products, "products", _products_shape(opts, directions, rows, hidden), acc,
+            input.device)
     for name, grad, shape in (("grad_output", grad_output, output_shape),
                               ("grad_hy", grad_hy, hx.shape), ("grad_cy", grad_cy, cx.shape)):
         if grad is not None:
             _expect(grad, name, shape, input.dtype, input.device)
+    _check_masks(masks, opts, input, hx.shape[1], rows, hidden, out_size)
     flow_shape = (directions, steps, 3) if record_flow else (0,)
     return (
         input.new_empty(input.shape),
@@ -156,16 +182,17 @@ def _layer_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, params, o
 
 
 def _setup_context(ctx, inputs, output):
-    input, hx, cx, params, batch_sizes, flow_probe, options = inputs
-    out, _, _, gates, cells = output
+    input, hx, cx, params, batch_sizes, flow_probe, options, masks = inputs
+    out, _, _, gates, cells, products = output
     ctx.num_params = len(params)
+    ctx.num_masks = len(masks)
     ctx.options = list(options)
     ctx.has_batch_sizes = batch_sizes is not None
     ctx.record_flow = flow_probe is not None and flow_probe.requires_grad
     # (D, T, 5) probes also ask for the flow counted from each sequence's own last step
     ctx.flow_from_last_step = (ctx.record_flow
                                and flow_probe.shape[-1] == FLOW_CHANNELS_PER_SEQUENCE)
-    saved = [input, hx, cx, out, gates, cells, *params]
+    saved = [input, hx, cx, out, gates, cells, products, *params, *masks]
     if batch_sizes is not None:
         saved.append(batch_sizes)
     ctx.save_for_backward(*saved)
@@ -175,34 +202,38 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells):
+def _backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells, _grad_products):
     saved = ctx.saved_tensors
-    input, hx, cx, out, gates, cells = saved[:6]
-    params = list(saved[6:6 + ctx.num_params])
-    batch_sizes = saved[6 + ctx.num_params] if ctx.has_batch_sizes else None
+    input, hx, cx, out, gates, cells, products = saved[:7]
+    params = list(saved[7:7 + ctx.num_params])
+    masks = list(saved[7 + ctx.num_params:7 + ctx.num_params + ctx.num_masks])
+    batch_sizes = saved[7 + ctx.num_params + ctx.num_masks] if ctx.has_batch_sizes else None
     if torch.is_grad_enabled():
         # create_graph=True: the fused backward is not itself differentiable, so recompute the
         # layer with the reference implementation and differentiate that (double backward).
         grads = _differentiable_backward(grad_output, grad_hy, grad_cy, input, hx, cx, params,
-                                         batch_sizes, LayerOptions.from_list(ctx.options))
+                                         batch_sizes, LayerOptions.from_list(ctx.options),
+                                         masks)
         flow = None
     else:
         grad_input, grad_hx, grad_cx, grad_params, flow = layer_backward(
-            grad_output, grad_hy, grad_cy, input, hx, cx, params, out, gates, cells,
-            batch_sizes, ctx.record_flow, ctx.options)
+            grad_output, grad_hy, grad_cy, input, hx, cx, params, out, gates, cells, products,
+            batch_sizes, ctx.record_flow, ctx.options, masks)
         grads = (grad_input, grad_hx, grad_cx, grad_params)
     grad_input, grad_hx, grad_cx, grad_params = grads
     grad_probe = flow if ctx.record_flow and flow is not None else None
     if grad_probe is not None and ctx.flow_from_last_step:
         from_last_step = _flow_from_last_step(
-            grad_output, grad_hy, grad_cy, input, hx, cx, params, out, gates, cells,
-            batch_sizes, LayerOptions.from_list(ctx.options), flow)
+            grad_output, grad_hy, grad_cy, input, hx, cx, params, out, gates, cells, products,
+            batch_sizes, LayerOptions.from_list(ctx.options), flow, masks)
         grad_probe = torch.cat([flow, from_last_step], -1)
-    return grad_input, grad_hx, grad_cx, grad_params, None, grad_probe, None
+    # the masks are constants (functional.lstm detaches them): no gradient
+    return (grad_input, grad_hx, grad_cx, grad_params, None, grad_probe, None,
+            [None] * ctx.num_masks)
 
 
 def _flow_from_last_step(grad_output, grad_hy, grad_cy, input, hx, cx, params, out, gates,
-                         cells, batch_sizes, opts, flow):
+                         cells, products, batch_sizes, opts, flow, masks):
     """Sums of squares of [dL/dc, dL/dh] (D, T, 2) over the sequences, at k = 0, 1, ... steps
     before each sequence's own last step (the flow indexes t, where only the longest sequence
     reaches t=T-1).
@@ -239,17 +270,22 @@ def _flow_from_last_step(grad_output, grad_hy, grad_cy, input, hx, cx, params, o
 
     realigned_params = [p for d in order
                         for p in params[d * per_direction:(d + 1) * per_direction]]
+    # masks by direction; the (D, N, .) zoneout masks also by row (the recurrent-dropout
+    # mask is per batch row, which the realignment keeps)
+    realigned_masks = [m[order] if name == "recurrent_dropout_mask" else m[order][:, source]
+                       for name, m in zip(opts.mask_names(), masks)]
     *_, realigned_flow = layer_backward(
         columns(grad_output), by_direction(grad_hy), by_direction(grad_cy), input[source],
         hx[order], cx[order], realigned_params, columns(out), gates[order][:, source],
-        cells[order][:, source], batch_sizes, True,
-        dataclasses.replace(opts, bidirectional=True).to_list())
+        cells[order][:, source], products[order][:, :, source] if opts.layer_norm else products,
+        batch_sizes, True,
+        dataclasses.replace(opts, bidirectional=True).to_list(), realigned_masks)
     # original direction 0 ran as realigned direction 1, direction 1 as 0
     return realigned_flow[[1, 0][:directions], :, :2].square()
 
 
 def _differentiable_backward(grad_output, grad_hy, grad_cy, input, hx, cx, params,
-                             batch_sizes, opts):
+                             batch_sizes, opts, masks):
     inputs = [input, hx, cx, *params]
     # a backward inside an autocast region runs with autocast on: recompute in the saved
     # tensors' dtypes, as layer_backward does (csrc/ops.cpp excludes autocast there)
@@ -257,7 +293,7 @@ def _differentiable_backward(grad_output, grad_hy, grad_cy, input, hx, cx, param
         # Tensors that do not require grad still need a graph to differentiate through.
         leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in inputs]
         out, hy, cy = reference.lstm_layer(leaves[0], leaves[1], leaves[2], leaves[3:],
-                                           batch_sizes=batch_sizes, options=opts)
+                                           batch_sizes=batch_sizes, options=opts, masks=masks)
         given = [(o, g) for o, g in zip((out, hy, cy), (grad_output, grad_hy, grad_cy))
                  if g is not None]
         grads = torch.autograd.grad([o for o, _ in given], leaves, [g for _, g in given],
@@ -287,10 +323,10 @@ def _register_autocast(device_type: str, dispatch_key: str) -> None:
                     and t.dtype != torch.float64)
         return t.to(torch.get_autocast_dtype(device_type)) if eligible else t
 
-    def layer_forward_autocast(input, hx, cx, params, *rest):
+    def layer_forward_autocast(input, hx, cx, params, batch_sizes, flow_probe, options, masks):
         with torch.autocast(device_type, enabled=False):
             return layer_forward(cast(input), cast(hx), cast(cx), [cast(p) for p in params],
-                                 *rest)
+                                 batch_sizes, flow_probe, options, [cast(m) for m in masks])
 
     _autocast_lib.impl("layer_forward", layer_forward_autocast, dispatch_key)
 

@@ -367,8 +367,14 @@ void launch_forward(const ForwardStepArgs<T>& args) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void check_plain(unsigned variants) {
+  TORCH_CHECK(variants == kCellPlain, "lstm_fused: the CUDA kernels do not run layer_norm, "
+              "recurrent_dropout or zoneout yet (the CPU kernels and backend='reference' do)");
+}
+
 template <typename T>
 void forward_step(const ForwardStepArgs<T>& args) {
+  check_plain(args.variant.variants);
   constexpr int V = kVec<T>;
   const bool vec = args.hidden % V == 0 && aligned(args.gates) && aligned(args.cell_state) &&
                    aligned(args.cells) && aligned(args.hidden_state) &&
@@ -459,6 +465,7 @@ void dispatch_backward(const BackwardStepArgs<T>& args) {
 
 template <typename T>
 void backward_step(const BackwardStepArgs<T>& args) {
+  check_plain(args.variant.variants);
   check_clip_mode(args.clip_mode);
   constexpr int V = kVec<T>;
   // cells_prev / cell_initial may be null when no row reads them.
@@ -470,6 +477,34 @@ void backward_step(const BackwardStepArgs<T>& args) {
   vec ? dispatch_backward<T, V>(args) : dispatch_backward<T, 1>(args);
 }
 
+// ------------------------------------------------------------------------------------------
+// The recurrent part of dL/dh[t-1] with recurrent dropout and/or zoneout of h
+// (RecurrentGradStepArgs): dhidden = dropout_mask * recurrent + keep_h * dhidden.
+// ------------------------------------------------------------------------------------------
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    recurrent_grad_kernel(const RecurrentGradStepArgs<T> args) {
+  for_each_element(args.rows * args.size, args.size, 1, [&](int64_t row, int64_t col) {
+    const int64_t idx = row * args.size + col;
+    T value = args.recurrent[idx];
+    if (args.dropout_mask != nullptr) value *= args.dropout_mask[idx];
+    if (args.zoneout) {
+      const T keep = args.zoneout_mask != nullptr ? args.zoneout_mask[idx] : args.zoneout_hidden;
+      value += keep * args.dhidden[idx];
+    }
+    args.dhidden[idx] = value;
+  });
+}
+
+template <typename T>
+void recurrent_grad_step(const RecurrentGradStepArgs<T>& args) {
+  const int64_t count = args.rows * args.size;
+  if (count == 0) return;
+  recurrent_grad_kernel<T>
+      <<<blocks_for(count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 const DeviceKernels& kernels() {
@@ -478,10 +513,12 @@ const DeviceKernels& kernels() {
   // (the driver then loops over the step kernels) when a case does not fit.
   static const DeviceKernels table{
       {&forward_step<float>, &hidden_grad_step<float>, &backward_step<float>,
-       &persistent_forward_sequence, &persistent_backward_sequence,
-       /*backward_sequence_flow=*/false, &persistent::enabled, kReduceBlocks},
-      {&forward_step<double>, &hidden_grad_step<double>, &backward_step<double>, nullptr,
-       nullptr, /*backward_sequence_flow=*/false, nullptr, kReduceBlocks}};
+       &recurrent_grad_step<float>, &persistent_forward_sequence,
+       &persistent_backward_sequence, /*backward_sequence_flow=*/false, &persistent::enabled,
+       kReduceBlocks},
+      {&forward_step<double>, &hidden_grad_step<double>, &backward_step<double>,
+       &recurrent_grad_step<double>, nullptr, nullptr, /*backward_sequence_flow=*/false,
+       nullptr, kReduceBlocks}};
   return table;
 }
 
