@@ -141,8 +141,9 @@ def test_reference_zoneout_is_the_formula(zoneout):
     torch.manual_seed(12)
     T, B, H = 6, 4, 5
     # the documented draw: c's mask, then h's, each (D, N, .) over the time-major rows
-    mask_c = torch.empty(1, T * B, H, dtype=F64).bernoulli_(z_c) if z_c else None
-    mask_h = torch.empty(1, T * B, H, dtype=F64).bernoulli_(z_h) if z_h else None
+    mask_c = torch.rand(1, T * B, H, dtype=F64).lt_(z_c) if z_c else None
+    mask_h = torch.rand(1, T * B, H, dtype=F64).lt_(z_h) if z_h else None
+    assert z_c == 0 or 0 < mask_c.mean() < 1
     want = formula_layer(x, h0[0], c0[0], _weights(m),
                          zone_c=mask_c[0].view(T, B, H) if z_c else None,
                          zone_h=mask_h[0].view(T, B, H) if z_h else None)
@@ -197,8 +198,8 @@ def test_residual_dropout_acts_like_nn_lstm(monkeypatch):
 
 def test_masks_are_reproducible_and_drawn_in_the_documented_order():
     """Under torch.manual_seed both backends draw the same masks, in the order of
-    functional.draw_masks: recurrent dropout (L*D, B, P), then per layer zoneout c (D, N, H)
-    and h (D, N, P), then the dropout between layers."""
+    functional.draw_masks: recurrent dropout (L*D, B, P) by bernoulli_, then per layer
+    zoneout c (D, N, H) and h (D, N, P) by rand().lt_(z), then the dropout between layers."""
     x = torch.randn(5, 3, 4, dtype=F64)
     torch.manual_seed(0)
     dropout_masks, zoneout_masks = functional.draw_masks(
@@ -207,8 +208,8 @@ def test_masks_are_reproducible_and_drawn_in_the_documented_order():
     expect = torch.empty(4, 3, 2, dtype=F64).bernoulli_(0.75) / 0.75
     assert torch.equal(dropout_masks, expect)
     for cell, hidden in zoneout_masks:
-        assert torch.equal(cell, torch.empty(2, 15, 6, dtype=F64).bernoulli_(0.1))
-        assert torch.equal(hidden, torch.empty(2, 15, 2, dtype=F64).bernoulli_(0.2))
+        assert torch.equal(cell, torch.rand(2, 15, 6, dtype=F64).lt_(0.1))
+        assert torch.equal(hidden, torch.rand(2, 15, 2, dtype=F64).lt_(0.2))
     # given masks give what the drawn ones gave
     m = _module(num_layers=2, bidirectional=True, proj_size=2, H=6, I=4,
                 recurrent_dropout=0.25, zoneout=(0.1, 0.2), dropout=0.3)

@@ -526,13 +526,15 @@ inline T backward_back(const T* gates, int64_t H, const T* cell_prev, T* dcell, 
   return sum_squares;
 }
 
-// sums[k] += rows[r][k] for r = 0, 1, ... in order (k < width): the rows' parameter
-// gradients into their totals, the same bits whatever the thread count.
+// sums[k] += rows[r][k] for r = 0, 1, ... in order (k < columns; rows have `stride`
+// values): the rows' parameter gradients into their totals, the same bits whatever the
+// thread count.
 template <typename T>
-inline void add_rows_in_order(const T* rows, int64_t count, int64_t width, T* sums) {
+inline void add_rows_in_order(const T* rows, int64_t count, int64_t stride, T* sums,
+                              int64_t columns) {
   for (int64_t r = 0; r < count; ++r) {
-    const T* row = rows + r * width;
-    for_each_lane<T>(0, width, [&](auto lane, int64_t k) {
+    const T* row = rows + r * stride;
+    for_each_lane<T>(0, columns, [&](auto lane, int64_t k) {
       using V = typename decltype(lane)::type;
       using L = Lanes<V, T>;
       L::store(L::load(sums + k) + L::load(row + k), sums + k);

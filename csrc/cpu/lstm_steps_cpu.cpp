@@ -110,7 +110,9 @@ template <typename T, unsigned kVariants>
 void forward_variants_impl(const ForwardStepArgs<T>& args) {
   const int64_t H = args.hidden;
   const StepVariants<T>& v = args.variant;
-  at::parallel_for(0, args.rows, row_grain(4 * H), [&](int64_t begin, int64_t end) {
+  // layer norm sweeps a row about six times (its statistics): more work per row
+  const int64_t grain = row_grain(((kVariants & kCellLayerNorm) != 0 ? 24 : 4) * H);
+  at::parallel_for(0, args.rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       auto row_of = [&](const T* base, int64_t width) {
         return base ? base + r * width : nullptr;
@@ -170,7 +172,7 @@ template <typename T, int64_t kClip, bool kSumSquares, unsigned kVariants>
 void backward_variants_impl(const BackwardStepArgs<T>& args) {
   const int64_t H = args.hidden;
   const StepVariants<T>& v = args.variant;
-  const int64_t grain = row_grain(8 * H);
+  const int64_t grain = row_grain(((kVariants & kCellLayerNorm) != 0 ? 48 : 8) * H);
   std::vector<T> row_sums(args.rows);
   auto front = [&](int64_t r) {
     auto row_of = [&](auto* base, int64_t width) { return base ? base + r * width : nullptr; };
@@ -205,7 +207,15 @@ void backward_variants_impl(const BackwardStepArgs<T>& args) {
     }
   });
   if constexpr ((kVariants & kCellLayerNorm) != 0) {
-    add_rows_in_order(args.ln_grad_rows, args.rows, kLayerNormGradWidth * H, args.ln_grad_sums);
+    // columns in parallel, each column's rows in order
+    const int64_t width = kLayerNormGradWidth * H;
+    const int64_t lanes = Vectorized<T>::size();
+    at::parallel_for(0, (width + lanes - 1) / lanes, std::max<int64_t>(1, 4096 / args.rows),
+                     [&](int64_t begin, int64_t end) {
+      const int64_t first = begin * lanes, last = std::min(width, end * lanes);
+      add_rows_in_order(args.ln_grad_rows + first, args.rows, width, args.ln_grad_sums + first,
+                        last - first);
+    });
   }
   if (kSumSquares && args.sum_squares) *args.sum_squares = total(row_sums);
 }
