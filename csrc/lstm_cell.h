@@ -45,6 +45,13 @@ struct CellMath<float> {
     return std::tanh(x);
 #endif
   }
+  LSTM_HD static float sqrt(float x) {
+#ifdef __CUDA_ARCH__
+    return ::sqrtf(x);
+#else
+    return std::sqrt(x);
+#endif
+  }
 };
 
 template <>
@@ -65,6 +72,13 @@ struct CellMath<double> {
     return ::tanh(x);
 #else
     return std::tanh(x);
+#endif
+  }
+  LSTM_HD static double sqrt(double x) {
+#ifdef __CUDA_ARCH__
+    return ::sqrt(x);
+#else
+    return std::sqrt(x);
 #endif
   }
 };
@@ -136,6 +150,71 @@ LSTM_HD V carry_cell_gradient(const GateValues<V>& gates, V dcell) {
 template <typename V>
 LSTM_HD V clamp_gradient(V value, V clip) {
   return CellMath<V>::clamp(value, V(0) - clip, clip);
+}
+
+// ---- Cell variants (LayerOptions: layer_norm, recurrent_dropout, zoneout) -------------------
+// The kernels take them as compile-time flags, a CellVariant bit set, so that the plain cell
+// (kCellPlain) is the code above and nothing else. The formulas (docs/ARCHITECTURE.md):
+//   G = LN(x W_ih^T) g_ih + LN((h[t-1] * M) W_hh^T) g_hh + b      (LN over the 4H entries)
+//   c~ = f*c[t-1] + i*g ;  r = o * tanh(LN(c~) g_c + b_c)          (LN over the H entries)
+//   c[t] = d_c*c[t-1] + (1-d_c)*c~ ;  h[t] = d_h*h[t-1] + (1-d_h)*h~,  h~ = r (or r W_hr^T)
+// with d a 0/1 mask (training) or the zoneout probability (eval).
+enum CellVariant : unsigned {
+  kCellPlain = 0,
+  kCellLayerNorm = 1u,       // the gates' recurrent part and the cell are layer-normalised
+  kCellZoneoutCell = 2u,     // c[t] mixes c[t-1] in
+  kCellZoneoutHidden = 4u,   // h[t] mixes h[t-1] in (in the cell kernel: no projection)
+  kCellMaskedHidden = 8u,    // the kernel also writes h[t] * M (recurrent dropout's input)
+};
+
+constexpr double kLayerNormEps = 1e-5;  // lstm_fused.options.LAYER_NORM_EPS
+
+// 1 / sqrt(var + eps) of a row whose biased variance is `variance`.
+template <typename T>
+LSTM_HD T layer_norm_rstd(T variance) {
+  return T(1) / CellMath<T>::sqrt(variance + T(kLayerNormEps));
+}
+
+template <typename V>
+LSTM_HD V normalize(V value, V mean, V rstd) {
+  return (value - mean) * rstd;
+}
+
+// dL/dv of v -> normalized = (v - mean) * rstd, given the gradient of `normalized` and the
+// row means of that gradient and of its product with `normalized`.
+template <typename V>
+LSTM_HD V layer_norm_input_gradient(V grad_normalized, V normalized, V rstd, V mean_grad,
+                                    V mean_grad_normalized) {
+  return rstd * (grad_normalized - mean_grad - normalized * mean_grad_normalized);
+}
+
+// keep*previous + (1-keep)*next: zoneout of one state (keep = mask or probability).
+template <typename V>
+LSTM_HD V zoneout(V keep, V previous, V next) {
+  return keep * previous + (V(1) - keep) * next;
+}
+
+// r = o * tanh(n): the gradients of o's pre-activation and of n.
+template <typename V>
+LSTM_HD V output_gate_gradient(const GateValues<V>& gates, V tanh_n, V grad_r) {
+  return grad_r * tanh_n * gates.o * (V(1) - gates.o);
+}
+
+template <typename V>
+LSTM_HD V output_cell_gradient(const GateValues<V>& gates, V tanh_n, V grad_r) {
+  return grad_r * gates.o * (V(1) - tanh_n * tanh_n);
+}
+
+// Gate gradients (i, f, g) from dL/dc~ (o's comes from output_gate_gradient).
+template <typename V>
+LSTM_HD GateValues<V> cell_gate_gradients(const GateValues<V>& gates, V cell_prev,
+                                          V dcell_new) {
+  GateValues<V> grads;
+  grads.i = dcell_new * gates.g * gates.i * (V(1) - gates.i);
+  grads.f = dcell_new * cell_prev * gates.f * (V(1) - gates.f);
+  grads.g = dcell_new * gates.i * (V(1) - gates.g * gates.g);
+  grads.o = V(0);
+  return grads;
 }
 
 }  // namespace lstm_fused

@@ -13,12 +13,13 @@
 
 namespace lstm_fused {
 
-// `options`: LayerOptions::from_list's slots (layer_options.h).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
+// `options`: LayerOptions::from_list's slots (layer_options.h); `masks`: the mask tensors
+// they ask for (recurrent dropout, zoneout).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
     at::TensorList params, const std::optional<at::Tensor>& batch_sizes,
     const std::optional<at::Tensor>& flow_probe, c10::ArrayRef<double> options,
-    const DeviceKernels& kernels);
+    at::TensorList masks, const DeviceKernels& kernels);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor>
 layer_backward(const std::optional<at::Tensor>& grad_output,
@@ -26,8 +27,9 @@ layer_backward(const std::optional<at::Tensor>& grad_output,
                const std::optional<at::Tensor>& grad_cy, const at::Tensor& input,
                const at::Tensor& hx, const at::Tensor& cx, at::TensorList params,
                const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
-               const std::optional<at::Tensor>& batch_sizes, bool record_flow,
-               c10::ArrayRef<double> options, const DeviceKernels& kernels);
+               const at::Tensor& products, const std::optional<at::Tensor>& batch_sizes,
+               bool record_flow, c10::ArrayRef<double> options, at::TensorList masks,
+               const DeviceKernels& kernels);
 
 // Nothing to set up around a device's kernels.
 struct NoEntryGuard {};
@@ -38,12 +40,15 @@ struct NoEntryGuard {};
 //   TORCH_LIBRARY_IMPL(lstm_fused, CUDA, m) { register_layer_ops<cuda::kernels>(m); }
 template <const DeviceKernels& (*Kernels)(), typename EntryGuard = NoEntryGuard>
 struct LayerOps {
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+  forward(
       const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
       at::TensorList params, const std::optional<at::Tensor>& batch_sizes,
-      const std::optional<at::Tensor>& flow_probe, c10::ArrayRef<double> options) {
+      const std::optional<at::Tensor>& flow_probe, c10::ArrayRef<double> options,
+      at::TensorList masks) {
     const EntryGuard guard;
-    return layer_forward(input, hx, cx, params, batch_sizes, flow_probe, options, Kernels());
+    return layer_forward(input, hx, cx, params, batch_sizes, flow_probe, options, masks,
+                         Kernels());
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor>
@@ -51,11 +56,12 @@ struct LayerOps {
            const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
            const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
            at::TensorList params, const at::Tensor& output, const at::Tensor& gates,
-           const at::Tensor& cells, const std::optional<at::Tensor>& batch_sizes,
-           bool record_flow, c10::ArrayRef<double> options) {
+           const at::Tensor& cells, const at::Tensor& products,
+           const std::optional<at::Tensor>& batch_sizes, bool record_flow,
+           c10::ArrayRef<double> options, at::TensorList masks) {
     const EntryGuard guard;
     return layer_backward(grad_output, grad_hy, grad_cy, input, hx, cx, params, output, gates,
-                          cells, batch_sizes, record_flow, options, Kernels());
+                          cells, products, batch_sizes, record_flow, options, masks, Kernels());
   }
 };
 

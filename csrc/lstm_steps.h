@@ -13,21 +13,64 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "lstm_cell.h"
+
 namespace lstm_fused {
 
 enum ClipMode : int64_t { kClipOff = 0, kClipValue = 1, kClipNorm = 2 };
+
+// The cell variants of a step (lstm_cell.h CellVariant; LayerOptions). Every pointer is null
+// and every value 0 unless its variant is on; `variants` says which are (the kernels turn the
+// bits into template flags, so the plain cell runs the plain code).
+template <typename T>
+struct StepVariants {
+  unsigned variants = kCellPlain;
+  // kCellLayerNorm: the layer norms' gains and biases.
+  const T* ln_ih = nullptr;           // [4H] gain of LN(x W_ih^T)
+  const T* ln_hh = nullptr;           // [4H] gain of LN((h[t-1] * M) W_hh^T)
+  const T* ln_cell_weight = nullptr;  // [H]
+  const T* ln_cell_bias = nullptr;    // [H]
+  const T* bias = nullptr;            // [4H] b_ih + b_hh, or null (no biases)
+  // kCellZoneoutCell / kCellZoneoutHidden: per-row masks (1 keeps the previous state), row
+  // stride H; null: the probability below keeps it (eval mode: the expectation).
+  const T* zoneout_cell_mask = nullptr;
+  T zoneout_cell = 0;
+  const T* zoneout_hidden_mask = nullptr;
+  T zoneout_hidden = 0;
+  // kCellMaskedHidden: the recurrent-dropout mask, [rows, H] (row stride H).
+  const T* dropout_mask = nullptr;
+};
 
 template <typename T>
 struct ForwardStepArgs {
   int64_t rows;          // active batch rows at this step
   int64_t hidden;        // H
-  T* gates;              // [rows, 4H] in: pre-activations (x W_ih^T + b + h W_hh^T);
+  T* gates;              // [rows, 4H] in: pre-activations (x W_ih^T + b + h W_hh^T; with
+                         //            layer norm not read: `projection`, `recurrent` apart);
                          //            out: activated gates i, f, g, o (saved for backward)
   T* cell_state;         // [rows, H]  in: c[t-1], out: c[t]
   T* cells;              // [rows, H]  out: c[t] (the saved copy)
-  T* hidden_state;       // [rows, H]  out: r[t] = o*tanh(c[t]) (h[t], or the projection's input)
-  T* output;             // [rows, >=H] out, row stride output_stride: also r[t]; may be null
+  T* hidden_state;       // [rows, H]  out: r[t] = o*tanh(c[t]) (h[t], or the projection's
+                         //            input); with kCellZoneoutHidden in: h[t-1], out: h[t]
+  T* output;             // [rows, >=H] out, row stride output_stride: also h[t]; may be null
   int64_t output_stride;
+  StepVariants<T> variant = {};
+  // kCellLayerNorm: the products the gates normalise, [rows, 4H] each
+  const T* projection = nullptr;  // A = x W_ih^T
+  const T* recurrent = nullptr;   // R = (h[t-1] * M) W_hh^T
+  T* hidden_masked = nullptr;     // kCellMaskedHidden: [rows, H] out: h[t] * dropout_mask
+};
+
+// Layer norm's parameter gradients of one row: kLayerNormGradWidth * H values, at these
+// offsets (in units of H): dL/d(b_ih + b_hh) = dG (4H), dL/dg_ih (4H), dL/dg_hh (4H),
+// dL/dg_c (H), dL/db_c (H).
+constexpr int64_t kLayerNormGradWidth = 14;
+enum LayerNormGrad : int64_t {
+  kGradBias = 0,
+  kGradInputGain = 4,
+  kGradRecurrentGain = 8,
+  kGradCellGain = 12,
+  kGradCellBias = 13,
 };
 
 // dh[t] = grad_output[t] + dh_next, then clipped; written over dhidden.
@@ -57,11 +100,40 @@ struct BackwardStepArgs {
   int64_t prev_split;
   const T* grad_r;             // [rows, H] dL/dr[t] (dh[t], or dh[t] W_hr with projection)
   T* dcell;                    // [rows, H] in: dc_next = dL/dc[t+1]*f[t+1]; out: dL/dc[t]*f[t]
-  T* dgates;                   // [rows, 4H] out: gradients of the gate pre-activations
+  T* dgates;                   // [rows, 4H] out: gradients of the gate pre-activations (with
+                               //   layer norm: of the input projection x W_ih^T)
   int64_t clip_mode;
   T clip;
   T* sum_squares;              // out (may be null): sum over rows of dL/dc[t]^2 after clipping
   T* partials = nullptr;       // as HiddenGradStepArgs::partials
+  // Cell variants: with zoneout of c, `cells` is c[t] after zoneout, dcell in: dL/dc[t],
+  // out: dL/dc[t-1] from this step, and dL/dc[t] of telemetry and clipping is that of the new
+  // cell c~[t]; with kCellZoneoutHidden (no projection) grad_r is dL/dh[t], scaled by (1-d_h)
+  // here. kCellMaskedHidden plays no part in this kernel.
+  StepVariants<T> variant = {};
+  // kCellLayerNorm:
+  const T* projection = nullptr;  // [rows, 4H] A = x W_ih^T (the forward's)
+  const T* recurrent = nullptr;   // [rows, 4H] R = (h[t-1] * M) W_hh^T (the forward's)
+  T* grad_recurrent = nullptr;    // [rows, 4H] out: dL/dR
+  // [rows, kLayerNormGradWidth * H] scratch: each row's parameter gradients, which the
+  // kernel then adds, row after row in order (deterministic), to ln_grad_sums
+  // [kLayerNormGradWidth * H] (LayerNormGrad layout; the driver zeroes it once).
+  T* ln_grad_rows = nullptr;
+  T* ln_grad_sums = nullptr;
+};
+
+// The recurrent part of dL/dh[t-1] from step t, with recurrent dropout and/or zoneout of h:
+//   dhidden = dropout_mask * recurrent + keep_h * dhidden
+template <typename T>
+struct RecurrentGradStepArgs {
+  int64_t rows;
+  int64_t size;                 // P
+  const T* recurrent;           // [rows, P] dG[t] W_hh (with layer norm: dR[t] W_hh)
+  const T* dropout_mask;        // [rows, P] or null (no recurrent dropout)
+  bool zoneout;                 // zoneout of h: keep_h * dL/dh[t] flows to h[t-1] directly
+  const T* zoneout_mask;        // [rows, P] 1 keeps h[t-1]; null: zoneout_hidden as keep
+  T zoneout_hidden;
+  T* dhidden;                   // [rows, P] in: dL/dh[t] (after clipping), out: dL/dh[t-1]
 };
 
 // One direction's whole time loop in one call (persistent kernels: the recurrent weight stays
@@ -145,6 +217,7 @@ struct StepKernels {
   void (*forward)(const ForwardStepArgs<T>&);
   void (*hidden_grad)(const HiddenGradStepArgs<T>&);
   void (*backward)(const BackwardStepArgs<T>&);
+  void (*recurrent_grad)(const RecurrentGradStepArgs<T>&) = nullptr;
   // Optional (null: the driver loops over the step kernels). They return false when they do
   // not take the case (sizes, resources); the driver then loops over the step kernels.
   bool (*forward_sequence)(const ForwardSequenceArgs<T>&) = nullptr;

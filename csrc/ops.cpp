@@ -94,16 +94,21 @@ Steps make_steps(const at::Tensor& input, const std::optional<at::Tensor>& batch
 // One direction's weights, in the compute type.
 struct DirectionParams {
   at::Tensor w_ih, w_hh, b_ih, b_hh, w_hr;  // b_* and w_hr undefined when absent
+  // layer_norm: gains of the input and recurrent parts (4H), the cell's gain and bias (H)
+  at::Tensor ln_ih, ln_hh, ln_cell_weight, ln_cell_bias;
 };
 
-int64_t params_per_direction(bool has_biases, bool has_proj) {
-  return 2 + (has_biases ? 2 : 0) + (has_proj ? 1 : 0);
+int64_t params_per_direction(const LayerOptions& opts) {
+  return 2 + (opts.has_biases ? 2 : 0) + (opts.has_proj ? 1 : 0) + (opts.layer_norm ? 4 : 0);
 }
 
-std::vector<DirectionParams> split_params(at::TensorList params, bool has_biases,
-                                          bool has_proj, int64_t directions,
+// Index of weight_hr among a direction's params.
+int64_t proj_index(const LayerOptions& opts) { return opts.has_biases ? 4 : 2; }
+
+std::vector<DirectionParams> split_params(at::TensorList params, const LayerOptions& opts,
                                           at::ScalarType compute) {
-  const int64_t per_direction = params_per_direction(has_biases, has_proj);
+  const int64_t per_direction = params_per_direction(opts);
+  const int64_t directions = opts.directions();
   TORCH_CHECK(static_cast<int64_t>(params.size()) == per_direction * directions,
               "lstm_fused: expected ", per_direction * directions, " parameter tensors, got ",
               params.size());
@@ -113,12 +118,41 @@ std::vector<DirectionParams> split_params(at::TensorList params, bool has_biases
     DirectionParams p;
     p.w_ih = take(0);
     p.w_hh = take(1);
-    if (has_biases) {
+    if (opts.has_biases) {
       p.b_ih = take(2);
       p.b_hh = take(3);
     }
-    if (has_proj) p.w_hr = take(has_biases ? 4 : 2);
+    if (opts.has_proj) p.w_hr = take(proj_index(opts));
+    if (opts.layer_norm) {
+      const int64_t first = proj_index(opts) + (opts.has_proj ? 1 : 0);
+      p.ln_ih = take(first);
+      p.ln_hh = take(first + 1);
+      p.ln_cell_weight = take(first + 2);
+      p.ln_cell_bias = take(first + 3);
+    }
     result.push_back(p);
+  }
+  return result;
+}
+
+// The masks of one direction (LayerOptions: what `masks` holds), in the compute type;
+// undefined when absent.
+struct DirectionMasks {
+  at::Tensor dropout;      // (B, P) recurrent dropout
+  at::Tensor zone_cell;    // (N, H) zoneout of c, 1 keeps c[t-1]
+  at::Tensor zone_hidden;  // (N, P) zoneout of h
+};
+
+std::vector<DirectionMasks> split_masks(at::TensorList masks, const LayerOptions& opts,
+                                        at::ScalarType compute) {
+  std::vector<DirectionMasks> result(opts.directions());
+  size_t k = 0;
+  auto take = [&](int64_t d) { return masks[k][d].to(compute).contiguous(); };
+  for (int64_t d = 0; d < opts.directions(); ++d) {
+    k = 0;
+    if (opts.recurrent_dropout) result[d].dropout = take(d), ++k;
+    if (opts.zoneout_cell_mask()) result[d].zone_cell = take(d), ++k;
+    if (opts.zoneout_hidden_mask()) result[d].zone_hidden = take(d), ++k;
   }
   return result;
 }
@@ -146,12 +180,15 @@ void expect_tensor(const at::Tensor& t, const std::string& name, at::IntArrayRef
 }
 
 // The name of a direction's k-th parameter (layout of split_params).
-const char* param_name(bool has_biases, int64_t k) {
+const char* param_name(const LayerOptions& opts, int64_t k) {
   if (k == 0) return "weight_ih";
   if (k == 1) return "weight_hh";
-  if (has_biases && k == 2) return "bias_ih";
-  if (has_biases && k == 3) return "bias_hh";
-  return "weight_hr";
+  if (opts.has_biases && k == 2) return "bias_ih";
+  if (opts.has_biases && k == 3) return "bias_hh";
+  if (opts.has_proj && k == proj_index(opts)) return "weight_hr";
+  static const char* const kLayerNorm[] = {"layer_norm_ih", "layer_norm_hh",
+                                           "layer_norm_cell_weight", "layer_norm_cell_bias"};
+  return kLayerNorm[k - proj_index(opts) - (opts.has_proj ? 1 : 0)];
 }
 
 Sizes check_layer(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
@@ -163,11 +200,15 @@ Sizes check_layer(const at::Tensor& input, const at::Tensor& hx, const at::Tenso
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                   dtype == at::kBFloat16,
               "lstm_fused: input must be float16, bfloat16, float32 or float64, got ", dtype);
-  const int64_t per_direction = params_per_direction(has_biases, has_proj);
+  const int64_t per_direction = params_per_direction(opts);
   TORCH_CHECK(static_cast<int64_t>(params.size()) == per_direction * D, "lstm_fused: expected ",
               per_direction * D, " parameter tensors (", D, " direction(s) x ", per_direction,
               ": weight_ih, weight_hh", has_biases ? ", bias_ih, bias_hh" : "",
-              has_proj ? ", weight_hr" : "", "), got ", params.size());
+              has_proj ? ", weight_hr" : "",
+              opts.layer_norm ? ", layer_norm_ih, layer_norm_hh, layer_norm_cell_weight, "
+                                "layer_norm_cell_bias"
+                              : "",
+              "), got ", params.size());
   // Sizes from direction 0: weight_ih (4H, I), weight_hr (P, H).
   const at::Tensor& w_ih = params[0];
   TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0 && w_ih.size(0) > 0,
@@ -177,9 +218,9 @@ Sizes check_layer(const at::Tensor& input, const at::Tensor& hx, const at::Tenso
   const int64_t I = w_ih.size(1);
   int64_t P = H;
   if (has_proj) {
-    const at::Tensor& w_hr = params[per_direction - 1];
+    const at::Tensor& w_hr = params[proj_index(opts)];
     TORCH_CHECK(w_hr.dim() == 2 && w_hr.size(0) > 0,
-                "lstm_fused: params[", per_direction - 1, "] (weight_hr) must be a 2-D "
+                "lstm_fused: params[", proj_index(opts), "] (weight_hr) must be a 2-D "
                 "(proj_size, hidden_size) tensor with proj_size > 0, got shape ", w_hr.sizes());
     P = w_hr.size(0);
   }
@@ -206,16 +247,19 @@ Sizes check_layer(const at::Tensor& input, const at::Tensor& hx, const at::Tenso
     TORCH_CHECK(param.scalar_type() == dtype, "lstm_fused: parameter dtype ",
                 param.scalar_type(), " does not match input dtype ", dtype);
     const int64_t k = index % per_direction;
-    const char* name = param_name(has_biases, k);
+    const char* name = param_name(opts, k);
     std::vector<int64_t> expected;
+    const int64_t first_norm = proj_index(opts) + (has_proj ? 1 : 0);
     if (k == 0) {
       expected = {4 * H, I};
     } else if (k == 1) {
       expected = {4 * H, P};
     } else if (has_biases && k < 4) {
       expected = {4 * H};
-    } else {
+    } else if (has_proj && k == proj_index(opts)) {
       expected = {P, H};
+    } else {
+      expected = {k < first_norm + 2 ? 4 * H : H};  // the layer-norm gains and bias
     }
     TORCH_CHECK(param.sizes() == at::IntArrayRef(expected), "lstm_fused: params[", index, "] (",
                 name, " of direction ", index / per_direction, ") must have shape ",
@@ -235,13 +279,40 @@ void check_flow_probe(const std::optional<at::Tensor>& flow_probe, const at::Ten
                 acc_type(input.scalar_type()), input.device());
 }
 
+// `masks`: what the options say it holds (LayerOptions::mask_count), in the input's dtype:
+// the recurrent-dropout mask (D, B, P), zoneout masks (D, N, H) for c and (D, N, P) for h.
+void check_masks(at::TensorList masks, const LayerOptions& opts, const at::Tensor& input,
+                 const Sizes& sz, const Steps& layout) {
+  TORCH_CHECK(static_cast<int64_t>(masks.size()) == opts.mask_count(), "lstm_fused: expected ",
+              opts.mask_count(), " mask tensor(s) (", opts.recurrent_dropout ? "recurrent_dropout_mask " : "",
+              opts.zoneout_cell_mask() ? "zoneout_cell_mask " : "",
+              opts.zoneout_hidden_mask() ? "zoneout_hidden_mask " : "",
+              "as the options say), got ", masks.size());
+  const int64_t D = sz.directions;
+  size_t k = 0;
+  if (opts.recurrent_dropout) {
+    expect_tensor(masks[k++], "masks[0] (recurrent_dropout_mask)", {D, layout.batch, sz.out_size},
+                  input.scalar_type(), input.device());
+  }
+  if (opts.zoneout_cell_mask()) {
+    expect_tensor(masks[k], "masks[" + std::to_string(k) + "] (zoneout_cell_mask)",
+                  {D, layout.rows_total, sz.hidden}, input.scalar_type(), input.device());
+    ++k;
+  }
+  if (opts.zoneout_hidden_mask()) {
+    expect_tensor(masks[k], "masks[" + std::to_string(k) + "] (zoneout_hidden_mask)",
+                  {D, layout.rows_total, sz.out_size}, input.scalar_type(), input.device());
+  }
+}
+
 // layer_backward's tensors beyond the forward's: the gradients of the outputs and what the
 // forward saved.
 void check_backward(const std::optional<at::Tensor>& grad_output,
                     const std::optional<at::Tensor>& grad_hy,
                     const std::optional<at::Tensor>& grad_cy, const at::Tensor& input,
                     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
-                    const Sizes& sz, const Steps& layout) {
+                    const at::Tensor& products, const LayerOptions& opts, const Sizes& sz,
+                    const Steps& layout) {
   const int64_t D = sz.directions, H = sz.hidden, P = sz.out_size, N = layout.rows_total;
   const at::ScalarType dtype = input.scalar_type(), acc = acc_type(dtype);
   const at::Device device = input.device();
@@ -251,6 +322,11 @@ void check_backward(const std::optional<at::Tensor>& grad_output,
   expect_tensor(output, "output", output_sizes, dtype, device);
   expect_tensor(gates, "gates", {D, N, 4 * H}, acc, device);
   expect_tensor(cells, "cells", {D, N, H}, acc, device);
+  if (opts.layer_norm) {
+    expect_tensor(products, "products", {D, 2, N, 4 * H}, acc, device);
+  } else {
+    expect_tensor(products, "products", {0}, acc, device);
+  }
   if (grad_output.has_value() && grad_output->defined()) {
     expect_tensor(*grad_output, "grad_output", output_sizes, dtype, device);
   }
@@ -308,20 +384,66 @@ bool sequence_kernels_on(const StepKernels<T>& kernels, const Steps& layout) {
          (kernels.sequence_enabled == nullptr || kernels.sequence_enabled());
 }
 
+// The variant bits of a direction's step kernels (lstm_cell.h CellVariant). With a projection
+// the driver mixes and masks h itself (h is the projection's output, not the kernel's).
+unsigned step_variants(const LayerOptions& opts) {
+  unsigned bits = kCellPlain;
+  if (opts.layer_norm) bits |= kCellLayerNorm;
+  if (opts.zoneout_cell > 0) bits |= kCellZoneoutCell;
+  if (opts.zoneout_hidden > 0 && !opts.has_proj) bits |= kCellZoneoutHidden;
+  if (opts.recurrent_dropout && !opts.has_proj) bits |= kCellMaskedHidden;
+  return bits;
+}
+
+// A direction's StepVariants with the parameters set (the per-step mask rows are set by the
+// loops).
+template <typename T>
+StepVariants<T> variants_of(const LayerOptions& opts, const DirectionParams& p) {
+  StepVariants<T> v;
+  v.variants = step_variants(opts);
+  if (opts.layer_norm) {
+    v.ln_ih = p.ln_ih.data_ptr<T>();
+    v.ln_hh = p.ln_hh.data_ptr<T>();
+    v.ln_cell_weight = p.ln_cell_weight.data_ptr<T>();
+    v.ln_cell_bias = p.ln_cell_bias.data_ptr<T>();
+  }
+  v.zoneout_cell = static_cast<T>(opts.zoneout_cell);
+  v.zoneout_hidden = static_cast<T>(opts.zoneout_hidden);
+  return v;
+}
+
+// Rows [offset, offset + rows) of a (N, width) tensor's data, or null.
+template <typename T>
+const T* rows_at(const at::Tensor& t, int64_t offset, int64_t width) {
+  return t.defined() ? t.data_ptr<T>() + offset * width : nullptr;
+}
+
+// keep (a (rows, width) view, or the probability when undefined) as a factor for at:: ops.
+at::Tensor keep_or(const at::Tensor& mask_rows, double probability, const at::Tensor& like) {
+  return mask_rows.defined() ? mask_rows : at::scalar_tensor(probability, like.options());
+}
+
 template <typename T>
 void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool reverse,
-                       const DirectionParams& p, const at::Tensor& x2d, at::Tensor h_state,
+                       const DirectionParams& p, const DirectionMasks& m,
+                       const LayerOptions& opts, const at::Tensor& x2d, at::Tensor h_state,
                        at::Tensor c_state, at::Tensor gates, at::Tensor cells,
-                       at::Tensor output, const StepKernels<T>& kernels) {
+                       at::Tensor products, at::Tensor output, const StepKernels<T>& kernels) {
   const int64_t H = sz.hidden, P = sz.out_size, N = layout.rows_total;
   const bool has_proj = p.w_hr.defined();
-  const bool try_sequence =
-      !has_proj && kernels.forward_sequence && sequence_kernels_on(kernels, layout);
+  // The sequence kernels run the plain cell only.
+  const bool try_sequence = !has_proj && !opts.has_variants() && kernels.forward_sequence &&
+                            sequence_kernels_on(kernels, layout);
   const at::Tensor bias = p.b_ih.defined() ? p.b_ih + p.b_hh : at::Tensor();
   // All steps' input projections at once. A sequence kernel adds the biases in its gate math
-  // (saving a pass over the (N, 4H) gates); the step kernels get them folded in here.
+  // (saving a pass over the (N, 4H) gates); the step kernels get them folded in here. With
+  // layer norm: x W_ih^T into products[0] (saved for the backward), normalised with the
+  // biases added by the step kernel.
   if (N > 0) {
-    if (bias.defined() && !try_sequence) {
+    if (opts.layer_norm) {
+      at::Tensor projected = products[0];
+      at::mm_out(projected, x2d, p.w_ih.t());
+    } else if (bias.defined() && !try_sequence) {
       at::addmm_out(gates, bias, x2d, p.w_ih.t());
     } else {
       at::mm_out(gates, x2d, p.w_ih.t());
@@ -343,7 +465,15 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     if (kernels.forward_sequence(args)) return;
     if (bias.defined() && N > 0) gates.add_(bias);  // declined: the step kernels need them in
   }
-  at::Tensor r_buffer = has_proj ? at::empty({layout.batch, H}, gates.options()) : at::Tensor();
+  const auto options = gates.options();
+  at::Tensor r_buffer = has_proj ? at::empty({layout.batch, H}, options) : at::Tensor();
+  // layer norm: the steps' recurrent products, kept apart from the gates (and saved)
+  T* const recurrent_data = opts.layer_norm ? products[1].data_ptr<T>() : nullptr;
+  // recurrent dropout: h[t] * M, the input of the next step's product (h0 * M first)
+  at::Tensor masked = m.dropout.defined() ? h_state * m.dropout : at::Tensor();
+  // zoneout of h with a projection: the projection's output h~ before the mix
+  const bool mix_projected = has_proj && opts.zoneout_hidden > 0;
+  at::Tensor projected = mix_projected ? at::empty({layout.batch, P}, options) : at::Tensor();
   const int64_t pack_budget = pack_budget_bytes<T>(gates.numel());
   const StepWeight<T> recurrent(p.w_hh, /*transposed=*/true, layout.batch, pack_budget,
                                 kernels.gemm);
@@ -354,13 +484,23 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
   T* const gates_data = gates.data_ptr<T>();
   T* const hidden_data = h_state.data_ptr<T>();
   T* const r_data = has_proj ? r_buffer.data_ptr<T>() : nullptr;
+  T* const masked_data = masked.defined() ? masked.data_ptr<T>() : nullptr;
+  StepVariants<T> variants = variants_of<T>(opts, p);
+  if (opts.layer_norm && bias.defined()) variants.bias = bias.data_ptr<T>();
+  T* const projection_data = opts.layer_norm ? products[0].data_ptr<T>() : nullptr;
   const SequenceShape walk = layout.shape(H, reverse);
   for (int64_t s = 0; s < layout.steps; ++s) {
     const int64_t t = walk.time(s);
     const int64_t rows = layout.rows(t), offset = layout.offsets[t];
     if (rows == 0) continue;
     T* const step_gates = gates_data + offset * 4 * H;
-    recurrent.multiply(rows, step_gates, 4 * H, hidden_data, P, /*accumulate=*/true);
+    const T* const h_in = masked_data ? masked_data : hidden_data;
+    T* const step_recurrent = recurrent_data ? recurrent_data + offset * 4 * H : nullptr;
+    if (step_recurrent) {
+      recurrent.multiply(rows, step_recurrent, 4 * H, h_in, P, /*accumulate=*/false);
+    } else {
+      recurrent.multiply(rows, step_gates, 4 * H, h_in, P, /*accumulate=*/true);
+    }
     ForwardStepArgs<T> args;
     args.rows = rows;
     args.hidden = H;
@@ -370,41 +510,68 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     args.hidden_state = has_proj ? r_data : hidden_data;
     args.output = has_proj ? nullptr : output.data_ptr<T>() + offset * out_stride + d * P;
     args.output_stride = out_stride;
+    args.variant = variants;
+    args.variant.zoneout_cell_mask = rows_at<T>(m.zone_cell, offset, H);
+    args.variant.zoneout_hidden_mask = has_proj ? nullptr : rows_at<T>(m.zone_hidden, offset, P);
+    args.variant.dropout_mask = has_proj ? nullptr : rows_at<T>(m.dropout, 0, P);
+    args.recurrent = step_recurrent;
+    args.projection = projection_data ? projection_data + offset * 4 * H : nullptr;
+    args.hidden_masked = has_proj ? nullptr : masked_data;
     kernels.forward(args);
     if (has_proj) {
-      projection->multiply(rows, hidden_data, P, r_data, H, /*accumulate=*/false);
-      copy_rows<T>(kernels, output.device(), output.data_ptr<T>() + offset * out_stride + d * P,
+      if (mix_projected) {
+        // h[t] = d_h h[t-1] + (1 - d_h) h~[t] on the projection's output
+        projection->multiply(rows, projected.data_ptr<T>(), P, r_data, H, false);
+        at::Tensor h_rows = h_state.narrow(0, 0, rows);
+        const at::Tensor keep = keep_or(
+            m.zone_hidden.defined() ? m.zone_hidden.narrow(0, offset, rows) : at::Tensor(),
+            opts.zoneout_hidden, h_rows);
+        h_rows.copy_(h_rows * keep + projected.narrow(0, 0, rows) * (1 - keep));
+      } else {
+        projection->multiply(rows, hidden_data, P, r_data, H, /*accumulate=*/false);
+      }
+      if (masked_data) {
+        at::Tensor masked_rows = masked.narrow(0, 0, rows);
+        at::mul_out(masked_rows, h_state.narrow(0, 0, rows), m.dropout.narrow(0, 0, rows));
+      }
+      copy_rows<T>(kernels, output.device(),
+                   output.data_ptr<T>() + offset * out_stride + d * P,
                    out_stride, hidden_data, P, rows, P);
     }
   }
 }
 
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, at::TensorList params,
-    const LayerOptions& opts, const Steps& layout, const Sizes& sz,
+    at::TensorList masks, const LayerOptions& opts, const Steps& layout, const Sizes& sz,
     const DeviceKernels& kernels) {
   const at::ScalarType compute = c10::CppTypeToScalarType<T>::value;
   const int64_t D = sz.directions, H = sz.hidden, P = sz.out_size, N = layout.rows_total;
   const auto options = input.options().dtype(compute);
   const at::Tensor x2d = input.reshape({N, sz.input_size}).to(compute).contiguous();
-  std::vector<DirectionParams> dir_params =
-      split_params(params, opts.has_biases, opts.has_proj, D, compute);
+  std::vector<DirectionParams> dir_params = split_params(params, opts, compute);
+  std::vector<DirectionMasks> dir_masks = split_masks(masks, opts, compute);
   at::Tensor output = at::empty({N, D * P}, options);
   at::Tensor gates = at::empty({D, N, 4 * H}, options);
   at::Tensor cells = at::empty({D, N, H}, options);
+  // layer norm's backward reads the products it normalised (recomputing them would cost two
+  // GEMMs of the input projection's size)
+  at::Tensor products = opts.layer_norm ? at::empty({D, 2, N, 4 * H}, options)
+                                        : at::empty({0}, options);
   at::Tensor hy = hx.to(compute, /*non_blocking=*/false, /*copy=*/true).contiguous();
   at::Tensor cy = cx.to(compute, /*non_blocking=*/false, /*copy=*/true).contiguous();
   const StepKernels<T>& step_kernels = kernels_for<T>(kernels);
   for (int64_t d = 0; d < D; ++d) {
-    forward_direction<T>(layout, sz, d, /*reverse=*/d == 1, dir_params[d], x2d, hy[d], cy[d],
-                         gates[d], cells[d], output, step_kernels);
+    forward_direction<T>(layout, sz, d, /*reverse=*/d == 1, dir_params[d], dir_masks[d], opts,
+                         x2d, hy[d], cy[d], gates[d], cells[d],
+                         opts.layer_norm ? products[d] : products, output, step_kernels);
   }
   at::Tensor output_shaped = input.dim() == 3
                                  ? output.view({layout.steps, layout.batch, D * P})
                                  : output;
   return {output_shaped.to(input.scalar_type()), hy.to(input.scalar_type()),
-          cy.to(input.scalar_type()), gates, cells};
+          cy.to(input.scalar_type()), gates, cells, products};
 }
 
 // Rows [row, row + count) of r = o*tanh(c) of one direction, from its saved gates and cells.
@@ -417,12 +584,74 @@ at::Tensor recompute_r(const at::Tensor& gates_d, const at::Tensor& cells_d, int
 // Rows per chunk when r is recomputed: (N, H) temporaries would add to the peak memory.
 int64_t recompute_chunk_rows(int64_t H) { return std::max<int64_t>(1, (int64_t(1) << 16) / H); }
 
+// Each row's value at the previous step of its sequence, (N, X): values (N, X) shifted by
+// one step, and initial (B, X) where a sequence starts (rows of step t: their batch rows).
+at::Tensor previous_rows(const Steps& layout, bool reverse, const at::Tensor& values,
+                         const at::Tensor& initial) {
+  const int64_t N = layout.rows_total, B = layout.batch;
+  if (N == layout.steps * B && N > 0) {
+    return reverse ? at::cat({values.narrow(0, B, N - B), initial})
+                   : at::cat({initial, values.narrow(0, 0, N - B)});
+  }
+  at::Tensor previous = at::empty({N, values.size(1)}, values.options());
+  const SequenceShape walk = layout.shape(values.size(1), reverse);
+  for (int64_t t = 0; t < layout.steps; ++t) {
+    const int64_t rows = layout.rows(t);
+    if (rows == 0) continue;
+    const int64_t continuing = walk.continuing_rows(t);
+    at::Tensor target = previous.narrow(0, layout.offsets[t], rows);
+    if (continuing > 0) {
+      const int64_t prev = walk.previous(t);
+      target.narrow(0, 0, continuing).copy_(values.narrow(0, layout.offsets[prev], continuing));
+    }
+    if (continuing < rows) {
+      target.narrow(0, continuing, rows - continuing)
+          .copy_(initial.narrow(0, continuing, rows - continuing));
+    }
+  }
+  return previous;
+}
+
+// A per-batch-row tensor (B, X) repeated for the rows of every step, (N, X).
+at::Tensor per_row(const Steps& layout, const at::Tensor& per_batch) {
+  if (layout.rows_total == layout.steps * layout.batch) {
+    return per_batch.repeat({layout.steps, 1});
+  }
+  std::vector<at::Tensor> parts;
+  for (int64_t t = 0; t < layout.steps; ++t) parts.push_back(per_batch.narrow(0, 0, layout.rows(t)));
+  return parts.empty() ? per_batch.narrow(0, 0, 0) : at::cat(parts);
+}
+
+// r = o * tanh(n) of all rows of one direction with the cell variants: n = LN(c~) g_c + b_c
+// (layer norm) or c~, c~ = f*c[t-1] + i*g recomputed from the saved gates where zoneout made
+// the saved c[t] differ from it. (N, H); the variants' path is not held to nn.LSTM's memory.
+at::Tensor recompute_r_variants(const at::Tensor& gates_d, const at::Tensor& cells_d,
+                                const at::Tensor& c0_d, const DirectionParams& p,
+                                const LayerOptions& opts, const Steps& layout, bool reverse,
+                                int64_t H) {
+  at::Tensor cell_new = cells_d;
+  if (opts.zoneout_cell > 0) {
+    const at::Tensor cell_prev = previous_rows(layout, reverse, cells_d, c0_d);
+    cell_new = gates_d.narrow(1, H, H) * cell_prev +
+               gates_d.narrow(1, 0, H) * gates_d.narrow(1, 2 * H, H);
+  }
+  const at::Tensor normed =
+      opts.layer_norm
+          ? at::layer_norm(cell_new, {H}, p.ln_cell_weight, p.ln_cell_bias, kLayerNormEps)
+          : cell_new;
+  return at::tanh(normed).mul_(gates_d.narrow(1, 3 * H, H));
+}
+
 // h[t] of all steps as the recurrence used them, (N, D*P) in the compute type. For 16-bit
 // inputs the saved output was rounded to 16 bits after the fact, so h is recomputed from the
 // saved fp32 gates and cells (r = o*tanh(c), then h = r W_hr^T with a projection): dW_hh then
 // sees the values the forward multiplied by W_hh. (Same size as the float copy it replaces.)
+// With the cell variants r is recomputed as recompute_r_variants does, and zoneout of h runs
+// its recurrence h[t] = d_h h[t-1] + (1 - d_h) h~[t] again, step by step.
 at::Tensor recurrent_outputs(const at::Tensor& output, const at::Tensor& gates,
-                             const at::Tensor& cells, const std::vector<DirectionParams>& params,
+                             const at::Tensor& cells, const at::Tensor& h0,
+                             const at::Tensor& c0, const std::vector<DirectionParams>& params,
+                             const std::vector<DirectionMasks>& masks, const LayerOptions& opts,
                              const Steps& layout, const Sizes& sz, at::ScalarType compute) {
   const int64_t N = layout.rows_total, D = sz.directions, H = sz.hidden, P = sz.out_size;
   if (output.scalar_type() == compute) return output.reshape({N, D * P});
@@ -430,6 +659,33 @@ at::Tensor recurrent_outputs(const at::Tensor& output, const at::Tensor& gates,
   const int64_t chunk = recompute_chunk_rows(H);
   for (int64_t d = 0; d < D; ++d) {
     const at::Tensor columns = direction_columns(h_all, d, P);
+    if (opts.has_variants()) {
+      const at::Tensor r =
+          recompute_r_variants(gates[d], cells[d], c0[d], params[d], opts, layout, d == 1, H);
+      const at::Tensor fresh = params[d].w_hr.defined() ? at::mm(r, params[d].w_hr.t()) : r;
+      if (opts.zoneout_hidden == 0) {
+        columns.copy_(fresh);
+        continue;
+      }
+      const SequenceShape walk = layout.shape(P, d == 1);
+      for (int64_t s = 0; s < layout.steps; ++s) {
+        const int64_t t = walk.time(s), rows = layout.rows(t), offset = layout.offsets[t];
+        if (rows == 0) continue;
+        const int64_t continuing = walk.continuing_rows(t);
+        at::Tensor h_prev = h0[d].narrow(0, 0, rows).clone();
+        if (continuing > 0) {
+          h_prev.narrow(0, 0, continuing)
+              .copy_(columns.narrow(0, layout.offsets[walk.previous(t)], continuing));
+        }
+        const at::Tensor keep = keep_or(
+            masks[d].zone_hidden.defined() ? masks[d].zone_hidden.narrow(0, offset, rows)
+                                           : at::Tensor(),
+            opts.zoneout_hidden, h_prev);
+        columns.narrow(0, offset, rows)
+            .copy_(h_prev * keep + fresh.narrow(0, offset, rows) * (1 - keep));
+      }
+      continue;
+    }
     for (int64_t row = 0; row < N; row += chunk) {
       const int64_t count = std::min(chunk, N - row);
       const at::Tensor r = recompute_r(gates[d], cells[d], row, count, H);
@@ -455,23 +711,7 @@ at::Tensor grad_recurrent_weight(const Steps& layout, int64_t d, bool reverse, i
     return grad.addmm_(dgates_t.narrow(1, reverse ? 0 : B, N - B),
                        outputs.narrow(0, reverse ? B : 0, N - B));
   }
-  at::Tensor h_prev = at::empty({N, P}, h0.options());
-  const SequenceShape walk = layout.shape(P, reverse);
-  for (int64_t t = 0; t < layout.steps; ++t) {
-    const int64_t rows = layout.rows(t);
-    if (rows == 0) continue;
-    const int64_t continuing = walk.continuing_rows(t);
-    at::Tensor target = h_prev.narrow(0, layout.offsets[t], rows);
-    if (continuing > 0) {
-      const int64_t prev = walk.previous(t);
-      target.narrow(0, 0, continuing).copy_(outputs.narrow(0, layout.offsets[prev], continuing));
-    }
-    if (continuing < rows) {
-      target.narrow(0, continuing, rows - continuing)
-          .copy_(h0.narrow(0, continuing, rows - continuing));
-    }
-  }
-  return at::mm(dgates_t, h_prev);
+  return at::mm(dgates_t, previous_rows(layout, reverse, outputs, h0));
 }
 
 template <typename T>
@@ -480,8 +720,10 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
               const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
               const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
               at::TensorList params, const at::Tensor& output, const at::Tensor& gates,
-              const at::Tensor& cells, const LayerOptions& opts, const Steps& layout,
-              const Sizes& sz, bool record_flow, const DeviceKernels& kernels) {
+              const at::Tensor& cells, const at::Tensor& products, at::TensorList masks,
+              const LayerOptions& opts,
+              const Steps& layout, const Sizes& sz, bool record_flow,
+              const DeviceKernels& kernels) {
   const bool has_biases = opts.has_biases, has_proj = opts.has_proj;
   const double bptt_clip = opts.bptt_clip;
   const at::ScalarType compute = c10::CppTypeToScalarType<T>::value;
@@ -489,13 +731,13 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
   const int64_t I = sz.input_size;
   const auto options = input.options().dtype(compute);
   const StepKernels<T>& step_kernels = kernels_for<T>(kernels);
-  std::vector<DirectionParams> dir_params =
-      split_params(params, has_biases, has_proj, D, compute);
+  std::vector<DirectionParams> dir_params = split_params(params, opts, compute);
+  std::vector<DirectionMasks> dir_masks = split_masks(masks, opts, compute);
   const at::Tensor x2d = input.reshape({N, I}).to(compute).contiguous();
-  const at::Tensor output2d =
-      recurrent_outputs(output, gates, cells, dir_params, layout, sz, compute);
   const at::Tensor h0 = hx.to(compute).contiguous();
   const at::Tensor c0 = cx.to(compute).contiguous();
+  const at::Tensor output2d = recurrent_outputs(output, gates, cells, h0, c0, dir_params,
+                                                dir_masks, opts, layout, sz, compute);
   at::Tensor dy;
   if (grad_output.has_value() && grad_output->defined()) {
     dy = grad_output->reshape({N, D * P}).to(compute).contiguous();
@@ -522,18 +764,43 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
   at::Tensor dgates = at::empty({N, 4 * H}, options);
   at::Tensor dr_buffer = has_proj ? at::empty({layout.batch, H}, options) : at::Tensor();
   at::Tensor dh_all = has_proj ? at::empty({N, P}, options) : at::Tensor();
+  // Cell variants' buffers: dL/dh[t-1]'s recurrent part before the masks (recurrent dropout,
+  // zoneout of h), and with a projection and zoneout of h, (1 - d_h) dL/dh[t].
+  const bool masked_recurrent = opts.recurrent_dropout || opts.zoneout_hidden > 0;
+  at::Tensor recurrent_grad_buffer =
+      masked_recurrent ? at::empty({layout.batch, P}, options) : at::Tensor();
+  const bool scale_projected = has_proj && opts.zoneout_hidden > 0;
+  at::Tensor dh_new = scale_projected ? at::empty({layout.batch, P}, options) : at::Tensor();
   for (int64_t d = 0; d < D; ++d) {
     const bool reverse = d == 1;
     const DirectionParams& p = dir_params[d];
+    const DirectionMasks& m = dir_masks[d];
     at::Tensor dh = dh_state[d];
     at::Tensor dc = dc_state[d];
     const at::Tensor gates_d = gates[d].to(compute).contiguous();
     const at::Tensor cells_d = cells[d].to(compute).contiguous();
     const at::Tensor c0_d = c0[d];
     const SequenceShape walk = layout.shape(H, reverse);
+    // The recurrent product's input of every row, h[t-1] * M, where it differs from the
+    // outputs (recurrent dropout).
+    at::Tensor h_in_all;
+    if (opts.recurrent_dropout) {
+      h_in_all = previous_rows(layout, reverse, direction_columns(output2d, d, P), h0[d]);
+      h_in_all.mul_(per_row(layout, m.dropout));
+    }
+    // layer norm: the saved products A and R of all steps; the step kernels give dL/dR,
+    // dL/dA (in dgates) and the parameters' gradients, summed over the rows as they go
+    at::Tensor projection_all, recurrent_all, grad_recurrent_all, ln_grad_rows, ln_grad_sums;
+    if (opts.layer_norm) {
+      projection_all = products[d][0].to(compute).contiguous();
+      recurrent_all = products[d][1].to(compute).contiguous();
+      grad_recurrent_all = at::empty({N, 4 * H}, options);
+      ln_grad_rows = at::empty({layout.batch, kLayerNormGradWidth * H}, options);
+      ln_grad_sums = at::zeros({kLayerNormGradWidth * H}, options);
+    }
     bool looped = false;
-    if (!has_proj && clip_mode == kClipOff && step_kernels.backward_sequence &&
-        sequence_kernels_on(step_kernels, layout) &&
+    if (!has_proj && clip_mode == kClipOff && !opts.has_variants() &&
+        step_kernels.backward_sequence && sequence_kernels_on(step_kernels, layout) &&
         (!record_flow || step_kernels.backward_sequence_flow)) {
       BackwardSequenceArgs<T> args;
       static_cast<SequenceShape&>(args) = walk;
@@ -561,6 +828,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
             ? std::make_optional<StepWeight<T>>(p.w_hr, false, layout.batch, pack_budget,
                                                 step_kernels.gemm)
             : std::nullopt;
+    const StepVariants<T> variants = variants_of<T>(opts, p);
     // Reverse of the forward processing order.
     for (int64_t s = layout.steps - 1; s >= 0 && !looped; --s) {
       const int64_t t = walk.time(s);
@@ -585,9 +853,22 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       T* const dh_data = dh.data_ptr<T>();
       const T* grad_r = dh_data;
       if (has_proj) {
-        copy_rows<T>(step_kernels, dh_all.device(), dh_all.data_ptr<T>() + offset * P, P, dh_data,
-                     P, rows, P);
-        projection->multiply(rows, dr_buffer.data_ptr<T>(), H, dh_data, P, /*accumulate=*/false);
+        // zoneout of h: h~[t] gets (1 - d_h) dL/dh[t] (without a projection the step kernel
+        // scales grad_r itself)
+        const T* grad_projected = dh_data;
+        if (scale_projected) {
+          const at::Tensor dh_rows = dh.narrow(0, 0, rows);
+          const at::Tensor keep = keep_or(
+              m.zone_hidden.defined() ? m.zone_hidden.narrow(0, offset, rows) : at::Tensor(),
+              opts.zoneout_hidden, dh_rows);
+          at::Tensor dh_new_rows = dh_new.narrow(0, 0, rows);
+          at::mul_out(dh_new_rows, dh_rows, 1 - keep);
+          grad_projected = dh_new.data_ptr<T>();
+        }
+        copy_rows<T>(step_kernels, dh_all.device(), dh_all.data_ptr<T>() + offset * P, P,
+                     grad_projected, P, rows, P);
+        projection->multiply(rows, dr_buffer.data_ptr<T>(), H, grad_projected, P,
+                             /*accumulate=*/false);
         grad_r = dr_buffer.data_ptr<T>();
       }
       const int64_t prev = walk.previous(t);
@@ -606,17 +887,54 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       args.clip = static_cast<T>(bptt_clip);
       args.sum_squares = record_flow ? step_sums : nullptr;
       args.partials = partials_data;
+      args.variant = variants;
+      args.variant.zoneout_cell_mask = rows_at<T>(m.zone_cell, offset, H);
+      args.variant.zoneout_hidden_mask = has_proj ? nullptr : rows_at<T>(m.zone_hidden, offset, P);
+      if (opts.layer_norm) {
+        args.projection = projection_all.data_ptr<T>() + offset * 4 * H;
+        args.recurrent = recurrent_all.data_ptr<T>() + offset * 4 * H;
+        args.grad_recurrent = grad_recurrent_all.data_ptr<T>() + offset * 4 * H;
+        args.ln_grad_rows = ln_grad_rows.data_ptr<T>();
+        args.ln_grad_sums = ln_grad_sums.data_ptr<T>();
+      }
       step_kernels.backward(args);
 
-      // Recurrent gradient for the previous step: dh_next = dG[t] W_hh.
-      recurrent->multiply(rows, dh_data, P, args.dgates, 4 * H, /*accumulate=*/false);
+      // Recurrent gradient for the previous step: dh_next = dG[t] W_hh (dR[t] W_hh with
+      // layer norm), masked by the recurrent dropout and joined by zoneout's direct path.
+      const T* grad_product = opts.layer_norm ? args.grad_recurrent : args.dgates;
+      if (masked_recurrent) {
+        recurrent->multiply(rows, recurrent_grad_buffer.data_ptr<T>(), P, grad_product, 4 * H,
+                            /*accumulate=*/false);
+        RecurrentGradStepArgs<T> combine;
+        combine.rows = rows;
+        combine.size = P;
+        combine.recurrent = recurrent_grad_buffer.data_ptr<T>();
+        combine.dropout_mask = rows_at<T>(m.dropout, 0, P);
+        combine.zoneout = opts.zoneout_hidden > 0;
+        combine.zoneout_mask = rows_at<T>(m.zone_hidden, offset, P);
+        combine.zoneout_hidden = static_cast<T>(opts.zoneout_hidden);
+        combine.dhidden = dh_data;
+        step_kernels.recurrent_grad(combine);
+      } else {
+        recurrent->multiply(rows, dh_data, P, grad_product, 4 * H, /*accumulate=*/false);
+      }
     }
-    // Weight, bias and input gradients as large GEMMs over all steps.
-    const at::Tensor dgates_t = dgates.t();
-    grad_params.push_back(at::mm(dgates_t, x2d));
-    grad_params.push_back(grad_recurrent_weight(layout, d, reverse, P, output2d, h0[d], dgates));
+    // Weight, bias and input gradients as large GEMMs over all steps. dgates holds
+    // dL/d(x W_ih^T) (with layer norm the step kernels put it there, after the norm's
+    // backward); the recurrent product's gradient is dG, or dL/dR with layer norm.
+    const at::Tensor& grad_projection = dgates;
+    grad_params.push_back(at::mm(grad_projection.t(), x2d));
+    const at::Tensor& grad_product = opts.layer_norm ? grad_recurrent_all : dgates;
+    if (h_in_all.defined()) {
+      grad_params.push_back(at::mm(grad_product.t(), h_in_all));
+    } else {
+      grad_params.push_back(
+          grad_recurrent_weight(layout, d, reverse, P, output2d, h0[d], grad_product));
+    }
     if (has_biases) {
-      at::Tensor grad_bias = dgates.sum(0);
+      at::Tensor grad_bias = opts.layer_norm
+                                 ? ln_grad_sums.narrow(0, kGradBias * H, 4 * H).clone()
+                                 : dgates.sum(0);
       grad_params.push_back(grad_bias);
       grad_params.push_back(grad_bias.clone());
     }
@@ -624,18 +942,30 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       // dW_hr = sum over rows of dh^T r, r = o*tanh(c) recomputed in row chunks (not an
       // (N, H) copy: this path is also held to nn.LSTM's peak memory).
       at::Tensor grad_w_hr = at::zeros({P, H}, options);
-      const int64_t chunk = recompute_chunk_rows(H);
-      for (int64_t row = 0; row < N; row += chunk) {
-        const int64_t count = std::min(chunk, N - row);
-        grad_w_hr.addmm_(dh_all.narrow(0, row, count).t(),
-                         recompute_r(gates_d, cells_d, row, count, H));
+      if (opts.has_variants()) {
+        grad_w_hr.addmm_(dh_all.t(), recompute_r_variants(gates_d, cells_d, c0_d, p, opts,
+                                                          layout, reverse, H));
+      } else {
+        const int64_t chunk = recompute_chunk_rows(H);
+        for (int64_t row = 0; row < N; row += chunk) {
+          const int64_t count = std::min(chunk, N - row);
+          grad_w_hr.addmm_(dh_all.narrow(0, row, count).t(),
+                           recompute_r(gates_d, cells_d, row, count, H));
+        }
       }
       grad_params.push_back(grad_w_hr);
     }
+    if (opts.layer_norm) {
+      // (copies: the op's outputs must not share storage)
+      grad_params.push_back(ln_grad_sums.narrow(0, kGradInputGain * H, 4 * H).clone());
+      grad_params.push_back(ln_grad_sums.narrow(0, kGradRecurrentGain * H, 4 * H).clone());
+      grad_params.push_back(ln_grad_sums.narrow(0, kGradCellGain * H, H).clone());
+      grad_params.push_back(ln_grad_sums.narrow(0, kGradCellBias * H, H).clone());
+    }
     if (d == 0) {
-      at::mm_out(grad_input, dgates, p.w_ih);
+      at::mm_out(grad_input, grad_projection, p.w_ih);
     } else {
-      grad_input.addmm_(dgates, p.w_ih);
+      grad_input.addmm_(grad_projection, p.w_ih);
     }
   }
   for (size_t k = 0; k < grad_params.size(); ++k) {
@@ -687,10 +1017,10 @@ auto dispatch_compute(const at::Tensor& input, const Fn& fn) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, at::TensorList params,
     const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& flow_probe,
-    c10::ArrayRef<double> options, const DeviceKernels& kernels) {
+    c10::ArrayRef<double> options, at::TensorList masks, const DeviceKernels& kernels) {
   // The driver's own at:: calls compute in the dtypes it chose; autocast (still on when a
   // backward runs inside an autocast region) would recast some GEMM operands and mix dtypes.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -698,9 +1028,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
   const Steps layout = make_steps(input, batch_sizes);
   const Sizes sz = check_layer(input, hx, cx, params, opts, layout);
   check_flow_probe(flow_probe, input, sz, layout);
+  check_masks(masks, opts, input, sz, layout);
   c10::OptionalDeviceGuard device_guard(input.device());
   return dispatch_compute(input, [&](auto compute) {
-    return forward_impl<decltype(compute)>(input, hx, cx, params, opts, layout, sz, kernels);
+    return forward_impl<decltype(compute)>(input, hx, cx, params, masks, opts, layout, sz,
+                                           kernels);
   });
 }
 
@@ -710,31 +1042,36 @@ layer_backward(const std::optional<at::Tensor>& grad_output,
                const std::optional<at::Tensor>& grad_cy, const at::Tensor& input,
                const at::Tensor& hx, const at::Tensor& cx, at::TensorList params,
                const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
-               const std::optional<at::Tensor>& batch_sizes, bool record_flow,
-               c10::ArrayRef<double> options, const DeviceKernels& kernels) {
+               const at::Tensor& products, const std::optional<at::Tensor>& batch_sizes,
+               bool record_flow, c10::ArrayRef<double> options, at::TensorList masks,
+               const DeviceKernels& kernels) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // as above
   const LayerOptions opts = LayerOptions::from_list(options);
   const Steps layout = make_steps(input, batch_sizes);
   const Sizes sz = check_layer(input, hx, cx, params, opts, layout);
-  check_backward(grad_output, grad_hy, grad_cy, input, output, gates, cells, sz, layout);
+  check_backward(grad_output, grad_hy, grad_cy, input, output, gates, cells, products, opts, sz,
+                 layout);
+  check_masks(masks, opts, input, sz, layout);
   c10::OptionalDeviceGuard device_guard(input.device());
   return dispatch_compute(input, [&](auto compute) {
     return backward_impl<decltype(compute)>(grad_output, grad_hy, grad_cy, input, hx, cx, params,
-                                            output, gates, cells, opts, layout, sz, record_flow,
-                                            kernels);
+                                            output, gates, cells, products, masks, opts, layout,
+                                            sz, record_flow, kernels);
   });
 }
 
-// `options`: the layer's options as one list (layer_options.h, lstm_fused/options.py).
+// `options`: the layer's options as one list (layer_options.h, lstm_fused/options.py);
+// `masks`: the per-call mask tensors the options ask for (check_masks).
 TORCH_LIBRARY(lstm_fused, m) {
   m.def(
       "layer_forward(Tensor input, Tensor hx, Tensor cx, Tensor[] params, Tensor? batch_sizes, "
-      "Tensor? flow_probe, float[] options) "
-      "-> (Tensor output, Tensor hy, Tensor cy, Tensor gates, Tensor cells)");
+      "Tensor? flow_probe, float[] options, Tensor[] masks) "
+      "-> (Tensor output, Tensor hy, Tensor cy, Tensor gates, Tensor cells, Tensor products)");
   m.def(
       "layer_backward(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor input, "
       "Tensor hx, Tensor cx, Tensor[] params, Tensor output, Tensor gates, Tensor cells, "
-      "Tensor? batch_sizes, bool record_flow, float[] options) "
+      "Tensor products, Tensor? batch_sizes, bool record_flow, float[] options, "
+      "Tensor[] masks) "
       "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_params, "
       "Tensor flow)");
 }

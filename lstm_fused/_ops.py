@@ -51,8 +51,7 @@ def _expect(t, name, shape, dtype, device):
 
 
 def _param_names(opts):
-    return (["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if opts.has_biases else [])
-            + (["weight_hr"] if opts.has_proj else []))
+    return opts.param_names()
 
 
 def _check_layer(input, hx, cx, params, opts, batch_sizes):
@@ -74,9 +73,10 @@ def _check_layer(input, hx, cx, params, opts, batch_sizes):
     hidden, input_size = w_ih.shape[0] // 4, w_ih.shape[1]
     out_size = hidden
     if opts.has_proj:
-        w_hr = params[per_direction - 1]
+        proj_index = names.index("weight_hr")
+        w_hr = params[proj_index]
         torch._check(w_hr.dim() == 2 and w_hr.shape[0] > 0,
-                     lambda: f"lstm_fused: params[{per_direction - 1}] (weight_hr) must be a 2-D "
+                     lambda: f"lstm_fused: params[{proj_index}] (weight_hr) must be a 2-D "
                      f"(proj_size, hidden_size) tensor with proj_size > 0, got shape "
                      f"{list(w_hr.shape)}")
         out_size = w_hr.shape[0]
@@ -105,7 +105,9 @@ def _check_layer(input, hx, cx, params, opts, batch_sizes):
         torch._check(t.dtype == input.dtype, lambda: f"lstm_fused: hidden state dtype {t.dtype} "
                      f"does not match input dtype {input.dtype}")
     shapes = {"weight_ih": (4 * hidden, input_size), "weight_hh": (4 * hidden, out_size),
-              "bias_ih": (4 * hidden,), "bias_hh": (4 * hidden,), "weight_hr": (out_size, hidden)}
+              "bias_ih": (4 * hidden,), "bias_hh": (4 * hidden,), "weight_hr": (out_size, hidden),
+              "layer_norm_ih": (4 * hidden,), "layer_norm_hh": (4 * hidden,),
+              "layer_norm_cell_weight": (hidden,), "layer_norm_cell_bias": (hidden,)}
     for index, param in enumerate(params):
         torch._check(param.device == input.device,
                      lambda: "Input and parameter tensors are not at the same device, found "
@@ -118,10 +120,29 @@ def _check_layer(input, hx, cx, params, opts, batch_sizes):
     return directions, hidden, out_size, steps, rows
 
 
+def _check_masks(masks, opts, input, batch, rows, hidden, out_size):
+    """The checks of csrc/ops.cpp check_masks."""
+    names = opts.mask_names()
+    torch._check(len(masks) == len(names),
+                 lambda: f"lstm_fused: expected {len(names)} mask tensor(s) "
+                 f"({' '.join(names)} as the options say), got {len(masks)}")
+    for k, (name, shape) in enumerate(zip(names, opts.mask_shapes(batch, rows, hidden,
+                                                                   out_size))):
+        _expect(masks[k], f"masks[{k}] ({name})", shape, input.dtype, input.device)
+
+
+def _products_shape(opts, directions, rows, hidden):
+    """layer_forward's `products`: x W_ih^T and the recurrent products, saved for layer
+    norm's backward; empty without layer norm."""
+    return (directions, 2, rows, 4 * hidden) if opts.layer_norm else (0,)
+
+
 @torch.library.register_fake("lstm_fused::layer_forward")
-def _layer_forward_fake(input, hx, cx, params, batch_sizes, flow_probe, options):
+def _layer_forward_fake(input, hx, cx, params, batch_sizes, flow_probe, options, masks):
+    opts = LayerOptions.from_list(options)
     directions, hidden, out_size, steps, rows = _check_layer(
-        input, hx, cx, params, LayerOptions.from_list(options), batch_sizes)
+        input, hx, cx, params, opts, batch_sizes)
+    _check_masks(masks, opts, input, hx.shape[1], rows, hidden, out_size)
     acc = acc_dtype(input.dtype)
     if flow_probe is not None:
         channels = (FLOW_CHANNELS_PER_SEQUENCE if flow_probe.dim() == 3
@@ -133,24 +154,29 @@ def _layer_forward_fake(input, hx, cx, params, batch_sizes, flow_probe, options)
         output = input.new_empty((rows, directions * out_size))
     gates = input.new_empty((directions, rows, 4 * hidden), dtype=acc)
     cells = input.new_empty((directions, rows, hidden), dtype=acc)
-    return output, hx.new_empty(hx.shape), cx.new_empty(cx.shape), gates, cells
+    products = input.new_empty(_products_shape(opts, directions, rows, hidden), dtype=acc)
+    return output, hx.new_empty(hx.shape), cx.new_empty(cx.shape), gates, cells, products
 
 
 @torch.library.register_fake("lstm_fused::layer_backward")
 def _layer_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, params, output, gates,
-                         cells, batch_sizes, record_flow, options):
+                         cells, products, batch_sizes, record_flow, options, masks):
+    opts = LayerOptions.from_list(options)
     directions, hidden, out_size, steps, rows = _check_layer(
-        input, hx, cx, params, LayerOptions.from_list(options), batch_sizes)
+        input, hx, cx, params, opts, batch_sizes)
     acc = acc_dtype(input.dtype)
     output_shape = ((input.shape[0], input.shape[1], directions * out_size) if batch_sizes is None
                     else (rows, directions * out_size))
     _expect(output, "output", output_shape, input.dtype, input.device)
     _expect(gates, "gates", (directions, rows, 4 * hidden), acc, input.device)
     _expect(cells, "cells", (directions, rows, hidden), acc, input.device)
+    _expect(products, "products", _products_shape(opts, directions, rows, hidden), acc,
+            input.device)
     for name, grad, shape in (("grad_output", grad_output, output_shape),
                               ("grad_hy", grad_hy, hx.shape), ("grad_cy", grad_cy, cx.shape)):
         if grad is not None:
             _expect(grad, name, shape, input.dtype, input.device)
+    _check_masks(masks, opts, input, hx.shape[1], rows, hidden, out_size)
     flow_shape = (directions, steps, 3) if record_flow else (0,)
     return (
         input.new_empty(input.shape),
@@ -175,15 +201,17 @@ class _LayerForwardFunction(torch.autograd.function._SingleLevelFunction):
     """
 
     @staticmethod
-    def forward(input, hx, cx, batch_sizes, flow_probe, options, *params):
+    def forward(input, hx, cx, batch_sizes, flow_probe, options, masks, *params):
         with _grad_modes_of_the_caller(), torch._C._AutoDispatchBelowAutograd():
-            return _LAYER_FORWARD(input, hx, cx, list(params), batch_sizes, flow_probe, options)
+            return _LAYER_FORWARD(input, hx, cx, list(params), batch_sizes, flow_probe, options,
+                                  list(masks))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, hx, cx, batch_sizes, flow_probe, options, *params = inputs
-        out, _, _, gates, cells = output
+        input, hx, cx, batch_sizes, flow_probe, options, masks, *params = inputs
+        out, _, _, gates, cells, products = output
         ctx.num_params = len(params)
+        ctx.num_masks = len(masks)
         ctx.options = list(options)
         ctx.has_batch_sizes = batch_sizes is not None
         ctx.record_flow = flow_probe is not None and flow_probe.requires_grad
@@ -191,21 +219,22 @@ class _LayerForwardFunction(torch.autograd.function._SingleLevelFunction):
         ctx.flow_from_last_step = (ctx.record_flow
                                    and flow_probe.shape[-1] == FLOW_CHANNELS_PER_SEQUENCE)
         ctx.only_differentiating_level = _only_differentiating_level()
-        saved = [input, hx, cx, out, gates, cells, *params]
+        saved = [input, hx, cx, out, gates, cells, products, *params, *masks]
         if batch_sizes is not None:
             saved.append(batch_sizes)
         ctx.save_for_backward(*saved)
-        ctx.mark_non_differentiable(gates, cells)
+        ctx.mark_non_differentiable(gates, cells, products)
         # Outputs without a gradient (always gates and cells, often hy/cy) reach the backward
         # as None, not as zeros autograd would allocate ((D, N, 4H) + (D, N, H) every
         # backward); layer_backward takes a missing gradient as zeros.
         ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells):
+    def backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells, _grad_products):
         grad_input, grad_hx, grad_cx, grad_params, grad_probe = _backward(
             ctx, grad_output, grad_hy, grad_cy)
-        return grad_input, grad_hx, grad_cx, None, grad_probe, None, *grad_params
+        # the masks are constants (functional.lstm detaches them): no gradient
+        return grad_input, grad_hx, grad_cx, None, grad_probe, None, None, *grad_params
 
 
 @contextlib.contextmanager
@@ -241,9 +270,10 @@ def _is_legacy_batched(tensors):
 
 def _backward(ctx, grad_output, grad_hy, grad_cy):
     saved = ctx.saved_tensors
-    input, hx, cx, out, gates, cells = saved[:6]
-    params = list(saved[6:6 + ctx.num_params])
-    batch_sizes = saved[6 + ctx.num_params] if ctx.has_batch_sizes else None
+    input, hx, cx, out, gates, cells, products = saved[:7]
+    params = list(saved[7:7 + ctx.num_params])
+    masks = list(saved[7 + ctx.num_params:7 + ctx.num_params + ctx.num_masks])
+    batch_sizes = saved[7 + ctx.num_params + ctx.num_masks] if ctx.has_batch_sizes else None
     grads = (grad_output, grad_hy, grad_cy)
     differentiable = torch.is_grad_enabled() and not ctx.only_differentiating_level
     # autograd.grad(is_grads_batched=True), which gradcheck's check_batched_grad uses, runs
@@ -254,25 +284,26 @@ def _backward(ctx, grad_output, grad_hy, grad_cy):
         # create_graph=True: the fused backward is not itself differentiable, so recompute the
         # layer with the reference implementation and differentiate that (double backward).
         grads = _differentiable_backward(grad_output, grad_hy, grad_cy, input, hx, cx, params,
-                                         batch_sizes, LayerOptions.from_list(ctx.options))
+                                         batch_sizes, LayerOptions.from_list(ctx.options),
+                                         masks)
         flow = None
     else:
         grad_input, grad_hx, grad_cx, grad_params, flow = layer_backward(
-            grad_output, grad_hy, grad_cy, input, hx, cx, params, out, gates, cells,
-            batch_sizes, ctx.record_flow, ctx.options)
+            grad_output, grad_hy, grad_cy, input, hx, cx, params, out, gates, cells, products,
+            batch_sizes, ctx.record_flow, ctx.options, masks)
         grads = (grad_input, grad_hx, grad_cx, grad_params)
     grad_input, grad_hx, grad_cx, grad_params = grads
     grad_probe = flow if ctx.record_flow and flow is not None else None
     if grad_probe is not None and ctx.flow_from_last_step:
         from_last_step = _flow_from_last_step(
-            grad_output, grad_hy, grad_cy, input, hx, cx, params, out, gates, cells,
-            batch_sizes, LayerOptions.from_list(ctx.options), flow)
+            grad_output, grad_hy, grad_cy, input, hx, cx, params, out, gates, cells, products,
+            batch_sizes, LayerOptions.from_list(ctx.options), flow, masks)
         grad_probe = torch.cat([flow, from_last_step], -1)
     return grad_input, grad_hx, grad_cx, grad_params, grad_probe
 
 
 def _flow_from_last_step(grad_output, grad_hy, grad_cy, input, hx, cx, params, out, gates,
-                         cells, batch_sizes, opts, flow):
+                         cells, products, batch_sizes, opts, flow, masks):
     """Sums of squares of [dL/dc, dL/dh] (D, T, 2) over the sequences, at k = 0, 1, ... steps
     before each sequence's own last step (the flow indexes t, where only the longest sequence
     reaches t=T-1).
@@ -309,18 +340,24 @@ def _flow_from_last_step(grad_output, grad_hy, grad_cy, input, hx, cx, params, o
 
     realigned_params = [p for d in order
                         for p in params[d * per_direction:(d + 1) * per_direction]]
+    # masks by direction; the (D, N, .) zoneout masks also by row (the recurrent-dropout
+    # mask is per batch row, which the realignment keeps)
+    realigned_masks = [m[order] if name == "recurrent_dropout_mask" else m[order][:, source]
+                       for name, m in zip(opts.mask_names(), masks)]
     *_, realigned_flow = layer_backward(
         columns(grad_output), by_direction(grad_hy), by_direction(grad_cy), input[source],
         hx[order], cx[order], realigned_params, columns(out), gates[order][:, source],
-        cells[order][:, source], batch_sizes, True,
-        dataclasses.replace(opts, bidirectional=True).to_list())
+        cells[order][:, source], products[order][:, :, source] if opts.layer_norm else products,
+        batch_sizes, True,
+        dataclasses.replace(opts, bidirectional=True).to_list(), realigned_masks)
     # original direction 0 ran as realigned direction 1, direction 1 as 0
     return realigned_flow[[1, 0][:directions], :, :2].square()
 
 
-def _reference_layer(batch_sizes, opts):
+def _reference_layer(batch_sizes, opts, masks=()):
     def layer(input, hx, cx, *params):
-        return reference.lstm_layer(input, hx, cx, params, batch_sizes=batch_sizes, options=opts)
+        return reference.lstm_layer(input, hx, cx, params, batch_sizes=batch_sizes, options=opts,
+                                    masks=masks)
     return layer
 
 
@@ -335,10 +372,10 @@ def _check_no_taps_under_functorch(opts):
 
 
 def _differentiable_backward(grad_output, grad_hy, grad_cy, input, hx, cx, params,
-                             batch_sizes, opts):
+                             batch_sizes, opts, masks):
     """The layer's vjp through the reference implementation, itself differentiable."""
     inputs = [input, hx, cx, *params]
-    layer = _reference_layer(batch_sizes, opts)
+    layer = _reference_layer(batch_sizes, opts, masks)
     # a backward inside an autocast region runs with autocast on: recompute in the saved
     # tensors' dtypes, as layer_backward does (csrc/ops.cpp excludes autocast there)
     with torch.enable_grad(), torch.autocast(input.device.type, enabled=False):
@@ -371,30 +408,32 @@ class _LayerBackwardFunction(torch.autograd.function._SingleLevelFunction):
     torch.func.grad does, parameters that require grad make it possible in eager)."""
 
     @staticmethod
-    def forward(grad_output, grad_hy, grad_cy, input, hx, cx, output, gates, cells,
-                batch_sizes, record_flow, options, *params):
+    def forward(grad_output, grad_hy, grad_cy, input, hx, cx, output, gates, cells, products,
+                batch_sizes, record_flow, options, masks, *params):
         with _grad_modes_of_the_caller(), torch._C._AutoDispatchBelowAutograd():
             grad_input, grad_hx, grad_cx, grad_params, flow = _LAYER_BACKWARD(
                 grad_output, grad_hy, grad_cy, input, hx, cx, list(params), output, gates,
-                cells, batch_sizes, record_flow, options)
+                cells, products, batch_sizes, record_flow, options, list(masks))
         return grad_input, grad_hx, grad_cx, flow, *grad_params
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        (grad_output, grad_hy, grad_cy, input, hx, cx, _output, _gates, _cells, batch_sizes,
-         _record_flow, options, *params) = inputs
+        (grad_output, grad_hy, grad_cy, input, hx, cx, _output, _gates, _cells, _products,
+         batch_sizes, _record_flow, options, masks, *params) = inputs
         ctx.given = [g is not None for g in (grad_output, grad_hy, grad_cy)]
         ctx.num_params = len(params)
         ctx.options = list(options)
         ctx.batch_sizes = batch_sizes
-        ctx.save_for_backward(grad_output, grad_hy, grad_cy, input, hx, cx, *params)
+        ctx.save_for_backward(grad_output, grad_hy, grad_cy, *masks, input, hx, cx, *params)
+        ctx.num_masks = len(masks)
         ctx.mark_non_differentiable(output[3])  # the flow norms
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, gg_input, gg_hx, gg_cx, _gg_flow, *gg_params):
-        grad_output, grad_hy, grad_cy, *inputs = ctx.saved_tensors
-        layer = _reference_layer(ctx.batch_sizes, LayerOptions.from_list(ctx.options))
+        grad_output, grad_hy, grad_cy, *rest = ctx.saved_tensors
+        masks, inputs = rest[:ctx.num_masks], rest[ctx.num_masks:]
+        layer = _reference_layer(ctx.batch_sizes, LayerOptions.from_list(ctx.options), masks)
         grads = [torch.zeros_like(o) if g is None else g
                  for o, g in zip(_reference_output_likes(inputs, ctx.batch_sizes),
                                  (grad_output, grad_hy, grad_cy))]
@@ -424,7 +463,8 @@ class _LayerBackwardFunction(torch.autograd.function._SingleLevelFunction):
                 d_grads, d_inputs = second[:3], second[3:]
         d_grads = [d if given else None for d, given in zip(d_grads, ctx.given)]
         d_input, d_hx, d_cx, *d_params = d_inputs
-        return (*d_grads, d_input, d_hx, d_cx, None, None, None, None, None, None, *d_params)
+        # output, gates, cells, products, batch_sizes, record_flow, options, masks: none
+        return (*d_grads, d_input, d_hx, d_cx, *([None] * 8), *d_params)
 
 
 def _reference_output_likes(inputs, batch_sizes):
@@ -439,16 +479,18 @@ def _reference_output_likes(inputs, batch_sizes):
 
 
 def _layer_backward_autograd(keyset, grad_output, grad_hy, grad_cy, input, hx, cx, params,
-                             output, gates, cells, batch_sizes, record_flow, options):
+                             output, gates, cells, products, batch_sizes, record_flow, options,
+                             masks):
     args = (grad_output, grad_hy, grad_cy, input, hx, cx, output, gates, cells)
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args, *params):
         with enable_single_level_autograd_function():
             grad_input, grad_hx, grad_cx, flow, *grad_params = _LayerBackwardFunction.apply(
-                *args, batch_sizes, record_flow, options, *params)
+                *args, products, batch_sizes, record_flow, options, masks, *params)
         return grad_input, grad_hx, grad_cx, grad_params, flow
     with torch._C._AutoDispatchBelowAutograd():
         return _LAYER_BACKWARD.redispatch(keyset & torch._C._after_autograd_keyset, *args[:6],
-                                         params, *args[6:], batch_sizes, record_flow, options)
+                                         params, *args[6:], products, batch_sizes, record_flow,
+                                         options, masks)
 
 
 def _has_tangents(tensors):
@@ -466,7 +508,7 @@ def _has_tangents(tensors):
     return False
 
 
-def _forward_mode_layer(input, hx, cx, params, batch_sizes, flow_probe, options):
+def _forward_mode_layer(input, hx, cx, params, batch_sizes, flow_probe, options, masks):
     """layer_forward under forward-mode AD (jvp, jacfwd): the fused kernels have no
     forward-mode pass, so the layer is the reference one, in aten ops that carry the
     tangents at this level (and, in ordinary autograd, a reverse-mode graph with the flow
@@ -478,27 +520,30 @@ def _forward_mode_layer(input, hx, cx, params, batch_sizes, flow_probe, options)
         # probes (reverse-mode only; their taps do not run under torch.func) leave alone
         opts, flow_probe = dataclasses.replace(opts, bptt_clip=0.0, bptt_clip_mode=0), None
     out, hy, cy = reference.lstm_layer(input, hx, cx, params, batch_sizes=batch_sizes,
-                                       flow_probe=flow_probe, options=opts)
+                                       flow_probe=flow_probe, options=opts, masks=masks)
     with torch._C._AutoDispatchBelowAutograd(), torch.autograd.forward_ad._set_fwd_grad_enabled(
             False):
-        *_, gates, cells = _LAYER_FORWARD(input, hx, cx, params, batch_sizes, None, options)
-    return out, hy, cy, gates.detach(), cells.detach()
+        *_, gates, cells, products = _LAYER_FORWARD(input, hx, cx, params, batch_sizes, None,
+                                                    options, masks)
+    return out, hy, cy, gates.detach(), cells.detach(), products.detach()
 
 
-def _layer_forward_autograd(keyset, input, hx, cx, params, batch_sizes, flow_probe, options):
+def _layer_forward_autograd(keyset, input, hx, cx, params, batch_sizes, flow_probe, options,
+                            masks):
     """The op's Autograd kernel: under forward-mode AD the reference layer, when a gradient
     is needed _LayerForwardFunction (at the torch.func level being dispatched, if any), else
     the op below autograd."""
     if _has_tangents((input, hx, cx, *params)):
-        return _forward_mode_layer(input, hx, cx, params, batch_sizes, flow_probe, options)
+        return _forward_mode_layer(input, hx, cx, params, batch_sizes, flow_probe, options,
+                                   masks)
     if torch.is_grad_enabled() and torch._C._any_requires_grad(input, hx, cx, flow_probe,
                                                                *params):
         with enable_single_level_autograd_function():
             return _LayerForwardFunction.apply(input, hx, cx, batch_sizes, flow_probe,
-                                               options, *params)
+                                               options, masks, *params)
     with torch._C._AutoDispatchBelowAutograd():
         return _LAYER_FORWARD.redispatch(keyset & torch._C._after_autograd_keyset, input, hx, cx,
-                                        params, batch_sizes, flow_probe, options)
+                                        params, batch_sizes, flow_probe, options, masks)
 
 
 _autograd_lib = torch.library.Library("lstm_fused", "IMPL")
@@ -525,10 +570,10 @@ def _register_autocast(device_type: str, dispatch_key: str) -> None:
                     and t.dtype != torch.float64)
         return t.to(torch.get_autocast_dtype(device_type)) if eligible else t
 
-    def layer_forward_autocast(input, hx, cx, params, *rest):
+    def layer_forward_autocast(input, hx, cx, params, batch_sizes, flow_probe, options, masks):
         with torch.autocast(device_type, enabled=False):
             return layer_forward(cast(input), cast(hx), cast(cx), [cast(p) for p in params],
-                                 *rest)
+                                 batch_sizes, flow_probe, options, [cast(m) for m in masks])
 
     _autocast_lib.impl("layer_forward", layer_forward_autocast, dispatch_key)
 

@@ -72,8 +72,8 @@ def _unfold(t, batch_axis, size):
 
 @torch.library.register_vmap("lstm_fused::layer_forward")
 def _layer_forward_vmap(info, in_dims, input, hx, cx, params, batch_sizes, flow_probe,
-                        options):
-    x_dim, hx_dim, cx_dim, param_dims, bs_dim, _, _ = in_dims
+                        options, masks):
+    x_dim, hx_dim, cx_dim, param_dims, bs_dim, _, _, mask_dims = in_dims
     _refuse(bs_dim, "layer_forward")
     if flow_probe is not None:
         raise NotImplementedError(
@@ -86,28 +86,37 @@ def _layer_forward_vmap(info, in_dims, input, hx, cx, params, batch_sizes, flow_
         results = [op(_select(input, x_dim, v), _select(hx, hx_dim, v),
                       _select(cx, cx_dim, v),
                       [_select(p, d, v) for p, d in zip(params, param_dims)], batch_sizes,
-                      None, options)
+                      None, options, [_select(m, d, v) for m, d in zip(masks, mask_dims)])
                    for v in range(size)]
         return _stack(results)
     packed = batch_sizes is not None
     # input (T, B, I): fold axis 1; packed data (N, I): rows, axis 0
     folded_input = _fold(input, x_dim, 0 if packed else 1, size)
     folded_bs = batch_sizes * size if packed else None
-    out, hy, cy, gates, cells = op(folded_input, _fold(hx, hx_dim, 1, size),
-                                   _fold(cx, cx_dim, 1, size), list(params), folded_bs, None,
-                                   options)
+    # the cell variants' masks fold as the rows they belong to: the recurrent-dropout mask
+    # (D, B, P) as hx (axis 1, the batch), the zoneout masks (D, N, .) as gates (axis 1, rows)
+    folded_masks = [_fold(m, d, 1, size) for m, d in zip(masks, mask_dims)]
+    out, hy, cy, gates, cells, products = op(folded_input, _fold(hx, hx_dim, 1, size),
+                                             _fold(cx, cx_dim, 1, size), list(params),
+                                             folded_bs, None, options, folded_masks)
     out, out_dim = _unfold(out, 0 if packed else 1, size)
     # (D, B*V, .) states and (D, N*V, .) gates/cells: element v of row r at r*V + v
     (hy, hy_dim), (cy, cy_dim) = _unfold(hy, 1, size), _unfold(cy, 1, size)
     (gates, gates_dim), (cells, cells_dim) = _unfold(gates, 1, size), _unfold(cells, 1, size)
-    return (out, hy, cy, gates, cells), (out_dim, hy_dim, cy_dim, gates_dim, cells_dim)
+    # layer norm's (D, 2, N*V, 4H) products likewise; without layer norm an empty (0,), the
+    # same for every element
+    products, products_dim = (_unfold(products, 2, size) if products.dim() == 4
+                              else (products, None))
+    return ((out, hy, cy, gates, cells, products),
+            (out_dim, hy_dim, cy_dim, gates_dim, cells_dim, products_dim))
 
 
 @torch.library.register_vmap("lstm_fused::layer_backward")
 def _layer_backward_vmap(info, in_dims, grad_output, grad_hy, grad_cy, input, hx, cx, params,
-                         output, gates, cells, batch_sizes, record_flow, options):
+                         output, gates, cells, products, batch_sizes, record_flow, options,
+                         masks):
     (go_dim, ghy_dim, gcy_dim, x_dim, hx_dim, cx_dim, param_dims, out_dim, gates_dim,
-     cells_dim, bs_dim, _, _) = in_dims
+     cells_dim, products_dim, bs_dim, _, _, mask_dims) = in_dims
     _refuse(bs_dim, "layer_backward")
     op = torch.ops.lstm_fused.layer_backward.default
     results = [op(_select(grad_output, go_dim, v), _select(grad_hy, ghy_dim, v),
@@ -115,6 +124,8 @@ def _layer_backward_vmap(info, in_dims, grad_output, grad_hy, grad_cy, input, hx
                   _select(hx, hx_dim, v), _select(cx, cx_dim, v),
                   [_select(p, d, v) for p, d in zip(params, param_dims)],
                   _select(output, out_dim, v), _select(gates, gates_dim, v),
-                  _select(cells, cells_dim, v), batch_sizes, record_flow, options)
+                  _select(cells, cells_dim, v), _select(products, products_dim, v),
+                  batch_sizes, record_flow, options,
+                  [_select(m, d, v) for m, d in zip(masks, mask_dims)])
                for v in range(info.batch_size)]
     return _stack(results)

@@ -28,7 +28,8 @@ __all__ = [
     "BenchCase", "CPU_GRID", "GPU_GRID", "TINY_GRID", "GRIDS", "IMPLS", "MODES",
     "build_modules", "make_workloads", "time_interleaved", "peak_memory_bytes", "gemm_rates",
     "run_benchmark", "geomean_speedup", "machine_info", "markdown_report", "plot_speedups",
-    "write_results", "update_results_page",
+    "write_results", "update_results_page", "VARIANTS", "VARIANT_CASES", "VARIANT_IMPLS",
+    "VARIANT_TARGETS", "variant_workloads", "run_variant_benchmark", "variant_report",
 ]
 
 IMPLS = ("nn.LSTM", "lstm_fused")
@@ -146,6 +147,22 @@ TINY_GRID = (
 
 GRIDS = {"cpu": CPU_GRID, "cuda": GPU_GRID, "tiny": TINY_GRID}
 
+# The cell variants (`bench --variants`): each against the same module on backend="reference"
+# and against the plain fused LSTM, a training step (forward+backward) in float32. residual
+# runs with 2 layers (the plain baseline too). The targets of the issue: at least 3x faster
+# than the reference, at most 1.5x the plain fused LSTM's time.
+VARIANTS = {
+    "layer_norm": dict(layer_norm=True),
+    "recurrent_dropout": dict(recurrent_dropout=0.25),
+    "zoneout": dict(zoneout=0.1),
+    "residual": dict(residual=True),
+    "all four": dict(layer_norm=True, recurrent_dropout=0.25, zoneout=0.1, residual=True),
+}
+VARIANT_CASES = {"cpu": BenchCase(T=100, B=32, H=128), "cuda": BenchCase(T=100, B=32, H=256),
+                 "tiny": BenchCase(T=6, B=3, H=8)}
+VARIANT_TARGETS = {"reference_speedup": 3.0, "vs_plain": 1.5}
+VARIANT_IMPLS = ("plain fused", "fused", "reference")
+
 
 # -- workloads -------------------------------------------------------------------------------
 
@@ -219,6 +236,86 @@ def make_workloads(case: BenchCase, mode: str, device="cpu", impls: Sequence[str
     x.requires_grad_()
     return {impl: _forward_backward(modules[impl], pack if case.packed else x, x, grad_output)
             for impl in impls}
+
+
+def variant_workloads(case: BenchCase, variant: str, device="cpu",
+                      seed: int = 0) -> dict[str, Callable[[], None]]:
+    """{impl: training step} for VARIANT_IMPLS: the plain fused LSTM, the fused LSTM with
+    the variant, and the same module on backend="reference" (same weights, input, output
+    gradient)."""
+    from .module import LSTM
+
+    kw = VARIANTS[variant]
+    layers = 2 if kw.get("residual") else case.layers
+    device = torch.device(device)
+    factory = dict(num_layers=layers, device=device, dtype=case.torch_dtype)
+    torch.manual_seed(seed)
+    plain = LSTM(case.input_size, case.H, **factory)
+    torch.manual_seed(seed)
+    fused = LSTM(case.input_size, case.H, **factory, **kw)
+    reference = LSTM(case.input_size, case.H, **factory, **kw, backend="reference")
+    reference.load_state_dict(fused.state_dict())
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    x = torch.randn(case.T, case.B, case.input_size, generator=g, device=device,
+                    dtype=case.torch_dtype, requires_grad=True)
+    grad_output = torch.randn(case.T, case.B, case.H, generator=g, device=device,
+                              dtype=case.torch_dtype)
+    return {impl: _forward_backward(m, x, x, grad_output)
+            for impl, m in zip(VARIANT_IMPLS, (plain, fused, reference))}
+
+
+def run_variant_benchmark(case: BenchCase, device="cpu", repeats: int = 10, warmup: int = 2,
+                          progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Time every variant of VARIANTS (variant_workloads, interleaved rounds). One row per
+    variant: {"variant", "case", impl: summary for VARIANT_IMPLS, "vs_plain" (fused / plain
+    fused medians), "reference_speedup" (reference / fused), "meets_targets"}."""
+    rows = []
+    for variant in VARIANTS:
+        if progress:
+            progress(f"{variant} {case.name}")
+        samples = time_interleaved(variant_workloads(case, variant, device), repeats, warmup,
+                                   device)
+        row = {"variant": variant, "case": case.name, "config": asdict(case),
+               "layers": 2 if VARIANTS[variant].get("residual") else case.layers}
+        row.update({impl: _summary(samples[impl]) for impl in VARIANT_IMPLS})
+        fused = row["fused"]["median_ms"]
+        row["vs_plain"] = fused / row["plain fused"]["median_ms"]
+        row["reference_speedup"] = row["reference"]["median_ms"] / fused
+        row["meets_targets"] = (row["vs_plain"] <= VARIANT_TARGETS["vs_plain"] and
+                                row["reference_speedup"] >= VARIANT_TARGETS["reference_speedup"])
+        rows.append(row)
+    return rows
+
+
+def variant_report(rows: Sequence[dict], info: Mapping, command: str) -> str:
+    """run_variant_benchmark's rows as a Markdown section."""
+    lines = [
+        f"Command: `{command}`  ",
+        f"Date: {info['date']} · device: {info.get('gpu', info['device'])} · CPU: {info['cpu']} "
+        f"({info['cpu_count']} cores, {info['torch_threads']} torch threads, load "
+        f"{info['load_average_1min']}) · torch {info['torch']}",
+        "",
+        "Training step (forward+backward), milliseconds per call, median of interleaved rounds. "
+        f"Targets: fused at least {VARIANT_TARGETS['reference_speedup']:g}x faster than "
+        f"backend=\"reference\", at most {VARIANT_TARGETS['vs_plain']:g}x the plain fused "
+        "LSTM's time (residual: both with 2 layers).",
+        "",
+        "| variant | case | plain fused | fused | reference | fused / plain | reference / fused "
+        "| targets |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        case = r["case"] + (f"-L{r['layers']}" if r["layers"] > 1 else "")
+        lines.append(
+            f"| {r['variant']} | {case} | {r['plain fused']['median_ms']:.1f} "
+            f"| {r['fused']['median_ms']:.1f} | {r['reference']['median_ms']:.1f} "
+            f"| {r['vs_plain']:.2f}x | {r['reference_speedup']:.1f}x "
+            f"| {'met' if r['meets_targets'] else 'missed'} |")
+    load, cores = info.get("load_average_1min"), info.get("cpu_count")
+    if load is not None and cores and load > 0.5 * cores:
+        lines += ["", f"**The machine was busy** (load average {load} on {cores} cores when the "
+                      "run started): timings are noisy and slower than on an idle machine."]
+    return "\n".join(lines) + "\n"
 
 
 # -- timing and memory -----------------------------------------------------------------------

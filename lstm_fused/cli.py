@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import json
 import os
 import shlex
 import sys
@@ -91,10 +92,38 @@ def _cmd_check(args) -> int:
 
 # -- bench -----------------------------------------------------------------------------------
 
+def _cmd_bench_variants(args, argv, device) -> int:
+    case = benchmarking.VARIANT_CASES[args.grid or device.type]
+    repeats = args.repeats or (3 if args.quick else 10)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+    out_dir = args.out or os.path.join("bench", "results", f"{device.type}-variants-{stamp}")
+    command = _command_line(argv)
+    info = benchmarking.machine_info(device)
+    print(f"benchmarking {len(benchmarking.VARIANTS)} cell variants on "
+          f"{info.get('gpu', info['cpu'])}, {info['torch_threads']} threads, {repeats} timed "
+          f"rounds after {warmup} warm-up", flush=True)
+    rows = benchmarking.run_variant_benchmark(
+        case, device, repeats=repeats, warmup=warmup,
+        progress=lambda what: print(f"  {what}", file=sys.stderr, flush=True))
+    report = benchmarking.variant_report(rows, info, command)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump({"command": command, "machine": info, "rows": rows}, f, indent=1)
+    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(f"# lstm_fused cell variants on {info.get('gpu', info['device'])}\n\n{report}")
+    print()
+    print(report)
+    print(f"wrote {out_dir}/results.md and results.json")
+    return 0
+
+
 def _cmd_bench(args, argv) -> int:
     device = _device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.variants:
+        return _cmd_bench_variants(args, argv, device)
     grid = benchmarking.GRIDS[args.grid or device.type]
     default_repeats, default_warmup = _BENCH_ROUNDS["quick" if args.quick else "full"]
     repeats = args.repeats or default_repeats
@@ -201,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--page", metavar="FILE",
                        help="also put the table and plot into this Markdown page, e.g. "
                             "docs/results.md (replaces the previous section for the device)")
+    bench.add_argument("--variants", action="store_true",
+                       help="time the cell variants (layer_norm, recurrent_dropout, zoneout, "
+                            "residual) against backend='reference' and the plain fused LSTM "
+                            "instead (training step, T=100 B=32 H=128 on the CPU)")
     bench.add_argument("--grid", choices=tuple(benchmarking.GRIDS), help=argparse.SUPPRESS)
 
     # listed for --help only: main() hands everything after "demo" to the demo unparsed

@@ -15,6 +15,10 @@ telemetry show, on a CPU in a few minutes (about one with --quick).
    unrolling its recurrence with retain_grad on every h[t]). Written to the output folder:
    gradient_flow_T{T}.png (heatmaps of ||dL/dh[t]|| and ||dL/dc[t]||, each row relative to
    its maximum) and losses.png (training curves).
+3. The cell variants on the same problem: an lstm_fused.LSTM (forget_bias 1) plain, with
+   layer_norm, with zoneout (0.5, 0.05), and with 2 layers without and with residual, trained
+   the same way up to T=1000 (100 with --quick). Written: variants_gradient_flow_T{T}.png
+   (the bottom layer's norms before and after each stage) and variants_losses.png.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class Budget:
     timing_length: int
     timing_steps: int
     adding_steps: dict[int, int]  # sequence length T -> training steps per model
+    variant_steps: dict[int, int]  # the same for the cell variants' models (section 3)
     batch: int = 128
     hidden: int = 32
     learning_rate: float = 2e-2
@@ -52,8 +57,10 @@ class Budget:
 # With this configuration an LSTM with forget_bias=1 leaves the mean-predictor plateau after
 # 200-300 steps at T=50 and 550-850 at T=200 (a few seeds); forget_bias=0 takes longer (about
 # 1100 steps at T=200 with the demo's seed); nn.RNN stays on it.
-QUICK = Budget(timing_length=100, timing_steps=30, adding_steps={50: 500, 100: 150})
-FULL = Budget(timing_length=200, timing_steps=50, adding_steps={200: 1200, 1000: 100})
+QUICK = Budget(timing_length=100, timing_steps=30, adding_steps={50: 500, 100: 150},
+               variant_steps={50: 300, 100: 60})
+FULL = Budget(timing_length=200, timing_steps=50, adding_steps={200: 1200, 1000: 100},
+              variant_steps={200: 800, 1000: 100})
 
 
 def adding_problem(length: int, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -193,14 +200,31 @@ def make_models(budget: Budget) -> dict[str, Regressor]:
     }
 
 
+def make_variant_models(budget: Budget) -> dict[str, Regressor]:
+    """Section 3: the cell variants, each an lstm_fused.LSTM with forget_bias 1 (the better
+    plain LSTM of section 2), from the same seed."""
+    torch.manual_seed(2)
+    H = budget.hidden
+    return {
+        "LSTM": Regressor(LSTM(2, H, forget_bias=1.0)),
+        "LSTM layer_norm": Regressor(LSTM(2, H, forget_bias=1.0, layer_norm=True)),
+        "LSTM zoneout (0.5, 0.05)": Regressor(LSTM(2, H, forget_bias=1.0, zoneout=(0.5, 0.05))),
+        "LSTM 2 layers": Regressor(LSTM(2, H, num_layers=2, forget_bias=1.0)),
+        "LSTM 2 layers residual": Regressor(LSTM(2, H, num_layers=2, forget_bias=1.0,
+                                                 residual=True)),
+    }
+
+
 def adding_experiment(models: dict[str, Regressor], length: int, budget: Budget,
-                      out: Path) -> dict[str, list[float]]:
+                      out: Path, variants: bool = False) -> dict[str, list[float]]:
     """Train the models (in place) at this length, print their losses and gradient-flow
-    verdicts, write the heatmap of before and after. Returns the loss curves by model."""
-    steps = budget.adding_steps[length]
-    print(f"\n[2] adding problem, T={length}: {steps} Adam steps per model, B={budget.batch}, "
-          f"H={budget.hidden}, lr={budget.learning_rate} (predicting the mean: MSE "
-          f"{MEAN_PREDICTOR_MSE:.3f})")
+    verdicts, write the heatmap of before and after. Returns the loss curves by model.
+    variants: section 3's models (their budget, file names and titles)."""
+    steps = (budget.variant_steps if variants else budget.adding_steps)[length]
+    section = "[3] cell variants," if variants else "[2]"
+    print(f"\n{section} adding problem, T={length}: {steps} Adam steps per model, "
+          f"B={budget.batch}, H={budget.hidden}, lr={budget.learning_rate} (predicting the "
+          f"mean: MSE {MEAN_PREDICTOR_MSE:.3f})")
     x, y = adding_problem(length, budget.batch, torch.Generator().manual_seed(12345))
     losses = {}
     rows = {"dh": {}, "dc": {}}  # heatmap rows: norm kind -> row label -> (T,)
@@ -215,19 +239,22 @@ def adding_experiment(models: dict[str, Regressor], length: int, budget: Budget,
         ratio = gradflow.decay_ratio(after["dh"], reverse=False)
         verdicts.append((label, running_mean(losses[label])[-1], ratio,
                          gradflow.verdict(after["dh"], ratio)))
-    print(f"  {'model':<20}{'final MSE':>10}{'||dL/dh[0]|| / ||dL/dh[T-1]||':>32}  verdict")
+    width = max(20, max(len(label) for label in models) + 2)
+    print(f"  {'model':<{width}}{'final MSE':>10}{'||dL/dh[0]|| / ||dL/dh[T-1]||':>32}  verdict")
     for label, loss, ratio, verdict in verdicts:
-        print(f"  {label:<20}{loss:>10.4f}{ratio:>32.3g}  {verdict}")
+        print(f"  {label:<{width}}{loss:>10.4f}{ratio:>32.3g}  {verdict}")
+    layer = " (2 layers: the bottom one)" if variants else ""
     path = gradflow.plot_heatmaps(
-        {"||dL/dh[t]||": rows["dh"], "||dL/dc[t]|| (LSTM cell state)": rows["dc"]},
-        out / f"gradient_flow_T{length}.png", relative=True,
+        {f"||dL/dh[t]||{layer}": rows["dh"], "||dL/dc[t]|| (LSTM cell state)": rows["dc"]},
+        out / f"{'variants_' if variants else ''}gradient_flow_T{length}.png", relative=True,
         title=f"Adding problem, T={length}: gradient norm back through time,\nbefore and after "
               f"{steps} training steps at this T (grey: underflow to 0)")
     print(f"  wrote {path}")
     return losses
 
 
-def plot_losses(curves: dict[int, dict[str, list[float]]], path: Path) -> Path:
+def plot_losses(curves: dict[int, dict[str, list[float]]], path: Path,
+                title: str = "adding problem") -> Path:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5 * len(curves), 3.6), layout="constrained")
@@ -238,7 +265,7 @@ def plot_losses(curves: dict[int, dict[str, list[float]]], path: Path) -> Path:
         ax.axhline(MEAN_PREDICTOR_MSE, color="grey", linestyle="--", linewidth=1,
                    label="predict the mean")
         ax.set_yscale("log")
-        ax.set_title(f"adding problem, T={length}")
+        ax.set_title(f"{title}, T={length}")
         ax.set_xlabel("training step")
         ax.set_ylabel("MSE (mean of the last 20 steps)")
     axes[0].legend(fontsize=8)
@@ -272,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
         curves = {length: adding_experiment(models, length, budget, args.out)
                   for length in budget.adding_steps}
         print(f"\nwrote {plot_losses(curves, args.out / 'losses.png')}")
+        variant_models = make_variant_models(budget)
+        variant_curves = {length: adding_experiment(variant_models, length, budget, args.out,
+                                                    variants=True)
+                          for length in budget.variant_steps}
+        print(f"\nwrote "
+              f"{plot_losses(variant_curves, args.out / 'variants_losses.png', 'cell variants')}")
     finally:
         torch.set_flush_denormal(False)  # torch's default
     print(f"done in {time.perf_counter() - start:.0f} s")

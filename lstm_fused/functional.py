@@ -1,7 +1,7 @@
 """Functional multi-layer LSTM over a registry of per-layer backends.
 
 Every backend is a callable with the `lstm_fused::layer_forward` signature
-(input, hx, cx, params, batch_sizes, flow_probe, options), `options` a
+(input, hx, cx, params, batch_sizes, flow_probe, options, masks), `options` a
 lstm_fused.options.LayerOptions (the op takes it as `options.to_list()`), that returns a
 differentiable (output, hy, cy); see docs/ARCHITECTURE.md.
 """
@@ -15,7 +15,7 @@ from torch import Tensor
 from . import reference
 from .options import CLIP_MODES, LayerOptions
 
-__all__ = ["BACKENDS", "available_backends", "backend_unavailable_reason", "lstm",
+__all__ = ["BACKENDS", "available_backends", "backend_unavailable_reason", "draw_masks", "lstm",
            "set_flush_denormals"]
 
 # Set on the first successful load of the compiled ops; kept as a module global so that
@@ -34,11 +34,11 @@ def _load_fused():
 
 
 def _fused_layer(input, hx, cx, params, batch_sizes=None, flow_probe=None,
-                 options: LayerOptions = LayerOptions()):
+                 options: LayerOptions = LayerOptions(), masks=()):
     if _fused_ops is None:
         _load_fused()
     out = torch.ops.lstm_fused.layer_forward(input, hx, cx, list(params), batch_sizes,
-                                             flow_probe, options.to_list())
+                                             flow_probe, options.to_list(), list(masks))
     return out[0], out[1], out[2]
 
 
@@ -76,15 +76,72 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS if backend_unavailable_reason(name) is None]
 
 
+def _zoneout_pair(zoneout) -> tuple[float, float]:
+    """zoneout as (z_c, z_h): a number is both."""
+    if isinstance(zoneout, (tuple, list)):
+        if len(zoneout) != 2:
+            raise ValueError(f"zoneout must be a number or a pair (z_c, z_h), got {zoneout!r}")
+        return float(zoneout[0]), float(zoneout[1])
+    return float(zoneout), float(zoneout)
+
+
+def draw_masks(input: Tensor, batch: int, rows: int, hidden_size: int, proj_size: int,
+               num_layers: int, bidirectional: bool, recurrent_dropout: float = 0.0,
+               zoneout=0.0):
+    """The random masks of one training forward, in the documented order (both backends get
+    the same ones from torch's RNG):
+
+    1. recurrent dropout (p > 0): one (L*D, B, P) tensor,
+       torch.empty(L*D, B, P).bernoulli_(1 - p) / (1 - p);
+    2. zoneout, layer after layer: for c when z_c > 0, (D, N, H) torch.rand(D, N, H).lt_(z_c)
+       (1 with probability z_c: keep the previous state), then for h when z_h > 0,
+       (D, N, P) torch.rand(D, N, P).lt_(z_h). (rand and a comparison: twice as fast as
+       bernoulli_ on the CPU, and these masks are large.)
+
+    All on the input's device and dtype, drawn before any dropout between layers. N is the
+    number of rows of the sequence (T*B, or sum(batch_sizes) when packed); a mask's row n
+    belongs to row n of the flattened (time-major) sequence. Returns (recurrent_dropout_masks
+    or None, zoneout_masks: one (cell or None, hidden or None) pair per layer, or None).
+    """
+    D = 2 if bidirectional else 1
+    P = proj_size if proj_size > 0 else hidden_size
+    kw = dict(dtype=input.dtype, device=input.device)
+    dropout_masks = None
+    if recurrent_dropout > 0:
+        keep = 1 - recurrent_dropout
+        dropout_masks = torch.empty(num_layers * D, batch, P, **kw).bernoulli_(keep) / keep
+    z_c, z_h = _zoneout_pair(zoneout)
+    zoneout_masks = None
+    if z_c > 0 or z_h > 0:
+        zoneout_masks = [
+            (torch.rand(D, rows, hidden_size, **kw).lt_(z_c) if z_c > 0 else None,
+             torch.rand(D, rows, P, **kw).lt_(z_h) if z_h > 0 else None)
+            for _ in range(num_layers)]
+    return dropout_masks, zoneout_masks
+
+
 def lstm(input: Tensor, hx: Tensor, cx: Tensor, flat_weights, has_biases: bool,
          proj_size: int, num_layers: int, dropout: float, training: bool,
          bidirectional: bool, batch_sizes: Tensor | None = None, backend: str = "fused",
-         flow_probes=None, bptt_clip: float = 0.0, bptt_clip_mode: int = 0):
+         flow_probes=None, bptt_clip: float = 0.0, bptt_clip_mode: int = 0, *,
+         layer_norm: bool = False, recurrent_dropout: float = 0.0, zoneout=0.0,
+         residual: bool = False, recurrent_dropout_masks: Tensor | None = None,
+         zoneout_masks=None):
     """Multi-layer LSTM, time-major: input (T, B, I) or packed data (N, I) with batch_sizes.
 
-    hx (L*D, B, P), cx (L*D, B, H); flat_weights as RNNBase._flat_weights. Dropout with
-    probability `dropout` is applied to the output of every layer but the last when
-    `training`. flow_probes: None or one tensor (or None) per layer.
+    hx (L*D, B, P), cx (L*D, B, H); flat_weights as RNNBase._flat_weights, with layer_norm
+    the four layer-norm parameters of each direction after its usual ones (lstm_fused.LSTM's
+    layout). Dropout with probability `dropout` is applied to the output of every layer but
+    the last when `training`. flow_probes: None or one tensor (or None) per layer.
+
+    Cell variants (docs/ARCHITECTURE.md has the formulas): layer_norm; recurrent_dropout p
+    (training only); zoneout z or (z_c, z_h) (masks in training, the expectation in eval);
+    residual (num_layers > 1): the input of layer k+1 is dropout(y_k + x_k) for k >= 1 and
+    the output y_{L-1} + x_{L-1}. In training the masks are drawn by draw_masks unless given:
+    recurrent_dropout_masks (L*D, B, P), zoneout_masks one (cell (D, N, H) or None,
+    hidden (D, N, P) or None) pair per layer; given masks switch recurrent dropout on in
+    training even with recurrent_dropout=0, and are not used in eval. Masks are constants: no
+    gradient flows to them.
     Returns (output, hy (L*D, B, P), cy (L*D, B, H)).
     """
     try:
@@ -93,15 +150,24 @@ def lstm(input: Tensor, hx: Tensor, cx: Tensor, flat_weights, has_biases: bool,
         raise ValueError(f"unknown LSTM backend {backend!r}; known: {sorted(BACKENDS)}") from None
     D = 2 if bidirectional else 1
     has_proj = proj_size > 0
-    n = (2 + (2 if has_biases else 0) + (1 if has_proj else 0)) * D
+    z_c, z_h = _zoneout_pair(zoneout)
+    n = (2 + (2 if has_biases else 0) + (1 if has_proj else 0) + (4 if layer_norm else 0)) * D
     if len(flat_weights) != n * num_layers:
         raise ValueError(f"expected {n * num_layers} weights for {num_layers} layer(s), "
                          f"got {len(flat_weights)}")
     if flow_probes is not None and len(flow_probes) != num_layers:
         raise ValueError(f"flow_probes must have one entry per layer ({num_layers}), "
                          f"got {len(flow_probes)}")
+    if residual and num_layers < 2:
+        raise ValueError("residual=True adds each layer's input to its output from the second "
+                         f"layer on, so it expects num_layers greater than 1, got num_layers="
+                         f"{num_layers}")
     options = LayerOptions(has_biases=has_biases, has_proj=has_proj, bidirectional=bidirectional,
-                           bptt_clip=float(bptt_clip), bptt_clip_mode=int(bptt_clip_mode))
+                           bptt_clip=float(bptt_clip), bptt_clip_mode=int(bptt_clip_mode),
+                           layer_norm=bool(layer_norm),
+                           recurrent_dropout=bool(training and (
+                               recurrent_dropout > 0 or recurrent_dropout_masks is not None)),
+                           zoneout_cell=z_c, zoneout_hidden=z_h, training=bool(training))
     if options.clip_mode == CLIP_MODES["norm"] and flow_probes is not None and any(
             p is not None and p.shape[-1] == reference.FLOW_CHANNELS_PER_SEQUENCE
             for p in flow_probes):
@@ -109,6 +175,28 @@ def lstm(input: Tensor, hx: Tensor, cx: Tensor, flat_weights, has_biases: bool,
         # sequence back from its own last step exactly
         raise ValueError("flow probes of 5 channels (norms from each sequence's last step) "
                          "cannot be used with norm clipping (bptt_clip_mode 2)")
+    if not 0 <= recurrent_dropout < 1:
+        raise ValueError(f"recurrent_dropout must be in [0, 1), got {recurrent_dropout!r}")
+    if zoneout_masks is not None and options.zoneout_masks:
+        if len(zoneout_masks) != num_layers:
+            raise ValueError(f"zoneout_masks must have one (cell, hidden) pair per layer "
+                             f"({num_layers}), got {len(zoneout_masks)}")
+        for layer, pair in enumerate(zoneout_masks):
+            for name, z, mask in zip(("cell", "hidden"), (z_c, z_h), pair):
+                if (mask is not None) != (z > 0):
+                    raise ValueError(f"zoneout_masks[{layer}]: a {name} mask must be given "
+                                     f"exactly when its zoneout probability is > 0 (it is {z})")
+    if training and (options.recurrent_dropout or options.zoneout_masks):
+        batch = hx.shape[1]
+        rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
+        drawn_dropout, drawn_zoneout = draw_masks(
+            input, batch, rows, cx.shape[-1], proj_size, num_layers, bidirectional,
+            recurrent_dropout if recurrent_dropout_masks is None else 0.0,
+            (z_c, z_h) if zoneout_masks is None else 0.0)
+        if recurrent_dropout_masks is None:
+            recurrent_dropout_masks = drawn_dropout
+        if zoneout_masks is None:
+            zoneout_masks = drawn_zoneout
     x = input
     hys, cys = [], []
     for layer in range(num_layers):
@@ -118,8 +206,16 @@ def lstm(input: Tensor, hx: Tensor, cx: Tensor, flat_weights, has_biases: bool,
         # one layer: hx/cx whole, not sliced (no slice nodes in exported graphs)
         layer_hx = hx if num_layers == 1 else hx[layer * D:(layer + 1) * D]
         layer_cx = cx if num_layers == 1 else cx[layer * D:(layer + 1) * D]
-        x, hy, cy = layer_fn(x, layer_hx, layer_cx, flat_weights[layer * n:(layer + 1) * n],
-                             batch_sizes, probe, options)
+        masks = []
+        if options.recurrent_dropout:
+            masks.append(recurrent_dropout_masks[layer * D:(layer + 1) * D].detach())
+        if options.zoneout_masks:
+            for z, mask in zip((z_c, z_h), zoneout_masks[layer]):
+                if z > 0:
+                    masks.append(mask.detach())
+        y, hy, cy = layer_fn(x, layer_hx, layer_cx, flat_weights[layer * n:(layer + 1) * n],
+                             batch_sizes, probe, options, masks)
+        x = y + x if residual and layer > 0 else y
         hys.append(hy)
         cys.append(cy)
     if num_layers == 1:

@@ -9,6 +9,7 @@ the LSTM-specific argument checks are nn.LSTM's own methods, so messages are ide
 from __future__ import annotations
 
 import contextlib
+import numbers
 import warnings
 
 import torch
@@ -31,6 +32,12 @@ _C10_DTYPE_NAMES = {
 
 # bptt_clip_mode names -> the ops' int codes (0 is off)
 _BPTT_CLIP_MODES = {"value": 1, "norm": 2}
+
+
+def _is_probability(value) -> bool:
+    """A number (not a bool) in [0, 1)."""
+    return (isinstance(value, numbers.Number) and not isinstance(value, bool)
+            and 0 <= value < 1)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -80,6 +87,27 @@ class LSTM(nn.RNNBase):
       ``bias_hh`` to 0, so the forget gate's total bias is forget_bias (1.0 is Jozefowicz et
       al. 2015, Keras' unit_forget_bias). Applied again by reset_parameters().
 
+    Cell variants, fused into the kernels (off by default; off is exactly nn.LSTM: same
+    parameters, state_dict keys and numbers; formulas in docs/ARCHITECTURE.md):
+
+    - ``layer_norm`` (bool): layer normalisation (Ba et al. 2016, in haste's LayerNormLSTM
+      form) of the input and recurrent gate pre-activations, each over its 4H entries with
+      its own gain, and of the cell state before the output tanh (gain and bias). Adds the
+      parameters ``layer_norm_ih_l{k}{sfx}`` (4H, init 1), ``layer_norm_hh_l{k}{sfx}`` (4H,
+      init 1), ``layer_norm_cell_weight_l{k}{sfx}`` (H, init 1) and
+      ``layer_norm_cell_bias_l{k}{sfx}`` (H, init 0).
+    - ``recurrent_dropout`` (p in [0, 1)): variational dropout of h[t-1] before the product
+      with W_hh (Gal & Ghahramani 2016), one mask per layer and direction for all steps; in
+      training mode only.
+    - ``zoneout`` (z or (z_c, z_h), each in [0, 1)): zoneout of the cell and hidden states
+      (Krueger et al. 2017): in training each unit keeps its previous value with probability
+      z at every step; in eval mode the states mix with the expectation z.
+    - ``residual`` (bool, num_layers > 1): from the second layer on, each layer's output adds
+      its input (Wu et al. 2016); h_n and c_n are unchanged.
+
+    The random masks of a training forward are drawn by lstm_fused.functional.draw_masks,
+    in the order it documents, before the dropout between layers.
+
     Attributes used by the gradient-flow tooling (defaults leave the computation unchanged):
     ``bptt_clip`` (float, 0 = off) and ``bptt_clip_mode`` (0 off, 1 element-wise, 2 norm):
     clipping of dL/dh[t] and dL/dc[t] inside BPTT; ``flow_recorder``: None, or a callable
@@ -88,11 +116,14 @@ class LSTM(nn.RNNBase):
     """
 
     def __init__(self, *args, backend: str = "fused", bptt_clip: float | None = None,
-                 bptt_clip_mode: str = "value", forget_bias: float | None = None, **kwargs):
+                 bptt_clip_mode: str = "value", forget_bias: float | None = None,
+                 layer_norm: bool = False, recurrent_dropout: float = 0.0, zoneout=0.0,
+                 residual: bool = False, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
         if backend not in functional.BACKENDS:
             raise ValueError(
                 f"backend must be one of {sorted(functional.BACKENDS)}, got {backend!r}")
+        self._set_variants(layer_norm, recurrent_dropout, zoneout, residual)
         self.backend = backend
         self.flow_recorder = None
         self.set_bptt_clip(bptt_clip, bptt_clip_mode)
@@ -104,6 +135,62 @@ class LSTM(nn.RNNBase):
             # Load the op library now (not inside a compiled forward); a failure is reported
             # by the first forward, so that constructing the module never needs the build.
             functional.backend_unavailable_reason("fused")
+
+    def _set_variants(self, layer_norm, recurrent_dropout, zoneout, residual) -> None:
+        # checked as nn.RNNBase checks its own arguments, in its words
+        for name, value in (("layer_norm", layer_norm), ("residual", residual)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
+        if not _is_probability(recurrent_dropout):
+            raise ValueError(
+                "recurrent_dropout should be a number in range [0, 1) representing the "
+                "probability of an element of h[t-1] being zeroed")
+        pair = zoneout if isinstance(zoneout, (tuple, list)) else (zoneout, zoneout)
+        if len(pair) != 2 or not all(_is_probability(z) for z in pair):
+            raise ValueError(
+                "zoneout should be a number in range [0, 1), or a pair of them (z_c, z_h), "
+                "representing the probability of a unit keeping its previous state")
+        if residual and self.num_layers == 1:
+            raise ValueError(
+                "residual option adds each layer's input to its output from the second layer "
+                "on, so residual=True expects num_layers greater than 1, but got num_layers="
+                f"{self.num_layers}")
+        self.layer_norm = layer_norm
+        self.recurrent_dropout = float(recurrent_dropout)
+        self.zoneout = (float(pair[0]), float(pair[1]))
+        self.residual = residual
+        if not layer_norm:
+            return
+        # after each direction's usual parameters, as the ops take them
+        factory = dict(device=self.weight_ih_l0.device, dtype=self.weight_ih_l0.dtype)
+        H = self.hidden_size
+        names, groups = [], []
+        for group in self._all_weights:
+            suffix = group[0][len("weight_ih"):]  # "_l{k}" or "_l{k}_reverse"
+            extra = [f"layer_norm_ih{suffix}", f"layer_norm_hh{suffix}",
+                     f"layer_norm_cell_weight{suffix}", f"layer_norm_cell_bias{suffix}"]
+            for name, size in zip(extra, (4 * H, 4 * H, H, H)):
+                setattr(self, name, nn.Parameter(torch.empty(size, **factory)))
+            groups.append(list(group) + extra)
+            names += groups[-1]
+        self._flat_weights_names = names
+        self._all_weights = groups
+        self._init_flat_weights()
+        self._init_layer_norm()
+
+    def _init_layer_norm(self) -> None:
+        if not getattr(self, "layer_norm", False):
+            return
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.startswith("layer_norm_"):
+                    p.fill_(0.0 if name.startswith("layer_norm_cell_bias") else 1.0)
+
+    @property
+    def has_variants(self) -> bool:
+        """Whether a cell variant (layer_norm, recurrent_dropout, zoneout, residual) is on."""
+        return (self.layer_norm or self.recurrent_dropout > 0 or any(self.zoneout)
+                or self.residual)
 
     # nn.LSTM's own argument checks and hidden-state handling (identical messages)
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
@@ -117,6 +204,10 @@ class LSTM(nn.RNNBase):
         self.__dict__.setdefault("bptt_clip", 0.0)
         self.__dict__.setdefault("bptt_clip_mode", 0)
         self.__dict__.setdefault("forget_bias", None)
+        self.__dict__.setdefault("layer_norm", False)
+        self.__dict__.setdefault("recurrent_dropout", 0.0)
+        self.__dict__.setdefault("zoneout", (0.0, 0.0))
+        self.__dict__.setdefault("residual", False)
 
     def flatten_parameters(self) -> None:
         """No-op: the kernels read the parameters where they are (kept for API parity)."""
@@ -133,9 +224,11 @@ class LSTM(nn.RNNBase):
         self.bptt_clip_mode = 0 if clip is None else _BPTT_CLIP_MODES[mode]
 
     def reset_parameters(self) -> None:
-        """nn.LSTM's initialisation, then the forget_bias (when set)."""
+        """nn.LSTM's initialisation, then the forget_bias (when set) and the layer-norm
+        parameters' (gains 1, cell bias 0)."""
         super().reset_parameters()
         self._init_forget_bias()
+        self._init_layer_norm()
 
     def _init_forget_bias(self) -> None:
         # RNNBase.__init__ calls reset_parameters before forget_bias is set
@@ -158,6 +251,15 @@ class LSTM(nn.RNNBase):
             extras.append(f"bptt_clip={self.bptt_clip}, bptt_clip_mode={mode!r}")
         if self.forget_bias is not None:
             extras.append(f"forget_bias={self.forget_bias}")
+        if self.layer_norm:
+            extras.append("layer_norm=True")
+        if self.recurrent_dropout:
+            extras.append(f"recurrent_dropout={self.recurrent_dropout}")
+        if any(self.zoneout):
+            z_c, z_h = self.zoneout
+            extras.append(f"zoneout={z_c if z_c == z_h else self.zoneout}")
+        if self.residual:
+            extras.append("residual=True")
         return ", ".join([super().extra_repr(), *extras])
 
     def _check_packed_args(self, input: Tensor, hx, batch_sizes: Tensor) -> None:
@@ -212,6 +314,10 @@ class LSTM(nn.RNNBase):
             raise RuntimeError(
                 "lstm_fused.LSTM: ONNX export of proj_size > 0 is not supported: ONNX's LSTM "
                 "operator has no projection (nn.LSTM cannot be exported with it either)")
+        if onnx_export and self.has_variants:
+            raise RuntimeError(
+                "lstm_fused.LSTM: ONNX export of layer_norm, recurrent_dropout, zoneout or "
+                "residual is not supported: ONNX's LSTM operator has none of them")
         orig_input = input
         batch_sizes = None
         is_packed = isinstance(orig_input, PackedSequence)
@@ -302,7 +408,9 @@ class LSTM(nn.RNNBase):
                     input, h0, c0, weights, self.bias, self.proj_size, self.num_layers,
                     self.dropout, self.training, self.bidirectional, batch_sizes,
                     backend=self.backend, flow_probes=flow_probes, bptt_clip=self.bptt_clip,
-                    bptt_clip_mode=self.bptt_clip_mode)
+                    bptt_clip_mode=self.bptt_clip_mode, layer_norm=self.layer_norm,
+                    recurrent_dropout=self.recurrent_dropout, zoneout=self.zoneout,
+                    residual=self.residual)
         hidden = (hy, cy)
         if is_packed:
             output_packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
@@ -345,7 +453,8 @@ class LSTM(nn.RNNBase):
         """An nn.LSTM with this module's configuration, weights (each with its device, dtype
         and requires_grad) and training mode. Draws no random numbers.
 
-        Raises ValueError when the module uses an option nn.LSTM cannot express (bptt_clip);
+        Raises ValueError when the module uses an option nn.LSTM cannot express (bptt_clip,
+        the cell variants);
         see revert() for what is kept and what is not.
         """
         _check_expressible_by_nn_lstm(self)
@@ -374,6 +483,10 @@ def _onnx_lstm(m: LSTM, input: Tensor, h0: Tensor, c0: Tensor, weights,
 
 def _check_expressible_by_nn_lstm(m: LSTM, name: str = "") -> None:
     where = f" {name!r}" if name else ""
+    if m.has_variants:
+        raise ValueError(
+            f"lstm_fused.LSTM{where} uses layer_norm, recurrent_dropout, zoneout or residual, "
+            "which nn.LSTM cannot express")
     if m.bptt_clip_mode:
         raise ValueError(
             f"lstm_fused.LSTM{where} clips the gradient inside BPTT (bptt_clip={m.bptt_clip}), "

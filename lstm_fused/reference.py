@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .options import LayerOptions
+from .options import LAYER_NORM_EPS, LayerOptions
 
 __all__ = ["lstm_layer", "acc_dtype", "FLOW_CHANNELS_PER_SEQUENCE", "sequence_lengths",
            "packed_row_positions"]
@@ -92,8 +92,10 @@ class _Tap(torch.autograd.Function):
         return g, grad_probe, None, None, None, None, None, None, None
 
 
-def _split_params(params, has_biases: bool, has_proj: bool, num_directions: int):
-    n = 2 + (2 if has_biases else 0) + (1 if has_proj else 0)
+def _split_params(params, options: LayerOptions):
+    """Per direction a dict of its params by name (LayerOptions.param_names; absent: None)."""
+    names = options.param_names()
+    n, num_directions = len(names), options.directions
     if len(params) != n * num_directions:
         raise ValueError(
             f"lstm_layer: expected {n * num_directions} parameters "
@@ -101,23 +103,62 @@ def _split_params(params, has_biases: bool, has_proj: bool, num_directions: int)
         )
     out = []
     for d in range(num_directions):
-        p = list(params[d * n:(d + 1) * n])
-        w_ih, w_hh = p[0], p[1]
-        b_ih, b_hh = (p[2], p[3]) if has_biases else (None, None)
-        w_hr = p[-1] if has_proj else None
-        out.append((w_ih, w_hh, b_ih, b_hh, w_hr))
+        named = dict.fromkeys(["bias_ih", "bias_hh", "weight_hr", "layer_norm_ih",
+                               "layer_norm_hh", "layer_norm_cell_weight",
+                               "layer_norm_cell_bias"])
+        named.update(zip(names, params[d * n:(d + 1) * n]))
+        out.append(named)
     return out
 
 
-def _direction(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, sizes, offsets, reverse,
-               d, probe, clip, mode, lengths):
+def _split_masks(masks, options: LayerOptions):
+    """The `masks` list by name (LayerOptions.mask_names; absent: None)."""
+    names = options.mask_names()
+    if len(masks) != len(names):
+        raise ValueError(f"lstm_layer: expected {len(names)} masks ({', '.join(names) or 'none'}"
+                         f", as the options say), got {len(masks)}")
+    named = dict.fromkeys(["recurrent_dropout_mask", "zoneout_cell_mask",
+                           "zoneout_hidden_mask"])
+    named.update(zip(names, masks))
+    return named
+
+
+def _layer_norm(v: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """LN(v) * weight (+ bias) over the last dimension: mean 0, biased variance, eps 1e-5."""
+    return torch.nn.functional.layer_norm(v, v.shape[-1:], weight, bias, LAYER_NORM_EPS)
+
+
+def _zoneout(keep, previous: Tensor, new: Tensor) -> Tensor:
+    """keep * previous + (1 - keep) * new: keep a 0/1 mask (training) or the probability."""
+    return keep * previous + (1 - keep) * new
+
+
+def _direction(x, h0, c0, w, sizes, offsets, reverse, d, probe, clip, mode, lengths,
+               options, masks):
     """One direction over packed rows x (N, I). Returns (out (N, P), hy (B, P), cy (B, H)).
-    lengths: (B,) sequence lengths for a (D, T, 5) probe, else None."""
+    w: the direction's params by name; masks: this direction's masks by name (None when
+    absent). lengths: (B,) sequence lengths for a (D, T, 5) probe, else None."""
     T = len(sizes)
+    w_hh, w_hr = w["weight_hh"], w["weight_hr"]
     H = w_hh.shape[0] // 4
-    gx = x @ w_ih.t()
-    if b_ih is not None:
-        gx = gx + (b_ih + b_hh)
+    gx = x @ w["weight_ih"].t()
+    bias = w["bias_ih"] + w["bias_hh"] if w["bias_ih"] is not None else None
+    if options.layer_norm:
+        gx = _layer_norm(gx, w["layer_norm_ih"], bias)
+    elif bias is not None:
+        gx = gx + bias
+    dropout_mask = masks["recurrent_dropout_mask"]
+    # zoneout: per-row masks in training, the probabilities in eval; None: off
+    zone_c = masks["zoneout_cell_mask"]
+    zone_h = masks["zoneout_hidden_mask"]
+    if zone_c is None and options.zoneout_cell > 0 and not options.training:
+        zone_c = options.zoneout_cell
+    if zone_h is None and options.zoneout_hidden > 0 and not options.training:
+        zone_h = options.zoneout_hidden
+
+    def rows_of(keep, t, bs):  # the step's rows of a (N, X) mask, or the probability
+        return keep[offsets[t]:offsets[t] + bs] if isinstance(keep, Tensor) else keep
+
     tapping = probe is not None or (clip > 0 and mode != 0)
     outs: list[Tensor | None] = [None] * T
     if not reverse:
@@ -139,21 +180,33 @@ def _direction(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, sizes, offsets, reverse,
         elif reverse and bs > h.shape[0]:
             h = torch.cat([h, h0[h.shape[0]:bs]], 0)
             c = torch.cat([c, c0[c.shape[0]:bs]], 0)
-        g = gx[offsets[t]:offsets[t] + bs] + h @ w_hh.t()
+        h_in = h * dropout_mask[:bs] if dropout_mask is not None else h
+        recurrent = h_in @ w_hh.t()
+        if options.layer_norm:
+            recurrent = _layer_norm(recurrent, w["layer_norm_hh"])
+        g = gx[offsets[t]:offsets[t] + bs] + recurrent
         i = torch.sigmoid(g[:, 0 * H:1 * H])
         f = torch.sigmoid(g[:, 1 * H:2 * H])
         gg = torch.tanh(g[:, 2 * H:3 * H])
         o = torch.sigmoid(g[:, 3 * H:4 * H])
-        c = f * c + i * gg
+        # the new cell (the plain LSTM's, before zoneout): what the telemetry and the
+        # clipping see as c[t]
+        c_new = f * c + i * gg
         steps_to_last = lengths[:bs] - 1 - t if lengths is not None else None
         if tapping:
             f_mean = None
             if probe is not None:
                 f_mean = f.detach().mean() if f.numel() else f.new_zeros(())
-            c = _Tap.apply(c, probe, d, t, 0, f_mean, clip, mode, steps_to_last)
-        h = o * torch.tanh(c)
+            c_new = _Tap.apply(c_new, probe, d, t, 0, f_mean, clip, mode, steps_to_last)
+        if options.layer_norm:
+            h_new = o * torch.tanh(_layer_norm(c_new, w["layer_norm_cell_weight"],
+                                               w["layer_norm_cell_bias"]))
+        else:
+            h_new = o * torch.tanh(c_new)
         if w_hr is not None:
-            h = h @ w_hr.t()
+            h_new = h_new @ w_hr.t()
+        c = _zoneout(rows_of(zone_c, t, bs), c, c_new) if zone_c is not None else c_new
+        h = _zoneout(rows_of(zone_h, t, bs), h, h_new) if zone_h is not None else h_new
         if tapping:
             h = _Tap.apply(h, probe, d, t, 1, None, clip, mode, steps_to_last)
         outs[t] = h
@@ -177,7 +230,7 @@ def _direction(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, sizes, offsets, reverse,
 
 def lstm_layer(input: Tensor, hx: Tensor, cx: Tensor, params,
                batch_sizes: Tensor | None = None, flow_probe: Tensor | None = None,
-               options: LayerOptions = LayerOptions()):
+               options: LayerOptions = LayerOptions(), masks=()):
     """One LSTM layer, all its directions, in plain PyTorch.
 
     input: (T, B, I) when batch_sizes is None, else packed data (N, I) with batch_sizes an
@@ -192,8 +245,14 @@ def lstm_layer(input: Tensor, hx: Tensor, cx: Tensor, params,
     most clip. flow_probe: a (D, T, 3) tensor with requires_grad=True; its gradient becomes
     [||dL/dc[t]||, ||dL/dh[t]||, mean f[t]] per direction and step, measured after clipping;
     a (D, T, 5) one also gets FLOW_CHANNELS_PER_SEQUENCE's channels 3 and 4.
+
+    Cell variants (options.layer_norm, recurrent_dropout, zoneout_*, training; the formulas
+    are in docs/ARCHITECTURE.md): params then also hold each direction's layer-norm
+    parameters, and `masks` the tensors LayerOptions.mask_names names. With zoneout the
+    telemetry's and the clipping's dL/dc[t] is the gradient of the new cell c~[t] (before
+    zoneout mixes in c[t-1]); dL/dh[t] is that of h[t] (after zoneout).
     """
-    has_biases, has_proj, bidirectional = options.has_biases, options.has_proj, options.bidirectional
+    bidirectional = options.bidirectional
     bptt_clip_mode = options.clip_mode
     clip = float(options.bptt_clip) if bptt_clip_mode != 0 else 0.0
     D = 2 if bidirectional else 1
@@ -215,13 +274,15 @@ def lstm_layer(input: Tensor, hx: Tensor, cx: Tensor, params,
         offsets[t] = offsets[t - 1] + sizes[t - 1]
     x = x.to(acc)
     h0, c0 = hx.to(acc), cx.to(acc)
+    named_masks = _split_masks(list(masks), options)
     outs, hys, cys = [], [], []
-    for d, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(
-            _split_params(params, has_biases, has_proj, D)):
-        cast = (lambda w: None if w is None else w.to(acc))
+    for d, named in enumerate(_split_params(params, options)):
+        weights = {k: None if v is None else v.to(acc) for k, v in named.items()}
+        direction_masks = {k: None if v is None else v[d].to(acc)
+                           for k, v in named_masks.items()}
         out, hy, cy = _direction(
-            x, h0[d], c0[d], cast(w_ih), cast(w_hh), cast(b_ih), cast(b_hh), cast(w_hr),
-            sizes, offsets, d == 1, d, flow_probe, clip, bptt_clip_mode, lengths)
+            x, h0[d], c0[d], weights, sizes, offsets, d == 1, d, flow_probe, clip,
+            bptt_clip_mode, lengths, options, direction_masks)
         outs.append(out)
         hys.append(hy)
         cys.append(cy)

@@ -130,3 +130,20 @@ def test_help(argv, capsys):
         cli.main(argv)
     assert exit_info.value.code == 0
     assert "usage: python -m lstm_fused" in capsys.readouterr().out
+
+
+@needs_fused
+def test_bench_variants_writes_the_table(tmp_path, capsys):
+    """`bench --variants`: one row per cell variant, the three implementations timed."""
+    out_dir = tmp_path / "variants"
+    argv = ["bench", "--variants", "--grid", "tiny", "--repeats", "2", "--warmup", "0",
+            "--out", str(out_dir)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    data = json.loads((out_dir / "results.json").read_text())
+    assert [r["variant"] for r in data["rows"]] == list(benchmarking.VARIANTS)
+    for row in data["rows"]:
+        for impl in benchmarking.VARIANT_IMPLS:
+            assert len(row[impl]["times_ms"]) == 2 and row[impl]["median_ms"] > 0
+        assert row["vs_plain"] > 0 and row["reference_speedup"] > 0
+        assert f"| {row['variant']} | T6-B3-H8" in out

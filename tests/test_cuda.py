@@ -3,7 +3,8 @@
 Parity with nn.LSTM on CUDA (cuDNN) and with our CPU path, identical weights, outputs and
 every gradient; gradcheck; the clipping / telemetry (single-block reduction) kernels against
 the CPU twin; streams, a second GPU, CUDA-graph capture, determinism, device-mismatch errors.
-All skipped without a GPU (or without the CUDA kernels in the build).
+The cell variants (layer norm, recurrent dropout, zoneout, residual) against the CPU kernels on
+the same masks. All skipped without a GPU (or without the CUDA kernels in the build).
 
 Sizes are chosen to hit both kernel shapes: hidden sizes that are a multiple of the 16-byte
 vector width (4 floats / 2 doubles) take the vectorised path, odd ones the scalar path; a
@@ -639,3 +640,152 @@ def test_batch_size_zero():
     assert x.grad.shape == x.shape
     for p in m.parameters():
         assert p.grad is not None and not p.grad.any()
+
+
+# --- cell variants: layer norm, recurrent dropout, zoneout, residual ----------------------
+# The CUDA variant kernels (one block per row) against the CPU kernels on the same masks
+# (drawn on the CPU, moved to the GPU), and against the reference backend on the GPU under
+# one seed. Hidden sizes: 32, 17 (odd), 300 (more units than a block has threads).
+
+VARIANTS = {
+    "layer_norm": dict(layer_norm=True),
+    "recurrent_dropout": dict(recurrent_dropout=0.3),
+    "zoneout": dict(zoneout=(0.2, 0.3)),
+    "residual": dict(residual=True),
+    "all": dict(layer_norm=True, recurrent_dropout=0.25, zoneout=(0.15, 0.25), residual=True),
+}
+VARIANT_ARCHS = {
+    "L2": dict(num_layers=2),
+    "L2-odd-bi": dict(num_layers=2, hidden_size=17, bidirectional=True),
+    "L2-proj": dict(num_layers=2, proj_size=5),
+    "L2-wide": dict(num_layers=2, hidden_size=300, input_size=7),
+}
+
+
+def _variant_module(variant, arch, dtype, batch_first=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = dict(input_size=12, hidden_size=32, batch_first=batch_first)
+    cfg.update(VARIANT_ARCHS[arch])
+    m = lstm_fused.LSTM(**cfg, dtype=dtype, **VARIANTS[variant])
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("layer_norm_"):  # away from the init (1, 0)
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    return m
+
+
+def _variant_masks(m, input, batch_sizes, device, seed=3):
+    """functional.draw_masks' masks, drawn on the CPU (the same for both devices)."""
+    batch = int(batch_sizes[0]) if batch_sizes is not None else input.shape[1]
+    rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
+    torch.manual_seed(seed)
+    dropout_masks, zoneout_masks = functional.draw_masks(
+        input.cpu(), batch, rows, m.hidden_size, m.proj_size, m.num_layers, m.bidirectional,
+        m.recurrent_dropout, m.zoneout)
+    move = (lambda t: None if t is None else t.to(device))
+    return move(dropout_masks), (None if zoneout_masks is None
+                                 else [tuple(move(t) for t in pair) for pair in zoneout_masks])
+
+
+def _variant_grads(m, device, dtype, kind, training, clip=0.0, mode=0, probe=True):
+    """functional.lstm with the module's weights and explicit masks: outputs, then the
+    gradients of input, h0, c0, every weight and (probe) the telemetry of every layer."""
+    m = copy.deepcopy(m).to(device)
+    kw = dict(lengths=[3, 7, 1, 7, 5]) if kind == "packed" else dict(T=6, B=5)
+    inp, hx, leaves = make_input(m, "packed_unsorted" if kind == "packed" else "seq",
+                                 dtype=dtype, device=device, **kw)
+    data, batch_sizes = (inp.data, inp.batch_sizes) if kind == "packed" else (inp, None)
+    h0, c0 = hx
+    if kind == "packed":
+        h0, c0 = h0[:, inp.sorted_indices], c0[:, inp.sorted_indices]
+    D = 2 if m.bidirectional else 1
+    steps = len(batch_sizes) if batch_sizes is not None else data.shape[0]
+    probes = ([torch.zeros(D, steps, 3, dtype=dtype, device=device, requires_grad=True)
+               for _ in range(m.num_layers)] if probe else None)
+    dropout_masks, zoneout_masks = _variant_masks(m, data, batch_sizes, device)
+    out, hy, cy = functional.lstm(
+        data, h0, c0, m._flat_weights, m.bias, m.proj_size, m.num_layers, 0.0, training,
+        m.bidirectional, batch_sizes, flow_probes=probes, bptt_clip=clip, bptt_clip_mode=mode,
+        layer_norm=m.layer_norm, recurrent_dropout=m.recurrent_dropout, zoneout=m.zoneout,
+        residual=m.residual, recurrent_dropout_masks=dropout_masks,
+        zoneout_masks=zoneout_masks)
+    gen = torch.Generator().manual_seed(1)
+    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t)).sum()
+               for t in (out, hy, cy))
+    inputs = list(leaves) + list(m._flat_weights) + (probes or [])
+    return [out, hy, cy] + list(torch.autograd.grad(loss, inputs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", ["seq", "packed"])
+@pytest.mark.parametrize("arch", list(VARIANT_ARCHS))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variants_match_cpu(variant, arch, kind, training, dtype):
+    """Outputs, every gradient and the telemetry of the CUDA kernels equal the CPU kernels'
+    on the same masks."""
+    m = _variant_module(variant, arch, dtype)
+    got = _variant_grads(m, CUDA, dtype, kind, training)
+    want = _variant_grads(m, "cpu", dtype, kind, training)
+    tol = TOL_CPU[dtype] if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    for k, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a.cpu(), b, **tol, msg=lambda msg, k=k: f"result {k}: {msg}")
+
+
+@pytest.mark.parametrize("clip,mode", [(0.05, 1), (0.3, 2), (1e6, 2)],
+                         ids=["value", "norm", "norm-loose"])
+@pytest.mark.parametrize("arch", ["L2", "L2-odd-bi", "L2-wide"])
+@pytest.mark.parametrize("variant", ["layer_norm", "zoneout", "all"])
+def test_variants_clipping_and_flow_match_cpu(variant, arch, clip, mode):
+    """bptt_clip (the variant kernels' two-pass norm clipping, reduction partials) and the
+    telemetry with the variants, CUDA against CPU, float64."""
+    m = _variant_module(variant, arch, torch.float64)
+    got = _variant_grads(m, CUDA, torch.float64, "packed", True, clip, mode)
+    want = _variant_grads(m, "cpu", torch.float64, "packed", True, clip, mode)
+    for k, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a.cpu(), b, **TOL_CPU[torch.float64],
+                                   msg=lambda msg, k=k: f"result {k}: {msg}")
+    assert got[-1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variants_match_reference_on_gpu(variant):
+    """The module on the GPU, fused against backend="reference" under one seed (the same
+    masks from the CUDA generator), training, batch_first."""
+    m = _variant_module(variant, "L2-odd-bi", torch.float64, batch_first=True).to(CUDA)
+    oracle = copy.deepcopy(m)
+    oracle.backend = "reference"
+    results = []
+    for module in (m, oracle):
+        inp, h, leaves = make_input(module, "seq", T=6, B=5, device=CUDA)
+        torch.manual_seed(4)
+        results.append(run_and_grad(module, inp, h, leaves))
+    for a, b in zip(results[0][1] + list(results[0][2]), results[1][1] + list(results[1][2])):
+        torch.testing.assert_close(a, b, **TOL_CPU[torch.float64])
+
+
+@pytest.mark.parametrize("variant", ["layer_norm", "all"])
+def test_variants_compile_fullgraph(variant):
+    """torch.compile(fullgraph=True) (inductor) with the variants on the GPU gives what
+    eager gives, the masks drawn inside the graph from the same seed."""
+    torch._dynamo.reset()
+    m = _variant_module(variant, "L2", torch.float32).to(CUDA)
+    compiled = torch.compile(copy.deepcopy(m), fullgraph=True)
+    results = []
+    for module in (m, compiled):
+        inp, h, leaves = make_input(m, "seq", T=5, B=4, dtype=torch.float32, device=CUDA)
+        torch.manual_seed(6)
+        results.append(run_and_grad(module, inp, h, leaves))
+    for a, b in zip(results[0][1] + list(results[0][2]), results[1][1] + list(results[1][2])):
+        torch.testing.assert_close(b, a, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_variants_16bit_match_cpu(dtype):
+    m = _variant_module("all", "L2-proj", torch.float32).to(dtype)
+    got = _variant_grads(m, CUDA, dtype, "seq", True, probe=False)
+    want = _variant_grads(m, "cpu", dtype, "seq", True, probe=False)
+    for k, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a.cpu().float(), b.float(), rtol=2e-2, atol=2e-2,
+                                   msg=lambda msg, k=k: f"result {k}: {msg}")

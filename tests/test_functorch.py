@@ -168,7 +168,8 @@ def test_vmap_refuses_flow_recording_and_a_vmapped_batch_sizes():
 
     def op(d, b):
         return torch.ops.lstm_fused.layer_forward(d, hx, hx, w, b, None,
-                                                  lstm_fused.options.LayerOptions().to_list())[0]
+                                                  lstm_fused.options.LayerOptions().to_list(),
+                                                  [])[0]
 
     with pytest.raises(NotImplementedError, match="vmapped batch_sizes"):
         vmap(op)(rnd(V, 4, 3), bs)
@@ -419,8 +420,8 @@ def test_the_fused_backward_is_differentiable(packed):
         x = rnd(3, 2, 3).requires_grad_()
     hx, cx = rnd(2, 2, 2, seed=2).requires_grad_(), rnd(2, 2, 4, seed=3).requires_grad_()
     with torch.no_grad():
-        out, hy, cy, gates, cells = torch.ops.lstm_fused.layer_forward(x, hx, cx, w, bs, None,
-                                                                       options)
+        out, hy, cy, gates, cells, products = torch.ops.lstm_fused.layer_forward(
+            x, hx, cx, w, bs, None, options, [])
     g_out = rnd(*out.shape, seed=4).requires_grad_()
     g_hy = rnd(*hy.shape, seed=5).requires_grad_()
     leaves = [g_out, g_hy, x, hx, cx, *w]
@@ -430,7 +431,7 @@ def test_the_fused_backward_is_differentiable(packed):
         return torch.autograd.grad(loss, leaves)
 
     gi, ghx, gcx, gparams, _ = torch.ops.lstm_fused.layer_backward(
-        g_out, g_hy, None, x, hx, cx, w, out, gates, cells, bs, False, options)
+        g_out, g_hy, None, x, hx, cx, w, out, gates, cells, products, bs, False, options, [])
     got = second_order([gi, ghx, gcx, *gparams])
     ref_out, ref_hy, _ = lstm_fused.reference.lstm_layer(
         x, hx, cx, w, batch_sizes=bs, options=lstm_fused.options.LayerOptions.from_list(options))

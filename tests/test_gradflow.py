@@ -452,12 +452,16 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
     from lstm_fused import demo
 
-    tiny = demo.Budget(timing_length=6, timing_steps=3, adding_steps={8: 3, 12: 2}, batch=4,
-                       hidden=4)
+    tiny = demo.Budget(timing_length=6, timing_steps=3, adding_steps={8: 3, 12: 2},
+                       variant_steps={8: 2, 12: 1}, batch=4, hidden=4)
     monkeypatch.setattr(demo, "QUICK", tiny)
     assert demo.main(["--quick", "--out", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "gradient_flow_T12.png", "gradient_flow_T8.png", "losses.png"]
+        "gradient_flow_T12.png", "gradient_flow_T8.png", "losses.png",
+        "variants_gradient_flow_T12.png", "variants_gradient_flow_T8.png",
+        "variants_losses.png"]
     printed = capsys.readouterr().out
     assert "torch.nn.LSTM" in printed and "nn.RNN tanh" in printed
+    for model in ("LSTM layer_norm", "LSTM zoneout (0.5, 0.05)", "LSTM 2 layers residual"):
+        assert model in printed
     assert torch.tensor([1e-40]).item() != 0  # flush-denormal mode restored

@@ -142,12 +142,16 @@ def test_sizes_offsets_and_strides_are_64_bit():
     (csrc/lstm_steps.h); the kernels index from those. This checks that all of them are
     declared int64_t, so that products such as offset * 4 * H are 64-bit. (A CPU run that
     crosses 2^31 elements needs > 8 GiB per buffer; the CUDA test below runs one.)"""
-    allowed = {"int64_t", "T", "T*", "std::vector<int64_t>"}
+    allowed = {"int64_t", "T", "T*", "std::vector<int64_t>", "StepVariants<T>"}
     fields = _struct_fields(CSRC / "lstm_steps.h",
-                            ["ForwardStepArgs", "HiddenGradStepArgs", "BackwardStepArgs"])
+                            ["ForwardStepArgs", "HiddenGradStepArgs", "BackwardStepArgs",
+                             "RecurrentGradStepArgs", "StepVariants"])
     fields.update(_struct_fields(CSRC / "ops.cpp", ["Steps"]))
     assert len(fields) > 25
-    wrong = {key: typ for key, typ in fields.items() if typ not in allowed}
+    # flags, not sizes
+    flags = {("StepVariants", "variants"): "unsigned", ("RecurrentGradStepArgs", "zoneout"): "bool"}
+    wrong = {key: typ for key, typ in fields.items()
+             if typ not in allowed and flags.get(key) != typ}
     assert not wrong, f"not 64-bit: {wrong}"
 
 

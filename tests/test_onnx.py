@@ -231,3 +231,14 @@ def test_proj_size_raises(dynamo):
     m = lstm_fused.LSTM(I, H, proj_size=4).eval()
     with pytest.raises(RuntimeError, match="ONNX export of proj_size > 0 is not supported"):
         export(m, (sequence(m),), dynamo)
+
+
+@pytest.mark.parametrize("kw", [dict(layer_norm=True), dict(zoneout=0.1),
+                                dict(recurrent_dropout=0.2), dict(residual=True, num_layers=2)],
+                         ids=["layer_norm", "zoneout", "recurrent_dropout", "residual"])
+def test_cell_variants_raise(kw, dynamo):
+    # ONNX's LSTM has none of them: a clear error, not an export of another model
+    m = lstm_fused.LSTM(I, H, **kw).eval()
+    with pytest.raises(RuntimeError, match="ONNX export of layer_norm, recurrent_dropout, "
+                                           "zoneout or residual is not supported"):
+        export(m, (sequence(m),), dynamo)

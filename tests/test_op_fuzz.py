@@ -3,7 +3,8 @@ called directly, the way torch.library users, opcheck and compiled graphs call t
 well-formed and malformed arguments.
 
 Every example draws a well-formed layer (zero sizes, packed layouts, both directions,
-projection, bias or not, clipping, telemetry), then at most one change to one argument:
+projection, bias or not, clipping, telemetry, the cell variants: layer norm, recurrent
+dropout, zoneout with masks or in eval), then at most one change to one argument:
 - changes that keep the call valid (a non-contiguous copy of a tensor): the results must
   equal the reference backend's, forward and every gradient (float64, 1e-9);
 - changes that make it invalid (a dimension one too large or too small, one too many, the
@@ -44,6 +45,12 @@ def layers(draw):
         bias=draw(st.booleans()), bidirectional=draw(st.booleans()),
         clip=draw(st.sampled_from([(0.0, 0), (0.3, 1), (0.5, 2)])),
         record_flow=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
+        # cell variants: layer norm, recurrent dropout, zoneout (c, h) with masks (training)
+        # or their expectation (eval)
+        layer_norm=draw(st.booleans()), recurrent_dropout=draw(st.booleans()),
+        zoneout=draw(st.sampled_from([(0.0, 0.0), (0.0, 0.0), (0.3, 0.0), (0.0, 0.4),
+                                      (0.25, 0.5)])),
+        training=draw(st.booleans()),
     )
     if draw(st.booleans()):
         lengths = sorted(draw(st.lists(st.integers(0, 5), min_size=0, max_size=4)), reverse=True)
@@ -71,6 +78,9 @@ def build(layer, device):
             params += [rand(4 * H), rand(4 * H)]
         if layer["P"]:
             params.append(rand(P, H) * 0.5)
+        if layer["layer_norm"]:
+            params += [1 + 0.3 * rand(4 * H), 1 + 0.3 * rand(4 * H), 1 + 0.3 * rand(H),
+                       0.3 * rand(H)]
     if "batch_sizes" in layer:
         sizes = layer["batch_sizes"]
         batch_sizes = torch.tensor(sizes, dtype=torch.int64)
@@ -80,15 +90,27 @@ def build(layer, device):
         batch_sizes, x = None, rand(T, B, I)
     options = LayerOptions(has_biases=layer["bias"], has_proj=bool(layer["P"]),
                            bidirectional=layer["bidirectional"], bptt_clip=layer["clip"][0],
-                           bptt_clip_mode=layer["clip"][1])
+                           bptt_clip_mode=layer["clip"][1], layer_norm=layer["layer_norm"],
+                           recurrent_dropout=layer["recurrent_dropout"],
+                           zoneout_cell=layer["zoneout"][0], zoneout_hidden=layer["zoneout"][1],
+                           training=layer["training"])
     probe = torch.zeros(D, T, 3, dtype=torch.float64, device=device) if layer["record_flow"] \
         else None
-    return dict(input=x, hx=rand(D, B, P), cx=rand(D, B, H), params=params,
-                batch_sizes=batch_sizes, flow_probe=probe, options=options)
+    hx, cx = rand(D, B, P), rand(D, B, H)
+    masks = []
+    for name, shape in zip(options.mask_names(), options.mask_shapes(B, x.shape[0] if
+                                                                     "batch_sizes" in layer
+                                                                     else T * B, H, P)):
+        keep = 0.6 if name == "recurrent_dropout_mask" else 0.5
+        draws = (torch.rand(shape, generator=gen, dtype=torch.float64) < keep).double()
+        masks.append((draws / keep if name == "recurrent_dropout_mask" else draws).to(device))
+    return dict(input=x, hx=hx, cx=cx, params=params, batch_sizes=batch_sizes,
+                flow_probe=probe, options=options, masks=masks)
 
 
-FORWARD_TARGETS = ["input", "hx", "cx", "params", "batch_sizes", "flow_probe", "options"]
-BACKWARD_TARGETS = ["grad_output", "grad_hy", "grad_cy", "output", "gates", "cells"]
+FORWARD_TARGETS = ["input", "hx", "cx", "params", "batch_sizes", "flow_probe", "options",
+                   "masks"]
+BACKWARD_TARGETS = ["grad_output", "grad_hy", "grad_cy", "output", "gates", "cells", "products"]
 # what a clear error about each argument says (its name, or nn.LSTM's words for it)
 NAMES = {
     "input": r"input|hidden state dtype|batch_sizes|hidden\[",
@@ -97,9 +119,10 @@ NAMES = {
     "params": r"params\[|parameter|hidden\[|input.size\(-1\)",
     "batch_sizes": r"batch_sizes|hidden\[|packed input",
     "flow_probe": r"flow_probe",
-    "options": r"options|bptt_clip",
+    "options": r"options|bptt_clip|mask",
+    "masks": r"mask",
     "grad_output": r"grad_output", "grad_hy": r"grad_hy", "grad_cy": r"grad_cy",
-    "output": r"output", "gates": r"gates", "cells": r"cells",
+    "output": r"output", "gates": r"gates", "cells": r"cells", "products": r"products",
 }
 
 
@@ -110,7 +133,12 @@ def changes(draw, backward):
         return None
     target = draw(st.sampled_from(FORWARD_TARGETS + (BACKWARD_TARGETS if backward else [])))
     if target == "options":
-        return target, draw(st.sampled_from(["length", "mode", "negative clip", "flag"])), None
+        return target, draw(st.sampled_from(["length", "mode", "negative clip", "flag",
+                                             "zoneout"])), None
+    if target == "masks":
+        kind = draw(st.sampled_from(["grow", "shrink", "extra dim", "dtype", "strided", "device",
+                                     "one more", "one less"]))
+        return target, kind, (draw(st.integers(0, 7)), draw(st.integers(0, 3)))
     if target == "batch_sizes":
         return target, draw(st.sampled_from(["increasing", "negative", "sum", "dtype", "2-D",
                                              "device"])), None
@@ -164,6 +192,8 @@ def apply_change(args, change, other_device):
             values[4] = 7.0
         elif kind == "negative clip":
             values[3] = -1.0
+        elif kind == "zoneout":
+            values[7] = 1.0
         else:
             values[1] = 0.5
         args["options"] = values
@@ -193,6 +223,22 @@ def apply_change(args, change, other_device):
         args["batch_sizes"] = sizes
         return args, False
     dim, which = detail
+    if target == "masks":
+        masks = args["masks"]
+        if kind == "one more":
+            args["masks"] = masks + [args["hx"].clone()]
+            return args, False
+        if not masks:
+            return None
+        if kind == "one less":
+            args["masks"] = masks[:-1]
+            return args, False
+        index = which % len(masks)
+        changed = _reshaped(masks[index], kind, dim, other_device)
+        if changed is None:
+            return None
+        args["masks"] = [changed if k == index else m for k, m in enumerate(masks)]
+        return args, kind == "strided"
     if target == "params":
         index = which % len(args["params"])
         changed = _reshaped(args["params"][index], kind, dim, other_device)
@@ -213,7 +259,8 @@ def _forward(args):
     options = args["options"]
     return OPS.layer_forward(args["input"], args["hx"], args["cx"], args["params"],
                              args["batch_sizes"], args["flow_probe"],
-                             options.to_list() if isinstance(options, LayerOptions) else options)
+                             options.to_list() if isinstance(options, LayerOptions) else options,
+                             args["masks"])
 
 
 def _backward(args, record_flow):
@@ -221,8 +268,8 @@ def _backward(args, record_flow):
     return OPS.layer_backward(
         args["grad_output"], args["grad_hy"], args["grad_cy"], args["input"], args["hx"],
         args["cx"], args["params"], args["output"], args["gates"], args["cells"],
-        args["batch_sizes"], record_flow,
-        options.to_list() if isinstance(options, LayerOptions) else options)
+        args["products"], args["batch_sizes"], record_flow,
+        options.to_list() if isinstance(options, LayerOptions) else options, args["masks"])
 
 
 def _reference(args, grads, record_flow):
@@ -232,7 +279,8 @@ def _reference(args, grads, record_flow):
                                                     *args["params"])]
     probe = args["flow_probe"].detach().clone().requires_grad_() if record_flow else None
     outs = functional.BACKENDS["reference"](leaves[0], leaves[1], leaves[2], leaves[3:],
-                                            args["batch_sizes"], probe, args["options"])
+                                            args["batch_sizes"], probe, args["options"],
+                                            args["masks"])
     if grads is None:
         return [o.detach() for o in outs]
     # (outputs that depend on no input, e.g. of an empty sequence, have no graph)
@@ -262,7 +310,7 @@ def fuzz_one(layer, change, device, other_device):
         if not valid:
             _expect_clear_error(lambda: _forward(args), change[0])
             return
-    output, hy, cy, gates, cells = _forward(args)
+    output, hy, cy, gates, cells, products = _forward(args)
     want = _reference(args, None, False)
     for got, ref in zip((output, hy, cy), want):
         torch.testing.assert_close(got, ref, **TOL)
@@ -270,7 +318,7 @@ def fuzz_one(layer, change, device, other_device):
     grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(device)
              for t in (output, hy, cy)]
     bargs = dict(args, grad_output=grads[0], grad_hy=grads[1], grad_cy=grads[2], output=output,
-                 gates=gates, cells=cells)
+                 gates=gates, cells=cells, products=products)
     if backward:
         applied = apply_change(bargs, change, other_device)
         if applied is None:
@@ -311,11 +359,12 @@ def test_the_reported_overflows_are_refused():
     csrc/cpu/lstm_rows_cpu.h): gates or cells with fewer rows than the sequence, a grad_hy of
     shape (1, 1, 1); and the checks that named no argument."""
     layer = dict(I=3, H=4, P=0, bias=True, bidirectional=False, clip=(0.0, 0),
-                 record_flow=False, seed=0, T=5, B=3)
+                 record_flow=False, seed=0, T=5, B=3, layer_norm=False,
+                 recurrent_dropout=False, zoneout=(0.0, 0.0), training=False)
     args = build(layer, "cpu")
-    output, hy, cy, gates, cells = _forward(args)
+    output, hy, cy, gates, cells, products = _forward(args)
     base = dict(args, grad_output=torch.ones_like(output), grad_hy=None, grad_cy=None,
-                output=output, gates=gates, cells=cells)
+                output=output, gates=gates, cells=cells, products=products)
     for name, value, words in (
             ("gates", gates[:, :-3], "gates must have shape"),
             ("cells", cells[:, :-3], "cells must have shape"),
@@ -331,7 +380,7 @@ def test_the_reported_overflows_are_refused():
     with pytest.raises(RuntimeError, match="flow_probe must have shape"):
         _forward(dict(args, flow_probe=torch.zeros(1, 4, 3, dtype=torch.float64)))
     with pytest.raises(RuntimeError, match="bptt_clip_mode must be"):
-        _forward(dict(args, options=[1.0, 0.0, 0.0, 0.5, 7.0]))
+        _forward(dict(args, options=[1.0, 0.0, 0.0, 0.5, 7.0] + [0.0] * 5))
 
 
 def test_fake_kernels_refuse_what_the_kernels_refuse():
@@ -339,17 +388,25 @@ def test_fake_kernels_refuse_what_the_kernels_refuse():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     layer = dict(I=3, H=4, P=2, bias=True, bidirectional=True, clip=(0.0, 0),
-                 record_flow=True, seed=0, T=4, B=2)
+                 record_flow=True, seed=0, T=4, B=2, layer_norm=True, recurrent_dropout=True,
+                 zoneout=(0.3, 0.4), training=True)
     args = build(layer, "cpu")
-    output, hy, cy, gates, cells = _forward(args)
+    output, hy, cy, gates, cells, products = _forward(args)
     bad = [
         ("forward", dict(args, params=[p if k != 3 else p[:5] for k, p in enumerate(args["params"])])),
         ("forward", dict(args, flow_probe=torch.zeros(2, 3, 3, dtype=torch.float64))),
         ("forward", dict(args, hx=args["hx"][:, :1])),
         ("backward", dict(args, grad_output=None, grad_hy=torch.ones(1, 1, 1, dtype=torch.float64),
-                          grad_cy=None, output=output, gates=gates, cells=cells)),
+                          grad_cy=None, output=output, gates=gates, cells=cells,
+                          products=products)),
         ("backward", dict(args, grad_output=None, grad_hy=None, grad_cy=None, output=output,
-                          gates=gates[:, :-1], cells=cells)),
+                          gates=gates[:, :-1], cells=cells, products=products)),
+        ("backward", dict(args, grad_output=None, grad_hy=None, grad_cy=None, output=output,
+                          gates=gates, cells=cells, products=products[:, :1])),
+        ("forward", dict(args, masks=args["masks"][:2])),
+        ("forward", dict(args, masks=[m[:, :1] if k == 2 else m
+                                      for k, m in enumerate(args["masks"])])),
+        ("forward", dict(args, params=args["params"][:-1] + [args["params"][-1][:2]])),
     ]
     for which, call_args in bad:
         call = (lambda a=call_args: _forward(a)) if which == "forward" else \

@@ -116,9 +116,9 @@ def test_matches_reference_float32(cfg):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_outputs_and_saved_state(dtype):
     layer = make_layer(dtype=dtype, requires_grad=False)
-    output, hy, cy, gates, cells = _ops.layer_forward(
+    output, hy, cy, gates, cells, _ = _ops.layer_forward(
         layer["input"], layer["hx"], layer["cx"], layer["params"], None, None,
-        LayerOptions().to_list())
+        LayerOptions().to_list(), [])
     assert output.dtype == hy.dtype == cy.dtype == dtype
     assert gates.dtype == cells.dtype == torch.float32  # fp32 gates and cell state
     ref = run("reference", make_layer(dtype=torch.float32, requires_grad=False))
@@ -173,13 +173,14 @@ def test_gradcheck_all_inputs():
 def test_opcheck(cfg):
     layer = make_layer(T=3, B=2, I=3, H=4, **cfg)
     args = (layer["input"], layer["hx"], layer["cx"], layer["params"], layer["batch_sizes"], None,
-            options_of(layer).to_list())
+            options_of(layer).to_list(), [])
     torch.library.opcheck(torch.ops.lstm_fused.layer_forward.default, args)
-    out, hy, cy, gates, cells = _ops.layer_forward(*args)
+    out, hy, cy, gates, cells, products = _ops.layer_forward(*args)
     detached = [t.detach() for t in (out, hy, cy)]
     bargs = (*detached, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:3]],
              [p.detach() for p in layer["params"]], out.detach(), gates.detach(), cells.detach(),
-             layer["batch_sizes"], True, options_of(layer, 0.5, 1).to_list())
+             products.detach(), layer["batch_sizes"], True, options_of(layer, 0.5, 1).to_list(),
+             [])
     torch.library.opcheck(torch.ops.lstm_fused.layer_backward.default, bargs)
 
 
@@ -300,7 +301,7 @@ def test_options_argument_is_checked_and_agrees_with_python():
     layer = make_layer(requires_grad=False)
     base = (layer["input"], layer["hx"], layer["cx"], layer["params"], None, None)
     with pytest.raises(RuntimeError) as e:
-        _ops.layer_forward(*base, [1.0, 0.0])
+        _ops.layer_forward(*base, [1.0, 0.0], [])
     fields = ", ".join(f.name for f in LayerOptions.__dataclass_fields__.values())
     assert f"({fields}" in str(e.value)
     for bad, words in ((dict(bptt_clip_mode=7), "bptt_clip_mode must be 0 (off), 1 (value) or 2"),
@@ -310,10 +311,10 @@ def test_options_argument_is_checked_and_agrees_with_python():
         for name, value in bad.items():
             values[list(LayerOptions.__dataclass_fields__).index(name)] = value
         with pytest.raises(RuntimeError, match=words.replace("(", r"\(").replace(")", r"\)")):
-            _ops.layer_forward(*base, values)
+            _ops.layer_forward(*base, values, [])
         with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
             LayerOptions.from_list(values)
     with pytest.raises(RuntimeError, match="options.has_proj must be 0 or 1"):
-        _ops.layer_forward(*base, [1.0, 0.5, 0.0, 0.0, 0.0])
+        _ops.layer_forward(*base, [1.0, 0.5] + [0.0] * 8, [])
     assert LayerOptions.from_list(LayerOptions(True, True, True, 0.5, 2).to_list()) == \
         LayerOptions(True, True, True, 0.5, 2)

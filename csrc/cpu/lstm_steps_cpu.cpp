@@ -109,6 +109,145 @@ void backward_impl(const BackwardStepArgs<T>& args) {
   if (kSumSquares && args.sum_squares) *args.sum_squares = total(row_sums);
 }
 
+// The forward step with cell variants: rows in parallel, each row by forward_row_variants.
+template <typename T, unsigned kVariants>
+void forward_variants_impl(const ForwardStepArgs<T>& args) {
+  const int64_t H = args.hidden;
+  const StepVariants<T>& v = args.variant;
+  // layer norm sweeps a row about six times (its statistics): more work per row
+  const int64_t grain = row_grain(((kVariants & kCellLayerNorm) != 0 ? 24 : 4) * H);
+  at::parallel_for(0, args.rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      auto row_of = [&](const T* base, int64_t width) {
+        return base ? base + r * width : nullptr;
+      };
+      forward_row_variants<T, kVariants>(
+          args.gates + r * 4 * H, H, row_of(args.projection, 4 * H),
+          row_of(args.recurrent, 4 * H), args.cell_state + r * H,
+          args.cells + r * H, args.hidden_state + r * H,
+          args.output ? args.output + r * args.output_stride : nullptr,
+          args.hidden_masked ? args.hidden_masked + r * H : nullptr, v,
+          row_of(v.zoneout_cell_mask, H), row_of(v.zoneout_hidden_mask, H),
+          row_of(v.dropout_mask, H));
+    }
+  });
+}
+
+// Runtime variant bits -> the template flag (all 16 combinations).
+template <template <unsigned> class Impl, typename Args>
+void dispatch_variants(unsigned variants, const Args& args) {
+  switch (variants & 15u) {
+    case 0: return Impl<0>::run(args);
+    case 1: return Impl<1>::run(args);
+    case 2: return Impl<2>::run(args);
+    case 3: return Impl<3>::run(args);
+    case 4: return Impl<4>::run(args);
+    case 5: return Impl<5>::run(args);
+    case 6: return Impl<6>::run(args);
+    case 7: return Impl<7>::run(args);
+    case 8: return Impl<8>::run(args);
+    case 9: return Impl<9>::run(args);
+    case 10: return Impl<10>::run(args);
+    case 11: return Impl<11>::run(args);
+    case 12: return Impl<12>::run(args);
+    case 13: return Impl<13>::run(args);
+    case 14: return Impl<14>::run(args);
+    default: return Impl<15>::run(args);
+  }
+}
+
+template <typename T>
+struct ForwardVariants {
+  template <unsigned kVariants>
+  struct Impl {
+    static void run(const ForwardStepArgs<T>& args) {
+      if constexpr (kVariants == kCellPlain) {
+        forward_step_impl(args);
+      } else {
+        forward_variants_impl<T, kVariants>(args);
+      }
+    }
+  };
+};
+
+// The backward step with cell variants: backward_front then backward_back per row; with
+// norm clipping all rows' fronts first, for the step's scale.
+template <typename T, int64_t kClip, bool kSumSquares, unsigned kVariants>
+void backward_variants_impl(const BackwardStepArgs<T>& args) {
+  const int64_t H = args.hidden;
+  const StepVariants<T>& v = args.variant;
+  const int64_t grain = row_grain(((kVariants & kCellLayerNorm) != 0 ? 48 : 8) * H);
+  std::vector<T> row_sums(args.rows);
+  auto front = [&](int64_t r) {
+    auto row_of = [&](auto* base, int64_t width) { return base ? base + r * width : nullptr; };
+    const T* cell_prev =
+        r < args.prev_split ? args.cells_prev + r * H : args.cell_initial + r * H;
+    return backward_front<T, kVariants>(
+        args.gates + r * 4 * H, H, args.cells + r * H, cell_prev, args.grad_r + r * H,
+        args.dcell + r * H, args.dgates + r * 4 * H, v, row_of(v.zoneout_cell_mask, H),
+        row_of(v.zoneout_hidden_mask, H), row_of(args.ln_grad_rows, kLayerNormGradWidth * H));
+  };
+  auto back = [&](int64_t r, T scale) {
+    const T* cell_prev =
+        r < args.prev_split ? args.cells_prev + r * H : args.cell_initial + r * H;
+    return backward_back<T, kClip, kSumSquares, kVariants>(
+        args.gates + r * 4 * H, H, cell_prev, args.dcell + r * H, args.dgates + r * 4 * H,
+        args.clip, scale, v, args.projection ? args.projection + r * 4 * H : nullptr,
+        args.recurrent ? args.recurrent + r * 4 * H : nullptr,
+        args.grad_recurrent ? args.grad_recurrent + r * 4 * H : nullptr,
+        args.ln_grad_rows ? args.ln_grad_rows + r * kLayerNormGradWidth * H : nullptr);
+  };
+  T scale = 1;
+  if constexpr (kClip == kClipNorm) {
+    at::parallel_for(0, args.rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) row_sums[r] = front(r);
+    });
+    scale = norm_clip_scale(total(row_sums), args.clip);
+  }
+  at::parallel_for(0, args.rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if constexpr (kClip != kClipNorm) front(r);
+      row_sums[r] = back(r, scale);
+    }
+  });
+  if constexpr ((kVariants & kCellLayerNorm) != 0) {
+    // columns in parallel, each column's rows in order
+    const int64_t width = kLayerNormGradWidth * H;
+    const int64_t lanes = Vectorized<T>::size();
+    at::parallel_for(0, (width + lanes - 1) / lanes, std::max<int64_t>(1, 4096 / args.rows),
+                     [&](int64_t begin, int64_t end) {
+      const int64_t first = begin * lanes, last = std::min(width, end * lanes);
+      add_rows_in_order(args.ln_grad_rows + first, args.rows, width, args.ln_grad_sums + first,
+                        last - first);
+    });
+  }
+  if (kSumSquares && args.sum_squares) *args.sum_squares = total(row_sums);
+}
+
+// The recurrent part of dL/dh[t-1] (RecurrentGradStepArgs): element-wise, rows in parallel.
+template <typename T>
+void recurrent_grad_step(const RecurrentGradStepArgs<T>& args) {
+  const int64_t P = args.size;
+  at::parallel_for(0, args.rows, row_grain(P), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* recurrent = args.recurrent + r * P;
+      const T* dropout = args.dropout_mask ? args.dropout_mask + r * P : nullptr;
+      const T* zone = args.zoneout_mask ? args.zoneout_mask + r * P : nullptr;
+      T* dhidden = args.dhidden + r * P;
+      for_each_lane<T>(0, P, [&](auto lane, int64_t j) {
+        using V = typename decltype(lane)::type;
+        using L = Lanes<V, T>;
+        V value = L::load(recurrent + j);
+        if (dropout) value = value * L::load(dropout + j);
+        if (args.zoneout) {
+          value = value + zoneout_keep<V>(zone, args.zoneout_hidden, j) * L::load(dhidden + j);
+        }
+        L::store(value, dhidden + j);
+      });
+    }
+  });
+}
+
 // Runtime clip mode / telemetry flag -> compile-time template arguments.
 template <typename T, template <typename, int64_t, bool> class Impl, typename Args>
 void dispatch_flags(const Args& args) {
@@ -132,12 +271,28 @@ struct HiddenGrad {
 
 template <typename T, int64_t kClip, bool kSumSquares>
 struct Backward {
-  static void run(const BackwardStepArgs<T>& args) { backward_impl<T, kClip, kSumSquares>(args); }
+  template <unsigned kVariants>
+  struct Impl {
+    static void run(const BackwardStepArgs<T>& args) {
+      if constexpr (kVariants == kCellPlain) {
+        backward_impl<T, kClip, kSumSquares>(args);
+      } else {
+        backward_variants_impl<T, kClip, kSumSquares, kVariants>(args);
+      }
+    }
+  };
+  static void run(const BackwardStepArgs<T>& args) {
+    // kCellMaskedHidden plays no part in the backward step
+    const unsigned variants = args.variant.variants & ~unsigned(kCellMaskedHidden);
+    if (variants == kCellPlain) return backward_impl<T, kClip, kSumSquares>(args);
+    dispatch_variants<Impl>(variants, args);
+  }
 };
 
 template <typename T>
 void forward_step(const ForwardStepArgs<T>& args) {
-  forward_step_impl(args);
+  if (args.variant.variants == kCellPlain) return forward_step_impl(args);
+  dispatch_variants<ForwardVariants<T>::template Impl>(args.variant.variants, args);
 }
 
 template <typename T>
@@ -206,6 +361,7 @@ StepKernels<T> step_kernels(bool replay) {
   k.forward = &forward_step<T>;
   k.hidden_grad = &hidden_grad_step<T>;
   k.backward = &backward_step<T>;
+  k.recurrent_grad = &recurrent_grad_step<T>;
   if (replay) {
     k.gemm = &reference_gemm<T>;
     k.copy_rows = &reference_copy_rows<T>;

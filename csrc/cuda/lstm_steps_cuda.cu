@@ -1,8 +1,9 @@
 // CUDA step kernels (GPU plan, stage 1), host side: one fused pointwise kernel per time step
 // and pass, between the per-step GEMMs that the layer driver (csrc/ops.cpp) runs through at::
 // ops. The kernels, their two shapes (fast path, two-stage reduction) and the launch shapes are
-// in lstm_steps_kernels.cuh (run on the CPU by tests/test_steps_emulated.py); here the vector
-// width and the template flags are dispatched and the kernels launched.
+// in lstm_steps_kernels.cuh (run on the CPU by tests/test_steps_emulated.py), with the cell
+// variants' kernels (one block per row); here the vector width and the template flags
+// (clipping, telemetry, the cell variants) are dispatched and the kernels launched.
 //
 // Every kernel runs on the current stream of the current device (the driver holds the device
 // guard), never synchronises the host and never allocates, so a whole forward+backward can be
@@ -35,6 +36,117 @@ void check_clip_mode(int64_t mode) {
               "lstm_fused: clip_mode must be 0, 1 or 2, got ", mode);
 }
 
+template <typename T, unsigned kVariants>
+void launch_forward_variants(const ForwardStepArgs<T>& args) {
+  if (args.rows == 0) return;
+  const int blocks = variant_blocks(args.rows, /*reduction=*/false);
+  forward_variants_kernel<T, kVariants>
+      <<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, unsigned kVariants, int64_t kClip, bool kSumSquares>
+void launch_backward_variants(const BackwardStepArgs<T>& args) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if constexpr (kClip == kClipNorm || kSumSquares) {
+    TORCH_INTERNAL_ASSERT(args.partials != nullptr, "lstm_fused: reduction without scratch");
+    const int blocks = variant_blocks(args.rows, /*reduction=*/true);
+    if constexpr (kClip == kClipNorm) {
+      backward_variants_kernel<T, kVariants, kClip, 1, true><<<blocks, kThreads, 0, stream>>>(args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      backward_variants_finish_kernel<T, kVariants, kSumSquares>
+          <<<blocks, kThreads, 0, stream>>>(args, blocks);
+    } else {
+      backward_variants_kernel<T, kVariants, kClip, 0, true><<<blocks, kThreads, 0, stream>>>(args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      backward_finish_kernel<T, 1, kClip, true><<<1, kThreads, 0, stream>>>(args, blocks);
+    }
+  } else {
+    if (args.rows == 0) return;
+    const int blocks = variant_blocks(args.rows, /*reduction=*/false);
+    backward_variants_kernel<T, kVariants, kClip, 0, false><<<blocks, kThreads, 0, stream>>>(args);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if constexpr ((kVariants & kCellLayerNorm) != 0) {
+    const int64_t width = kLayerNormGradWidth * args.hidden;
+    if (args.rows > 0) {
+      add_rows_in_order_kernel<T><<<blocks_for(width), kThreads, 0, stream>>>(
+          args.ln_grad_rows, args.rows, width, args.ln_grad_sums);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+}
+
+// Runtime variant bits -> the template flag.
+template <template <unsigned> class Launch, typename Args>
+void dispatch_variants(unsigned variants, const Args& args) {
+  switch (variants & 15u) {
+    case 1: return Launch<1>::run(args);
+    case 2: return Launch<2>::run(args);
+    case 3: return Launch<3>::run(args);
+    case 4: return Launch<4>::run(args);
+    case 5: return Launch<5>::run(args);
+    case 6: return Launch<6>::run(args);
+    case 7: return Launch<7>::run(args);
+    case 8: return Launch<8>::run(args);
+    case 9: return Launch<9>::run(args);
+    case 10: return Launch<10>::run(args);
+    case 11: return Launch<11>::run(args);
+    case 12: return Launch<12>::run(args);
+    case 13: return Launch<13>::run(args);
+    case 14: return Launch<14>::run(args);
+    case 15: return Launch<15>::run(args);
+    default: TORCH_INTERNAL_ASSERT(false, "lstm_fused: no variant kernel for the plain cell");
+  }
+}
+
+template <typename T>
+struct ForwardVariants {
+  template <unsigned kVariants>
+  struct Launch {
+    static void run(const ForwardStepArgs<T>& args) { launch_forward_variants<T, kVariants>(args); }
+  };
+};
+
+template <typename T, int64_t kClip, bool kSumSquares>
+struct BackwardVariants {
+  template <unsigned kVariants>
+  struct Launch {
+    static void run(const BackwardStepArgs<T>& args) {
+      // kCellMaskedHidden plays no part in the backward step (masked off by the caller)
+      if constexpr ((kVariants & kCellMaskedHidden) == 0) {
+        launch_backward_variants<T, kVariants, kClip, kSumSquares>(args);
+      }
+    }
+  };
+};
+
+template <typename T>
+void backward_variants_step(const BackwardStepArgs<T>& args) {
+  const unsigned variants = args.variant.variants & ~unsigned(kCellMaskedHidden);
+  const bool sums = args.sum_squares != nullptr;
+  switch (args.clip_mode) {
+    case kClipValue:
+      return sums ? dispatch_variants<BackwardVariants<T, kClipValue, true>::template Launch>(variants, args)
+                  : dispatch_variants<BackwardVariants<T, kClipValue, false>::template Launch>(variants, args);
+    case kClipNorm:
+      return sums ? dispatch_variants<BackwardVariants<T, kClipNorm, true>::template Launch>(variants, args)
+                  : dispatch_variants<BackwardVariants<T, kClipNorm, false>::template Launch>(variants, args);
+    default:
+      return sums ? dispatch_variants<BackwardVariants<T, kClipOff, true>::template Launch>(variants, args)
+                  : dispatch_variants<BackwardVariants<T, kClipOff, false>::template Launch>(variants, args);
+  }
+}
+
+template <typename T>
+void recurrent_grad_step(const RecurrentGradStepArgs<T>& args) {
+  const int64_t count = args.rows * args.size;
+  if (count == 0) return;
+  recurrent_grad_kernel<T>
+      <<<blocks_for(count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, int VEC>
 void launch_forward(const ForwardStepArgs<T>& args) {
   const int64_t count = args.rows * (args.hidden / VEC);
@@ -46,6 +158,9 @@ void launch_forward(const ForwardStepArgs<T>& args) {
 
 template <typename T>
 void forward_step(const ForwardStepArgs<T>& args) {
+  if (args.variant.variants != kCellPlain) {
+    return dispatch_variants<ForwardVariants<T>::template Launch>(args.variant.variants, args);
+  }
   forward_vectorizable(args) ? launch_forward<T, kVec<T>>(args) : launch_forward<T, 1>(args);
 }
 
@@ -131,6 +246,9 @@ void dispatch_backward(const BackwardStepArgs<T>& args) {
 template <typename T>
 void backward_step(const BackwardStepArgs<T>& args) {
   check_clip_mode(args.clip_mode);
+  if ((args.variant.variants & ~unsigned(kCellMaskedHidden)) != kCellPlain) {
+    return backward_variants_step(args);
+  }
   backward_vectorizable(args) ? dispatch_backward<T, kVec<T>>(args)
                               : dispatch_backward<T, 1>(args);
 }
@@ -225,6 +343,7 @@ StepKernels<T> step_kernels(bool direct) {
   k.forward = &forward_step<T>;
   k.hidden_grad = &hidden_grad_step<T>;
   k.backward = &backward_step<T>;
+  k.recurrent_grad = &recurrent_grad_step<T>;
   k.reduce_partials = kReduceBlocks;
   if (direct && cublas().available()) {
     k.gemm = &step_gemm<T>;
