@@ -13,9 +13,11 @@ Covered: float and double; VEC 1 and the 16-byte width (H odd, an odd row stride
 misaligned pointer); the forward step; the hidden-gradient and backward steps in clip modes
 off / value / norm (rescaling and not), with and without sum_squares; steps without rows;
 packed prev_split (rows that start from cell_initial); steps of more than 256 x 256 packed
-elements (both reduction stages on 256 blocks with a grid-stride loop). What the emulation
-cannot show (the hardware memory model, timing, occupancy) is left to tests/test_cuda.py on
-a GPU.
+elements (both reduction stages on 256 blocks with a grid-stride loop); the cell variants'
+kernels (one block per row: layer norm, zoneout of c and h by masks and by probability,
+recurrent dropout's masked h, H up to 300 > 256 threads), forward and backward in every flag
+set, against their formulas. What the emulation cannot show (the hardware memory model,
+timing, occupancy) is left to tests/test_cuda.py on a GPU.
 
 Mutations checked by hand (each fails at least one case): stage 2 adding one partial too few,
 or only its own block's; stage 1 storing one thread's sum instead of the block's; the shuffle
@@ -25,7 +27,9 @@ without its rescale, or the backward's without its second pass; the backward ste
 its value clamp; the grid-stride loop running once (only the big cases catch it); a step
 processing one row too many (forward, hidden gradient); an off-by-one in prev_split; no block
 for a step without rows; the VEC choice ignoring the output row stride (a misaligned 16-byte
-access: the emulator crashes, as the GPU would fault). (Stage 2 on a single block is not a bug:
+access: the emulator crashes, as the GPU would fault); for the variants, zoneout's direct
+dL/dc[t-1] path dropped, the recurrent norm's backward mean taken with the input norm's
+values, zoneout of c mixing in c~ instead of c[t-1]. (Stage 2 on a single block is not a bug:
 its grid-stride loop covers the step.)
 
 Needs a C++20 compiler (c++, g++ or clang++) and ucontext (Linux); skipped otherwise.
@@ -51,7 +55,11 @@ CASES = ["emulator",
          "hidden-grad-double-vec1",
          "backward-float-vec4", "backward-float-vec1", "backward-double-vec2",
          "backward-double-vec1",
-         "rows-0-float", "rows-0-double", "big-hidden-grad", "big-backward"]
+         "rows-0-float", "rows-0-double", "big-hidden-grad", "big-backward",
+         "variants-forward-float-all", "variants-forward-double-all-eval",
+         "variants-forward-float-layer-norm", "variants-forward-double-zoneout",
+         "variants-backward-float-all", "variants-backward-double-all-eval",
+         "variants-backward-float-layer-norm", "variants-backward-double-zoneout"]
 
 
 def test_case_list_matches_the_binary(emulator):

@@ -15,6 +15,8 @@
 //    buffers' inactive rows, other columns and sum_squares when not asked for must keep their
 //    values; every buffer sits between NaN guards; the c[t-1] source a row must not read is NaN;
 //  - the three scheduling orders bit-identical (a difference is a race).
+// The variants-* cases run the cell variants' kernels (one block per row) against the
+// formulas of docs/ARCHITECTURE.md in float64, every flag set for the backward.
 // The "emulator" case checks the emulation itself (shuffles, per-block __shared__, the
 // divergence errors). The mutations this was checked with: tests/test_steps_emulated.py.
 #include "cuda_emulation.h"
@@ -127,7 +129,8 @@ int backward_step(const BackwardStepArgs<T>& args, const Schedule& s) {
 // ------------------------------------------------------------------------------------------
 // Cases
 // ------------------------------------------------------------------------------------------
-enum class Kind { kForward, kHiddenGrad, kBackward, kRowsZero, kEmulator };
+enum class Kind { kForward, kHiddenGrad, kBackward, kRowsZero, kEmulator, kVariantsForward,
+                  kVariantsBackward };
 
 struct Case {
   std::string name;
@@ -142,6 +145,8 @@ struct Case {
   int orders = 3;               // scheduling orders to run and compare
   bool grid_stride = false;     // the reduction must need more than one element per thread
   std::vector<std::string> flag_sets = {};  // hidden-grad / backward: empty = all of kFlagSets
+  unsigned variants = 0;        // cell variants (CellVariant bits) of a kVariants* case
+  bool variant_masks = true;    // zoneout by per-row masks (training), else by probability
 };
 
 // One way to call hidden-grad / backward. norm_fraction: clip = this fraction of the
@@ -493,6 +498,418 @@ std::string run_backward(const Case& c, std::string& info) {
   return "";
 }
 
+// ---- cell variants (layer norm, zoneout, recurrent dropout's masked h): one block per row
+// Launches as lstm_steps_cuda.cu's launch_forward_variants / launch_backward_variants.
+template <unsigned kBits, typename T>
+void variants_forward_step(const ForwardStepArgs<T>& args, const Schedule& s) {
+  if (args.rows > 0) {
+    launch(forward_variants_kernel<T, kBits>, variant_blocks(args.rows, false), s, args);
+  }
+}
+
+template <unsigned kBits, typename T>
+void variants_backward_step(const BackwardStepArgs<T>& args, const Schedule& s) {
+  dispatch_flags(args.clip_mode, args.sum_squares != nullptr, [&]<int64_t kClip, bool kSums>() {
+    if constexpr (kClip == kClipNorm || kSums) {
+      const int blocks = variant_blocks(args.rows, true);
+      if constexpr (kClip == kClipNorm) {
+        launch(backward_variants_kernel<T, kBits, kClip, 1, true>, blocks, s, args);
+        launch(backward_variants_finish_kernel<T, kBits, kSums>, blocks, s, args, blocks);
+      } else {
+        launch(backward_variants_kernel<T, kBits, kClip, 0, true>, blocks, s, args);
+        launch(backward_finish_kernel<T, 1, kClip, true>, 1, s, args, blocks);
+      }
+    } else if (args.rows > 0) {
+      launch(backward_variants_kernel<T, kBits, kClip, 0, false>,
+             variant_blocks(args.rows, false), s, args);
+    }
+    if constexpr ((kBits & kCellLayerNorm) != 0) {
+      const int64_t width = kLayerNormGradWidth * args.hidden;
+      if (args.rows > 0) {
+        launch(add_rows_in_order_kernel<T>, blocks_for(width), s, args.ln_grad_rows, args.rows,
+               width, args.ln_grad_sums);
+      }
+    }
+  });
+}
+
+// The bits of the cases (a template flag each).
+template <typename Run>
+void with_bits(unsigned bits, const Run& run) {
+  switch (bits) {
+    case 1: return run.template operator()<1u>();
+    case 6: return run.template operator()<6u>();
+    case 7: return run.template operator()<7u>();
+    default: return run.template operator()<15u>();
+  }
+}
+
+struct RowStatsD {
+  double mean, rstd;
+};
+
+RowStatsD stats_of(const double* v, int64_t n) {
+  double mean = 0, var = 0;
+  for (int64_t k = 0; k < n; ++k) mean += v[k];
+  mean /= n;
+  for (int64_t k = 0; k < n; ++k) var += (v[k] - mean) * (v[k] - mean);
+  return {mean, 1.0 / std::sqrt(var / n + kLayerNormEps)};
+}
+
+// rstd * (d - mean(d) - x mean(d x)): the input gradient of x = (v - mean) * rstd.
+void layer_norm_backward(const double* d, const double* x, double rstd, int64_t n, double* out) {
+  double m1 = 0, m2 = 0;
+  for (int64_t k = 0; k < n; ++k) m1 += d[k], m2 += d[k] * x[k];
+  m1 /= n, m2 /= n;
+  for (int64_t k = 0; k < n; ++k) out[k] = rstd * (d[k] - m1 - x[k] * m2);
+}
+
+template <typename T>
+std::vector<double> to_double(const std::vector<T>& v) {
+  return std::vector<double>(v.begin(), v.end());
+}
+
+// The inputs both variant cases draw: products, parameters, masks (0/1, or the probabilities).
+template <typename T>
+struct VariantInputs {
+  std::vector<T> projection, recurrent, ln_ih, ln_hh, ln_cw, ln_cb, bias, zone_c, zone_h,
+      dropout;
+  T z_c = T(0.3), z_h = T(0.4);
+};
+
+template <typename T>
+VariantInputs<T> variant_inputs(std::mt19937& rng, const Case& c) {
+  const int64_t H = c.hidden, B = c.batch;
+  VariantInputs<T> in;
+  in.projection = emu::randn<T>(rng, B * 4 * H, 1.5);
+  in.recurrent = emu::randn<T>(rng, B * 4 * H, 1.5);
+  auto around_one = [&](int64_t n) {
+    std::vector<T> v = emu::randn<T>(rng, n, 0.3);
+    for (T& x : v) x += T(1);
+    return v;
+  };
+  in.ln_ih = around_one(4 * H);
+  in.ln_hh = around_one(4 * H);
+  in.ln_cw = around_one(H);
+  in.ln_cb = emu::randn<T>(rng, H, 0.3);
+  in.bias = emu::randn<T>(rng, 4 * H, 0.5);
+  auto bernoulli = [&](int64_t n, double p, double scale) {
+    std::bernoulli_distribution keep(p);
+    std::vector<T> v(n);
+    for (T& x : v) x = static_cast<T>(keep(rng) ? scale : 0.0);
+    return v;
+  };
+  in.zone_c = bernoulli(B * H, 0.3, 1.0);
+  in.zone_h = bernoulli(B * H, 0.4, 1.0);
+  in.dropout = bernoulli(B * H, 0.75, 1.0 / 0.75);
+  return in;
+}
+
+template <typename T>
+StepVariants<T> variant_args(unsigned bits, const Case& c, const VariantInputs<T>& in,
+                             Buffer<T>& ln_ih, Buffer<T>& ln_hh, Buffer<T>& ln_cw,
+                             Buffer<T>& ln_cb, Buffer<T>& bias, Buffer<T>& zone_c,
+                             Buffer<T>& zone_h, Buffer<T>& dropout) {
+  for (auto [buffer, values] : {std::pair{&ln_ih, &in.ln_ih}, {&ln_hh, &in.ln_hh},
+                                {&ln_cw, &in.ln_cw}, {&ln_cb, &in.ln_cb}, {&bias, &in.bias},
+                                {&zone_c, &in.zone_c}, {&zone_h, &in.zone_h},
+                                {&dropout, &in.dropout}}) {
+    buffer->fill(*values);
+  }
+  StepVariants<T> v;
+  v.variants = bits;
+  if (bits & kCellLayerNorm) {
+    v.ln_ih = ln_ih.data(), v.ln_hh = ln_hh.data(), v.ln_cell_weight = ln_cw.data();
+    v.ln_cell_bias = ln_cb.data(), v.bias = bias.data();
+  }
+  if ((bits & kCellZoneoutCell) && c.variant_masks) v.zoneout_cell_mask = zone_c.data();
+  if ((bits & kCellZoneoutHidden) && c.variant_masks) v.zoneout_hidden_mask = zone_h.data();
+  v.zoneout_cell = in.z_c;
+  v.zoneout_hidden = in.z_h;
+  if (bits & kCellMaskedHidden) v.dropout_mask = dropout.data();
+  return v;
+}
+
+template <typename T>
+double keep_of(const Case& c, const std::vector<T>& mask, T probability, int64_t idx) {
+  return c.variant_masks ? double(mask[idx]) : double(probability);
+}
+
+// The forward step with variants against the formulas (docs/ARCHITECTURE.md) in float64.
+template <typename T>
+std::string run_variants_forward(const Case& c, std::string& info) {
+  const unsigned bits = c.variants;
+  const bool norm = bits & kCellLayerNorm;
+  const int64_t H = c.hidden, B = c.batch, R = c.rows;
+  std::mt19937 rng(4321);
+  const VariantInputs<T> in = variant_inputs<T>(rng, c);
+  const std::vector<T> pre = emu::randn<T>(rng, B * 4 * H, 2.0);
+  const std::vector<T> cell_in = emu::randn<T>(rng, B * H, 1.0);
+  const std::vector<T> hidden_in = emu::randn<T>(rng, B * H, 1.0);
+  // gates: in place without layer norm; with it written only (the products are read)
+  std::vector<double> want_gates = norm ? std::vector<double>(B * 4 * H, kNaN) : to_double(pre);
+  std::vector<double> want_cell = to_double(cell_in), want_cells(B * H, kNaN),
+                      want_hidden = to_double(hidden_in), want_output(B * H, kNaN),
+                      want_masked(B * H, kNaN);
+  for (int64_t r = 0; r < R; ++r) {
+    std::vector<double> a(4 * H), rec(4 * H), g(4 * H), cell_new(H);
+    for (int64_t k = 0; k < 4 * H; ++k) a[k] = in.projection[r * 4 * H + k];
+    for (int64_t k = 0; k < 4 * H; ++k) rec[k] = in.recurrent[r * 4 * H + k];
+    const RowStatsD sa = stats_of(a.data(), 4 * H), sr = stats_of(rec.data(), 4 * H);
+    for (int64_t k = 0; k < 4 * H; ++k) {
+      g[k] = norm ? (a[k] - sa.mean) * sa.rstd * in.ln_ih[k] +
+                        (rec[k] - sr.mean) * sr.rstd * in.ln_hh[k] + in.bias[k]
+                  : double(pre[r * 4 * H + k]);
+    }
+    for (int64_t j = 0; j < H; ++j) {
+      const double i = sigmoid(g[j]), f = sigmoid(g[H + j]), gg = std::tanh(g[2 * H + j]),
+                   o = sigmoid(g[3 * H + j]);
+      double* G = &want_gates[r * 4 * H + j];
+      G[0] = i, G[H] = f, G[2 * H] = gg, G[3 * H] = o;
+      cell_new[j] = f * cell_in[r * H + j] + i * gg;
+    }
+    const RowStatsD sc = stats_of(cell_new.data(), H);
+    for (int64_t j = 0; j < H; ++j) {
+      const int64_t idx = r * H + j;
+      const double n = norm ? (cell_new[j] - sc.mean) * sc.rstd * in.ln_cw[j] + in.ln_cb[j]
+                            : cell_new[j];
+      double h = want_gates[r * 4 * H + 3 * H + j] * std::tanh(n), cell = cell_new[j];
+      if (bits & kCellZoneoutCell) {
+        const double keep = keep_of(c, in.zone_c, in.z_c, idx);
+        cell = keep * cell_in[idx] + (1 - keep) * cell;
+      }
+      if (bits & kCellZoneoutHidden) {
+        const double keep = keep_of(c, in.zone_h, in.z_h, idx);
+        h = keep * hidden_in[idx] + (1 - keep) * h;
+      }
+      want_cell[idx] = want_cells[idx] = cell;
+      want_hidden[idx] = want_output[idx] = h;
+      if (bits & kCellMaskedHidden) want_masked[idx] = h * in.dropout[idx];
+    }
+  }
+  info = "blocks " + std::to_string(R > 0 ? variant_blocks(R, false) : 0);
+  const double tol = tolerance<T>();
+  std::vector<T> first;
+  for (int k = 0; k < c.orders; ++k) {
+    Buffer<T> gates(B * 4 * H), cell_state(B * H), cells(B * H), hidden(B * H), output(B * H),
+        masked(B * H), projection(B * 4 * H), recurrent(B * 4 * H), ln_ih(4 * H), ln_hh(4 * H),
+        ln_cw(H), ln_cb(H), bias(4 * H), zone_c(B * H), zone_h(B * H), dropout(B * H);
+    if (!norm) gates.fill(pre);
+    cell_state.fill(cell_in);
+    hidden.fill(hidden_in);
+    projection.fill(in.projection);
+    recurrent.fill(in.recurrent);
+    ForwardStepArgs<T> a{R, H, gates.data(), cell_state.data(), cells.data(), hidden.data(),
+                         output.data(), H};
+    a.variant = variant_args(bits, c, in, ln_ih, ln_hh, ln_cw, ln_cb, bias, zone_c, zone_h,
+                             dropout);
+    if (norm) a.projection = projection.data(), a.recurrent = recurrent.data();
+    if (bits & kCellMaskedHidden) a.hidden_masked = masked.data();
+    with_bits(bits, [&]<unsigned kBits>() { variants_forward_step<kBits>(a, {emu::kOrders[k], 7}); });
+    std::string e;
+    if (!(e = emu::compare("gates", gates.values(), want_gates, tol)).empty()) return e;
+    if (!(e = emu::compare("cell_state", cell_state.values(), want_cell, tol)).empty()) return e;
+    if (!(e = emu::compare("cells", cells.values(), want_cells, tol)).empty()) return e;
+    if (!(e = emu::compare("hidden_state", hidden.values(), want_hidden, tol)).empty()) return e;
+    if (!(e = emu::compare("output", output.values(), want_output, tol)).empty()) return e;
+    if (!(e = emu::compare("hidden_masked", masked.values(), want_masked, tol)).empty()) return e;
+    const auto all = concat<T>({gates.values(), cell_state.values(), cells.values(),
+                                hidden.values(), masked.values()});
+    if (!emu::same_bits_as_first(first, all)) return kRace;
+  }
+  return "";
+}
+
+// The backward step with variants against the formulas in float64 (every flag set).
+template <typename T>
+std::string run_variants_backward_flags(const Case& c, const FlagSet& flags,
+                                        const VariantInputs<T>& in, const BackwardInputs<T>& bin,
+                                        const std::vector<T>& sums_in) {
+  const unsigned bits = c.variants;
+  const bool norm = bits & kCellLayerNorm;
+  const int64_t H = c.hidden, B = c.batch, R = c.rows, W = kLayerNormGradWidth * H;
+  std::vector<double> dc(R * H), keep_c(R * H, 0.0), dout(R * H), dn(R * H), normed(R * H),
+      cell_prev(R * H);
+  std::vector<double> want_dgates(B * 4 * H, kNaN), want_dcell = to_double(bin.dcell),
+      want_grad_recurrent(B * 4 * H, kNaN), want_rows(B * W, kNaN), want_sums = to_double(sums_in);
+  // front: dL/dc~ before clipping
+  for (int64_t r = 0; r < R; ++r) {
+    std::vector<double> cell_new(H);
+    for (int64_t j = 0; j < H; ++j) {
+      const int64_t idx = r * H + j;
+      const T* G = &bin.gates[r * 4 * H + j];
+      cell_prev[idx] = r < c.prev_split ? bin.cells_prev[idx] : bin.cell_initial[idx];
+      cell_new[j] = (bits & kCellZoneoutCell) ? G[H] * cell_prev[idx] + G[0] * G[2 * H]
+                                              : double(bin.cells[idx]);
+    }
+    const RowStatsD sc = stats_of(cell_new.data(), H);
+    std::vector<double> grad_normalized(H), xhat(H), from_output(H);
+    for (int64_t j = 0; j < H; ++j) {
+      const int64_t idx = r * H + j;
+      const double o = bin.gates[r * 4 * H + 3 * H + j];
+      xhat[j] = (cell_new[j] - sc.mean) * sc.rstd;
+      const double n = norm ? xhat[j] * in.ln_cw[j] + in.ln_cb[j] : cell_new[j];
+      const double t = std::tanh(n);
+      double dr = bin.grad_r[idx];
+      if (bits & kCellZoneoutHidden) dr *= 1 - keep_of(c, in.zone_h, in.z_h, idx);
+      dout[idx] = dr * t * o * (1 - o);
+      dn[idx] = dr * o * (1 - t * t);
+      grad_normalized[j] = dn[idx] * in.ln_cw[j];
+      normed[idx] = xhat[j];
+    }
+    if (norm) {
+      layer_norm_backward(grad_normalized.data(), xhat.data(), sc.rstd, H, from_output.data());
+    } else {
+      for (int64_t j = 0; j < H; ++j) from_output[j] = dn[r * H + j];
+    }
+    for (int64_t j = 0; j < H; ++j) {
+      const int64_t idx = r * H + j;
+      if (bits & kCellZoneoutCell) keep_c[idx] = keep_of(c, in.zone_c, in.z_c, idx);
+      dc[idx] = from_output[j] + (1 - keep_c[idx]) * bin.dcell[idx];
+    }
+  }
+  const auto [clip, sum] = clip_reference(dc, R * H, flags);
+  // back: gate gradients, the carried dL/dc, layer norm's backward and parameter gradients
+  for (int64_t r = 0; r < R; ++r) {
+    std::vector<double> dg(4 * H);
+    for (int64_t j = 0; j < H; ++j) {
+      const int64_t idx = r * H + j;
+      const T* G = &bin.gates[r * 4 * H + j];
+      const double i = G[0], f = G[H], g = G[2 * H], d = dc[idx];
+      dg[j] = d * g * i * (1 - i);
+      dg[H + j] = d * cell_prev[idx] * f * (1 - f);
+      dg[2 * H + j] = d * i * (1 - g * g);
+      dg[3 * H + j] = dout[idx];
+      want_dcell[idx] = d * f + keep_c[idx] * bin.dcell[idx];
+    }
+    if (!norm) {
+      for (int64_t k = 0; k < 4 * H; ++k) want_dgates[r * 4 * H + k] = dg[k];
+      continue;
+    }
+    std::vector<double> a(4 * H), rec(4 * H), ahat(4 * H), rhat(4 * H), da(4 * H), drec(4 * H);
+    for (int64_t k = 0; k < 4 * H; ++k) {
+      a[k] = in.projection[r * 4 * H + k];
+      rec[k] = in.recurrent[r * 4 * H + k];
+    }
+    const RowStatsD sa = stats_of(a.data(), 4 * H), sr = stats_of(rec.data(), 4 * H);
+    std::vector<double> ga(4 * H), gr(4 * H);
+    for (int64_t k = 0; k < 4 * H; ++k) {
+      ahat[k] = (a[k] - sa.mean) * sa.rstd;
+      rhat[k] = (rec[k] - sr.mean) * sr.rstd;
+      ga[k] = dg[k] * in.ln_ih[k];
+      gr[k] = dg[k] * in.ln_hh[k];
+    }
+    layer_norm_backward(ga.data(), ahat.data(), sa.rstd, 4 * H, da.data());
+    layer_norm_backward(gr.data(), rhat.data(), sr.rstd, 4 * H, drec.data());
+    double* row = &want_rows[r * W];
+    for (int64_t k = 0; k < 4 * H; ++k) {
+      want_dgates[r * 4 * H + k] = da[k];
+      want_grad_recurrent[r * 4 * H + k] = drec[k];
+      row[kGradBias * H + k] = dg[k];
+      row[kGradInputGain * H + k] = dg[k] * ahat[k];
+      row[kGradRecurrentGain * H + k] = dg[k] * rhat[k];
+    }
+    for (int64_t j = 0; j < H; ++j) {
+      row[kGradCellGain * H + j] = dn[r * H + j] * normed[r * H + j];
+      row[kGradCellBias * H + j] = dn[r * H + j];
+    }
+    for (int64_t k = 0; k < W; ++k) want_sums[k] += row[k];
+  }
+  const double tol = tolerance<T>();
+  std::vector<T> first;
+  for (int k = 0; k < c.orders; ++k) {
+    Buffer<T> gates(B * 4 * H), cells(B * H), cells_prev(B * H), cell_initial(B * H),
+        grad_r(B * H), dcell(B * H), dgates(B * 4 * H), sum_squares(1), partials(kReduceBlocks),
+        projection(B * 4 * H), recurrent(B * 4 * H), grad_recurrent(B * 4 * H),
+        ln_rows(B * W), ln_sums(W), ln_ih(4 * H), ln_hh(4 * H), ln_cw(H), ln_cb(H), bias(4 * H),
+        zone_c(B * H), zone_h(B * H), dropout(B * H);
+    gates.fill(bin.gates);
+    cells.fill(bin.cells);
+    cells_prev.fill(bin.cells_prev);
+    cell_initial.fill(bin.cell_initial);
+    grad_r.fill(bin.grad_r);
+    dcell.fill(bin.dcell);
+    projection.fill(in.projection);
+    recurrent.fill(in.recurrent);
+    ln_sums.fill(sums_in);
+    const bool reduction = flags.sums || flags.clip_mode == kClipNorm;
+    BackwardStepArgs<T> a;
+    a.rows = R;
+    a.hidden = H;
+    a.gates = gates.data();
+    a.cells = cells.data();
+    a.cells_prev = c.prev_split > 0 ? cells_prev.data() : nullptr;
+    a.cell_initial = c.prev_split < R ? cell_initial.data() : nullptr;
+    a.prev_split = c.prev_split;
+    a.grad_r = grad_r.data();
+    a.dcell = dcell.data();
+    a.dgates = dgates.data();
+    a.clip_mode = flags.clip_mode;
+    a.clip = static_cast<T>(clip);
+    a.sum_squares = flags.sums ? sum_squares.data() : nullptr;
+    a.partials = reduction ? partials.data() : nullptr;
+    a.variant = variant_args(bits, c, in, ln_ih, ln_hh, ln_cw, ln_cb, bias, zone_c, zone_h,
+                             dropout);
+    if (norm) {
+      a.projection = projection.data(), a.recurrent = recurrent.data();
+      a.grad_recurrent = grad_recurrent.data();
+      a.ln_grad_rows = ln_rows.data(), a.ln_grad_sums = ln_sums.data();
+    }
+    with_bits(bits, [&]<unsigned kBits>() {
+      variants_backward_step<kBits>(a, {emu::kOrders[k], 13});
+    });
+    std::string e;
+    if (!(e = emu::compare("dgates", dgates.values(), want_dgates, tol)).empty()) return e;
+    if (!(e = emu::compare("dcell", dcell.values(), want_dcell, tol)).empty()) return e;
+    if (!(e = emu::compare("sum_squares", sum_squares.values(), {flags.sums ? sum : kNaN}, tol))
+             .empty()) {
+      return e;
+    }
+    if (!(e = emu::compare("grad_recurrent", grad_recurrent.values(), want_grad_recurrent, tol))
+             .empty()) {
+      return e;
+    }
+    if (norm && !(e = emu::compare("ln_grad_rows", ln_rows.values(), want_rows, tol)).empty()) {
+      return e;
+    }
+    if (!(e = emu::compare("ln_grad_sums", ln_sums.values(), want_sums, tol)).empty()) return e;
+    const auto all = concat<T>({dgates.values(), dcell.values(), sum_squares.values(),
+                                grad_recurrent.values(), ln_sums.values()});
+    if (!emu::same_bits_as_first(first, all)) return kRace;
+  }
+  return "";
+}
+
+template <typename T>
+std::string run_variants_backward(const Case& c, std::string& info) {
+  const int64_t H = c.hidden, B = c.batch, R = c.rows;
+  std::mt19937 rng(77);
+  const VariantInputs<T> in = variant_inputs<T>(rng, c);
+  BackwardInputs<T> bin;
+  bin.gates = activated_gates<T>(rng, B, H);
+  bin.cells = emu::randn<T>(rng, B * H, 1.0);
+  bin.cells_prev = emu::randn<T>(rng, B * H, 1.0);
+  bin.cell_initial = emu::randn<T>(rng, B * H, 1.0);
+  bin.grad_r = emu::randn<T>(rng, B * H, 1.0);
+  bin.dcell = emu::randn<T>(rng, B * H, 1.0);
+  const int64_t continuing = std::min(c.prev_split, R);
+  std::fill(bin.cells_prev.begin() + continuing * H, bin.cells_prev.end(), T(kNaN));
+  std::fill(bin.cell_initial.begin(), bin.cell_initial.begin() + continuing * H, T(kNaN));
+  // with zoneout of c the kernel recomputes c~ from the gates: the saved c[t] is not read
+  if (c.variants & kCellZoneoutCell) std::fill(bin.cells.begin(), bin.cells.end(), T(kNaN));
+  // layer norm adds to running sums; without it they are not touched (NaN stays NaN)
+  const std::vector<T> sums_in = (c.variants & kCellLayerNorm)
+                                     ? emu::randn<T>(rng, kLayerNormGradWidth * H, 1.0)
+                                     : std::vector<T>(kLayerNormGradWidth * H, T(kNaN));
+  info = "blocks " + std::to_string(variant_blocks(R, false)) + ", reduction " +
+         std::to_string(variant_blocks(R, true));
+  for (const FlagSet& flags : flag_sets_of(c)) {
+    const std::string e = run_variants_backward_flags(c, flags, in, bin, sums_in);
+    if (!e.empty()) return std::string(flags.name) + ": " + e;
+  }
+  return "";
+}
+
 // ---- the emulation itself
 void shuffle_kernel(float* out) {
   const int t = static_cast<int>(threadIdx.x);
@@ -596,6 +1013,8 @@ std::string run_typed(const Case& c, std::string& info) {
     case Kind::kBackward: return run_backward<T>(c, info);
     case Kind::kRowsZero: return run_rows_zero<T>(c, info);
     case Kind::kEmulator: return run_emulator_checks(info);
+    case Kind::kVariantsForward: return run_variants_forward<T>(c, info);
+    case Kind::kVariantsBackward: return run_variants_backward<T>(c, info);
   }
   return "unknown kind";
 }
@@ -635,6 +1054,24 @@ std::vector<Case> cases() {
   big_backward.flag_sets = {"value+sums", "norm+sums"};
   big_backward.grid_stride = true;
   v.push_back(big_backward);
+  // the cell variants: all of them (layer norm, zoneout of c and h, masked h) by masks and
+  // by probability (eval), layer norm alone (the saved c[t] is c~), zoneout alone; H = 300
+  // has more units than a block has threads; 9 of 11 rows, packed (prev_split)
+  auto variant = [&](const char* name, Kind kind, bool is_double, int64_t hidden, unsigned bits,
+                     bool masks) {
+    Case c{name, kind, is_double, 9, 11, hidden, 1, 0, 0, 5};
+    c.variants = bits;
+    c.variant_masks = masks;
+    v.push_back(c);
+  };
+  variant("variants-forward-float-all", K::kVariantsForward, false, 20, 15, true);
+  variant("variants-forward-double-all-eval", K::kVariantsForward, true, 20, 15, false);
+  variant("variants-forward-float-layer-norm", K::kVariantsForward, false, 300, 1, true);
+  variant("variants-forward-double-zoneout", K::kVariantsForward, true, 17, 6, true);
+  variant("variants-backward-float-all", K::kVariantsBackward, false, 20, 7, true);
+  variant("variants-backward-double-all-eval", K::kVariantsBackward, true, 20, 7, false);
+  variant("variants-backward-float-layer-norm", K::kVariantsBackward, false, 300, 1, true);
+  variant("variants-backward-double-zoneout", K::kVariantsBackward, true, 17, 6, true);
   return v;
 }
 
