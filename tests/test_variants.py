@@ -532,3 +532,42 @@ def test_16bit_gradients_are_the_float32_ones_rounded(backend, dtype):
         assert mismatched <= max(1, g16.numel() // 50), (k, mismatched)
         ulp = torch.finfo(dtype).eps * rounded.float().abs().clamp_min(1e-3)
         assert ((g16.float() - rounded.float()).abs() <= ulp).all(), k
+
+
+# --- torch.func with the variants -------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", NON_REFERENCE)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_torch_func_vmap_grad_jvp_with_every_variant(backend, training):
+    """vmap over the data folds the masks with the batch (vmap's randomness="same": one
+    draw for all elements, as a loop under the same seed sees it); grad and jvp give what
+    autograd and the reference give."""
+    from torch.func import functional_call, grad, jvp, vmap
+
+    _, m = _pair(backend, "all", "bi-proj")
+    m.train(training)
+    oracle = copy.deepcopy(m)
+    oracle.backend = "reference"
+    names = [n for n, _ in m.named_parameters()]
+    weights = {n: p.detach() for n, p in m.named_parameters()}
+    xs = torch.randn(3, 5, 2, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+
+    def output(module, x, w=weights):
+        torch.manual_seed(11)
+        return functional_call(module, w, (x,))[0]
+
+    batched = vmap(lambda x: output(m, x), randomness="same")(xs)
+    for v in range(3):
+        # with randomness="same" the draws are those of one element-sized call
+        torch.testing.assert_close(batched[v], output(oracle, xs[v]), **TOL[F64])
+
+    def loss(w, module):
+        return output(module, xs[0], w).pow(2).sum()
+
+    got, want = grad(loss)(weights, m), grad(loss)(weights, oracle)
+    for n in names:
+        torch.testing.assert_close(got[n], want[n], **TOL[F64], msg=n)
+    tangent = {n: torch.randn_like(p) for n, p in weights.items()}
+    _, jvp_got = jvp(lambda w: output(m, xs[0], w), (weights,), (tangent,))
+    _, jvp_want = jvp(lambda w: output(oracle, xs[0], w), (weights,), (tangent,))
+    torch.testing.assert_close(jvp_got, jvp_want, **TOL[F64])
