@@ -105,6 +105,20 @@ __device__ __forceinline__ void for_each_element(int64_t count, int64_t per_row,
   }
 }
 
+// Reduction stage 1 of every two-stage reduction: the sum of element(row, col) over this
+// block's share of the step's rows x per_row packed elements, in a fixed order, written to
+// partials[blockIdx.x].
+template <typename T, typename Element>
+__device__ __forceinline__ void write_block_partial(int64_t rows, int64_t per_row, int vec,
+                                                    T* partials, const Element& element) {
+  __shared__ T scratch[32];
+  T sum = 0;
+  for_each_element(rows * per_row, per_row, vec,
+                   [&](int64_t row, int64_t col) { sum += element(row, col); });
+  const T total = block_sum(sum, scratch);
+  if (threadIdx.x == 0) partials[blockIdx.x] = total;
+}
+
 // ------------------------------------------------------------------------------------------
 // Forward: gates (pre-activations, in place) -> activated gates, c[t], r[t].
 // ------------------------------------------------------------------------------------------
@@ -185,14 +199,10 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, int VEC, int64_t kClip>
 __global__ void __launch_bounds__(kThreads)
     hidden_grad_partial_kernel(const HiddenGradStepArgs<T> args) {
-  __shared__ T scratch[32];
-  const int64_t per_row = args.size / VEC;
-  T sum = 0;
-  for_each_element(args.rows * per_row, per_row, VEC, [&](int64_t row, int64_t col) {
-    sum += hidden_grad_element<T, VEC, kClip>(args, row, col);
-  });
-  const T total = block_sum(sum, scratch);
-  if (threadIdx.x == 0) args.partials[blockIdx.x] = total;
+  write_block_partial<T>(args.rows, args.size / VEC, VEC, args.partials,
+                         [&](int64_t row, int64_t col) {
+                           return hidden_grad_element<T, VEC, kClip>(args, row, col);
+                         });
 }
 
 // Reduction stage 2: the total; norm clipping rescales (grid as stage 1's), else one block.
@@ -302,14 +312,10 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, int VEC, int64_t kClip, int kPass>
 __global__ void __launch_bounds__(kThreads)
     backward_partial_kernel(const BackwardStepArgs<T> args) {
-  __shared__ T scratch[32];
-  const int64_t per_row = args.hidden / VEC;
-  T sum = 0;
-  for_each_element(args.rows * per_row, per_row, VEC, [&](int64_t row, int64_t col) {
-    sum += backward_element<T, VEC, kClip, kPass>(args, row, col, T(1));
-  });
-  const T total = block_sum(sum, scratch);
-  if (threadIdx.x == 0) args.partials[blockIdx.x] = total;
+  write_block_partial<T>(args.rows, args.hidden / VEC, VEC, args.partials,
+                         [&](int64_t row, int64_t col) {
+                           return backward_element<T, VEC, kClip, kPass>(args, row, col, T(1));
+                         });
 }
 
 // Reduction stage 2: the total; norm clipping finishes the step with the scale (kPass 2, grid
