@@ -24,6 +24,7 @@
 #include "layer_options.h"
 #include "lstm_layer.h"
 #include "lstm_steps.h"
+#include "mixed_gemm.h"
 #include "step_weight.h"
 
 namespace lstm_fused {
@@ -32,6 +33,20 @@ namespace {
 // 16-bit inputs are computed in float32 (fp32 accumulation and cell state).
 at::ScalarType acc_type(at::ScalarType dtype) {
   return (dtype == at::kHalf || dtype == at::kBFloat16) ? at::kFloat : dtype;
+}
+
+// The one rule for a 16-bit layer's GEMMs: with 16-bit operands (fp32 accumulation and
+// result; mixed_gemm.h) for bfloat16 where the device has such GEMMs (the CPU, through MKL)
+// and the cell is the plain one without a projection; else every GEMM in fp32 on converted
+// copies. Either way the gates and the cell state are fp32. In the 16-bit mode h[t] is
+// rounded to 16 bits before it multiplies W_hh (as in nn.LSTM, whose h is 16-bit), and dG[t]
+// before it multiplies W_hh, W_ih and the saved inputs. float16 stays on fp32 GEMMs: on a
+// CPU without AMX-FP16, MKL's fp16 GEMM was 10-20% slower than the fp32 path (bench/NOTES.md).
+bool gemm_operands_16bit(const at::Tensor& input, const LayerOptions& opts) {
+  const at::ScalarType dtype = input.scalar_type();
+  return dtype == at::kBFloat16 && input.device().is_cpu() &&
+         cpu_mixed_gemm(dtype) != nullptr && !opts.has_proj && !opts.has_variants() &&
+         gemm_16bit_state().load(std::memory_order_relaxed);
 }
 
 // Time layout of a (possibly packed) sequence: rows of step t are
@@ -105,8 +120,9 @@ int64_t params_per_direction(const LayerOptions& opts) {
 // Index of weight_hr among a direction's params.
 int64_t proj_index(const LayerOptions& opts) { return opts.has_biases ? 4 : 2; }
 
+// weights_16bit: W_ih and W_hh stay in the input's 16-bit dtype (gemm_operands_16bit).
 std::vector<DirectionParams> split_params(at::TensorList params, const LayerOptions& opts,
-                                          at::ScalarType compute) {
+                                          at::ScalarType compute, bool weights_16bit = false) {
   const int64_t per_direction = params_per_direction(opts);
   const int64_t directions = opts.directions();
   TORCH_CHECK(static_cast<int64_t>(params.size()) == per_direction * directions,
@@ -116,8 +132,8 @@ std::vector<DirectionParams> split_params(at::TensorList params, const LayerOpti
   for (int64_t d = 0; d < directions; ++d) {
     auto take = [&](int64_t k) { return params[d * per_direction + k].to(compute).contiguous(); };
     DirectionParams p;
-    p.w_ih = take(0);
-    p.w_hh = take(1);
+    p.w_ih = weights_16bit ? params[d * per_direction].contiguous() : take(0);
+    p.w_hh = weights_16bit ? params[d * per_direction + 1].contiguous() : take(1);
     if (opts.has_biases) {
       p.b_ih = take(2);
       p.b_hh = take(3);
@@ -423,24 +439,52 @@ at::Tensor keep_or(const at::Tensor& mask_rows, double probability, const at::Te
   return mask_rows.defined() ? mask_rows : at::scalar_tensor(probability, like.options());
 }
 
+// The 16-bit mode's per-step calls in the driver's compute type (the mode is float only).
+template <typename T>
+void multiply_16bit(const MixedStepWeight& weight, int64_t rows, T* out, int64_t ldo,
+                    const void* a, int64_t lda, bool accumulate) {
+  if constexpr (std::is_same_v<T, float>) {
+    weight.multiply(rows, out, ldo, a, lda, accumulate);
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "lstm_fused: 16-bit GEMMs accumulate in float32");
+  }
+}
+
+// Rows of dst (`dtype`, 16-bit, row stride ldd) = those of src, rounded.
+template <typename T>
+void round_rows_16bit(at::ScalarType dtype, void* dst, int64_t ldd, const T* src, int64_t lds,
+                      int64_t rows, int64_t cols) {
+  if constexpr (std::is_same_v<T, float>) {
+    round_rows(dtype, dst, ldd, src, lds, rows, cols);
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "lstm_fused: 16-bit GEMMs accumulate in float32");
+  }
+}
+
 template <typename T>
 void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool reverse,
                        const DirectionParams& p, const DirectionMasks& m,
                        const LayerOptions& opts, const at::Tensor& x2d, at::Tensor h_state,
                        at::Tensor c_state, at::Tensor gates, at::Tensor cells,
-                       at::Tensor products, at::Tensor output, const StepKernels<T>& kernels) {
+                       at::Tensor products, at::Tensor output, const StepKernels<T>& kernels,
+                       const at::Tensor& h0_16bit) {
   const int64_t H = sz.hidden, P = sz.out_size, N = layout.rows_total;
   const bool has_proj = p.w_hr.defined();
-  // The sequence kernels run the plain cell only.
-  const bool try_sequence = !has_proj && !opts.has_variants() && kernels.forward_sequence &&
-                            sequence_kernels_on(kernels, layout);
+  // The 16-bit GEMM mode (gemm_operands_16bit): x2d, W_ih, W_hh and h0_16bit are 16-bit.
+  const bool low = h0_16bit.defined();
+  // The sequence kernels run the plain cell only, in fp32.
+  const bool try_sequence = !low && !has_proj && !opts.has_variants() &&
+                            kernels.forward_sequence && sequence_kernels_on(kernels, layout);
   const at::Tensor bias = p.b_ih.defined() ? p.b_ih + p.b_hh : at::Tensor();
   // All steps' input projections at once. A sequence kernel adds the biases in its gate math
   // (saving a pass over the (N, 4H) gates); the step kernels get them folded in here. With
   // layer norm: x W_ih^T into products[0] (saved for the backward), normalised with the
   // biases added by the step kernel.
   if (N > 0) {
-    if (opts.layer_norm) {
+    if (low) {
+      if (bias.defined()) gates.copy_(bias.expand_as(gates));
+      mixed_mm(gates, x2d, p.w_ih.t(), /*accumulate=*/bias.defined());
+    } else if (opts.layer_norm) {
       at::Tensor projected = products[0];
       at::mm_out(projected, x2d, p.w_ih.t());
     } else if (bias.defined() && !try_sequence) {
@@ -475,8 +519,14 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
   const bool mix_projected = has_proj && opts.zoneout_hidden > 0;
   at::Tensor projected = mix_projected ? at::empty({layout.batch, P}, options) : at::Tensor();
   const int64_t pack_budget = pack_budget_bytes<T>(gates.numel());
-  const StepWeight<T> recurrent(p.w_hh, /*transposed=*/true, layout.batch, pack_budget,
-                                kernels.gemm);
+  const std::optional<StepWeight<T>> recurrent =
+      low ? std::nullopt
+          : std::make_optional<StepWeight<T>>(p.w_hh, /*transposed=*/true, layout.batch,
+                                              pack_budget, kernels.gemm);
+  // 16-bit mode: the product's input, h[t-1] rounded to 16 bits (h0 as given first)
+  const std::optional<MixedStepWeight> recurrent_16bit =
+      low ? std::make_optional<MixedStepWeight>(p.w_hh, /*transposed=*/true) : std::nullopt;
+  at::Tensor h_16bit = low ? h0_16bit.clone() : at::Tensor();
   const std::optional<StepWeight<T>> projection =
       has_proj ? std::make_optional<StepWeight<T>>(p.w_hr, true, layout.batch, pack_budget,
                                                    kernels.gemm)
@@ -496,10 +546,13 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     T* const step_gates = gates_data + offset * 4 * H;
     const T* const h_in = masked_data ? masked_data : hidden_data;
     T* const step_recurrent = recurrent_data ? recurrent_data + offset * 4 * H : nullptr;
-    if (step_recurrent) {
-      recurrent.multiply(rows, step_recurrent, 4 * H, h_in, P, /*accumulate=*/false);
+    if (low) {
+      multiply_16bit<T>(*recurrent_16bit, rows, step_gates, 4 * H, h_16bit.const_data_ptr(), P,
+                        /*accumulate=*/true);
+    } else if (step_recurrent) {
+      recurrent->multiply(rows, step_recurrent, 4 * H, h_in, P, /*accumulate=*/false);
     } else {
-      recurrent.multiply(rows, step_gates, 4 * H, h_in, P, /*accumulate=*/true);
+      recurrent->multiply(rows, step_gates, 4 * H, h_in, P, /*accumulate=*/true);
     }
     ForwardStepArgs<T> args;
     args.rows = rows;
@@ -518,6 +571,9 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     args.projection = projection_data ? projection_data + offset * 4 * H : nullptr;
     args.hidden_masked = has_proj ? nullptr : masked_data;
     kernels.forward(args);
+    if (low) {
+      round_rows_16bit<T>(h_16bit.scalar_type(), h_16bit.data_ptr(), P, hidden_data, P, rows, P);
+    }
     if (has_proj) {
       if (mix_projected) {
         // h[t] = d_h h[t-1] + (1 - d_h) h~[t] on the projection's output
@@ -549,8 +605,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::ScalarType compute = c10::CppTypeToScalarType<T>::value;
   const int64_t D = sz.directions, H = sz.hidden, P = sz.out_size, N = layout.rows_total;
   const auto options = input.options().dtype(compute);
-  const at::Tensor x2d = input.reshape({N, sz.input_size}).to(compute).contiguous();
-  std::vector<DirectionParams> dir_params = split_params(params, opts, compute);
+  const bool low = gemm_operands_16bit(input, opts);
+  const at::Tensor x2d =
+      input.reshape({N, sz.input_size}).to(low ? input.scalar_type() : compute).contiguous();
+  std::vector<DirectionParams> dir_params = split_params(params, opts, compute, low);
   std::vector<DirectionMasks> dir_masks = split_masks(masks, opts, compute);
   at::Tensor output = at::empty({N, D * P}, options);
   at::Tensor gates = at::empty({D, N, 4 * H}, options);
@@ -565,7 +623,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   for (int64_t d = 0; d < D; ++d) {
     forward_direction<T>(layout, sz, d, /*reverse=*/d == 1, dir_params[d], dir_masks[d], opts,
                          x2d, hy[d], cy[d], gates[d], cells[d],
-                         opts.layer_norm ? products[d] : products, output, step_kernels);
+                         opts.layer_norm ? products[d] : products, output, step_kernels,
+                         low ? hx[d] : at::Tensor());
   }
   at::Tensor output_shaped = input.dim() == 3
                                  ? output.view({layout.steps, layout.batch, D * P})
@@ -696,22 +755,37 @@ at::Tensor recurrent_outputs(const at::Tensor& output, const at::Tensor& gates,
   return h_all;
 }
 
-// dW_hh = sum over rows of dG[row]^T h[t-1][row] (h0 where a sequence starts).
+// The large GEMMs of the backward: out (fp32 or fp64) [+]= a b, in the compute type, or with
+// the 16-bit operands of gemm_operands_16bit.
+void backward_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (a.scalar_type() != out.scalar_type()) {
+    mixed_mm(out, a, b, accumulate);
+  } else if (accumulate) {
+    out.addmm_(a, b);
+  } else {
+    at::mm_out(out, a, b);
+  }
+}
+
+// dW_hh = sum over rows of dG[row]^T h[t-1][row] (h0 where a sequence starts), in `dtype`.
 at::Tensor grad_recurrent_weight(const Steps& layout, int64_t d, bool reverse, int64_t P,
                                  const at::Tensor& output2d, const at::Tensor& h0,
-                                 const at::Tensor& dgates) {
+                                 const at::Tensor& dgates, at::ScalarType dtype) {
   const int64_t N = layout.rows_total, B = layout.batch;
   const at::Tensor outputs = direction_columns(output2d, d, P);
   const at::Tensor dgates_t = dgates.t();
+  at::Tensor grad = at::empty({dgates.size(1), P}, dgates.options().dtype(dtype));
   if (N == layout.steps * B && N > 0) {
     // Equal batch sizes: the outputs shifted by one step, and h0 for the first step; two
     // GEMMs on views instead of gathering h[t-1] into an (N, P) copy.
     const int64_t first = reverse ? N - B : 0;
-    at::Tensor grad = at::mm(dgates_t.narrow(1, first, B), h0);
-    return grad.addmm_(dgates_t.narrow(1, reverse ? 0 : B, N - B),
-                       outputs.narrow(0, reverse ? B : 0, N - B));
+    backward_gemm(grad, dgates_t.narrow(1, first, B), h0, /*accumulate=*/false);
+    backward_gemm(grad, dgates_t.narrow(1, reverse ? 0 : B, N - B),
+                 outputs.narrow(0, reverse ? B : 0, N - B), /*accumulate=*/true);
+    return grad;
   }
-  return at::mm(dgates_t, previous_rows(layout, reverse, outputs, h0));
+  backward_gemm(grad, dgates_t, previous_rows(layout, reverse, outputs, h0), false);
+  return grad;
 }
 
 template <typename T>
@@ -731,13 +805,20 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
   const int64_t I = sz.input_size;
   const auto options = input.options().dtype(compute);
   const StepKernels<T>& step_kernels = kernels_for<T>(kernels);
-  std::vector<DirectionParams> dir_params = split_params(params, opts, compute);
+  // The 16-bit GEMM mode: x2d, W_ih, W_hh, h0 and output2d are 16-bit (the outputs are the
+  // h[t] the forward's products used), and dG is rounded to 16 bits step by step into
+  // dgates_16bit, the operand of every product that reads it.
+  const bool low = gemm_operands_16bit(input, opts);
+  const at::ScalarType operands = low ? input.scalar_type() : compute;
+  std::vector<DirectionParams> dir_params = split_params(params, opts, compute, low);
   std::vector<DirectionMasks> dir_masks = split_masks(masks, opts, compute);
-  const at::Tensor x2d = input.reshape({N, I}).to(compute).contiguous();
-  const at::Tensor h0 = hx.to(compute).contiguous();
+  const at::Tensor x2d = input.reshape({N, I}).to(operands).contiguous();
+  const at::Tensor h0 = hx.to(operands).contiguous();
   const at::Tensor c0 = cx.to(compute).contiguous();
-  const at::Tensor output2d = recurrent_outputs(output, gates, cells, h0, c0, dir_params,
-                                                dir_masks, opts, layout, sz, compute);
+  const at::Tensor output2d =
+      low ? output.reshape({N, D * P})
+          : recurrent_outputs(output, gates, cells, h0, c0, dir_params, dir_masks, opts, layout,
+                              sz, compute);
   at::Tensor dy;
   if (grad_output.has_value() && grad_output->defined()) {
     dy = grad_output->reshape({N, D * P}).to(compute).contiguous();
@@ -761,7 +842,10 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
 
   at::Tensor grad_input = at::empty({N, I}, options);
   std::vector<at::Tensor> grad_params;
-  at::Tensor dgates = at::empty({N, 4 * H}, options);
+  // dG of all steps; in the 16-bit mode only one step's in fp32 (the kernel's output), and
+  // all of them rounded in dgates_16bit
+  at::Tensor dgates = at::empty({low ? layout.batch : N, 4 * H}, options);
+  at::Tensor dgates_16bit = low ? at::empty({N, 4 * H}, input.options()) : at::Tensor();
   at::Tensor dr_buffer = has_proj ? at::empty({layout.batch, H}, options) : at::Tensor();
   at::Tensor dh_all = has_proj ? at::empty({N, P}, options) : at::Tensor();
   // Cell variants' buffers: dL/dh[t-1]'s recurrent part before the masks (recurrent dropout,
@@ -799,7 +883,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       ln_grad_sums = at::zeros({kLayerNormGradWidth * H}, options);
     }
     bool looped = false;
-    if (!has_proj && clip_mode == kClipOff && !opts.has_variants() &&
+    if (!low && !has_proj && clip_mode == kClipOff && !opts.has_variants() &&
         step_kernels.backward_sequence && sequence_kernels_on(step_kernels, layout) &&
         (!record_flow || step_kernels.backward_sequence_flow)) {
       BackwardSequenceArgs<T> args;
@@ -820,9 +904,12 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
     // The per-step loop (its weights are only packed when it runs).
     const int64_t pack_budget = pack_budget_bytes<T>(gates_d.numel());
     const std::optional<StepWeight<T>> recurrent =
-        looped ? std::nullopt
-               : std::make_optional<StepWeight<T>>(p.w_hh, /*transposed=*/false, layout.batch,
-                                                   pack_budget, step_kernels.gemm);
+        (looped || low) ? std::nullopt
+                        : std::make_optional<StepWeight<T>>(p.w_hh, /*transposed=*/false,
+                                                            layout.batch, pack_budget,
+                                                            step_kernels.gemm);
+    const std::optional<MixedStepWeight> recurrent_16bit =
+        low ? std::make_optional<MixedStepWeight>(p.w_hh, /*transposed=*/false) : std::nullopt;
     const std::optional<StepWeight<T>> projection =
         (has_proj && !looped)
             ? std::make_optional<StepWeight<T>>(p.w_hr, false, layout.batch, pack_budget,
@@ -882,7 +969,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       args.prev_split = walk.continuing_rows(t);
       args.grad_r = grad_r;
       args.dcell = dc.data_ptr<T>();
-      args.dgates = dgates.data_ptr<T>() + offset * 4 * H;
+      args.dgates = dgates.data_ptr<T>() + (low ? 0 : offset * 4 * H);
       args.clip_mode = clip_mode;
       args.clip = static_cast<T>(bptt_clip);
       args.sum_squares = record_flow ? step_sums : nullptr;
@@ -902,7 +989,14 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       // Recurrent gradient for the previous step: dh_next = dG[t] W_hh (dR[t] W_hh with
       // layer norm), masked by the recurrent dropout and joined by zoneout's direct path.
       const T* grad_product = opts.layer_norm ? args.grad_recurrent : args.dgates;
-      if (masked_recurrent) {
+      if (low) {
+        uint16_t* const step_16bit =
+            static_cast<uint16_t*>(dgates_16bit.data_ptr()) + offset * 4 * H;
+        round_rows_16bit<T>(dgates_16bit.scalar_type(), step_16bit, 4 * H, args.dgates, 4 * H,
+                            rows, 4 * H);
+        multiply_16bit<T>(*recurrent_16bit, rows, dh_data, P, step_16bit, 4 * H,
+                          /*accumulate=*/false);
+      } else if (masked_recurrent) {
         recurrent->multiply(rows, recurrent_grad_buffer.data_ptr<T>(), P, grad_product, 4 * H,
                             /*accumulate=*/false);
         RecurrentGradStepArgs<T> combine;
@@ -922,19 +1016,31 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
     // Weight, bias and input gradients as large GEMMs over all steps. dgates holds
     // dL/d(x W_ih^T) (with layer norm the step kernels put it there, after the norm's
     // backward); the recurrent product's gradient is dG, or dL/dR with layer norm.
-    const at::Tensor& grad_projection = dgates;
-    grad_params.push_back(at::mm(grad_projection.t(), x2d));
-    const at::Tensor& grad_product = opts.layer_norm ? grad_recurrent_all : dgates;
+    const at::Tensor& grad_projection = low ? dgates_16bit : dgates;
+    at::Tensor grad_w_ih = at::empty({4 * H, I}, options);
+    backward_gemm(grad_w_ih, grad_projection.t(), x2d, /*accumulate=*/false);
+    grad_params.push_back(grad_w_ih);
+    const at::Tensor& recurrent_grad = opts.layer_norm ? grad_recurrent_all : grad_projection;
     if (h_in_all.defined()) {
-      grad_params.push_back(at::mm(grad_product.t(), h_in_all));
+      grad_params.push_back(at::mm(recurrent_grad.t(), h_in_all));
     } else {
-      grad_params.push_back(
-          grad_recurrent_weight(layout, d, reverse, P, output2d, h0[d], grad_product));
+      grad_params.push_back(grad_recurrent_weight(layout, d, reverse, P, output2d, h0[d],
+                                                  recurrent_grad, compute));
     }
     if (has_biases) {
-      at::Tensor grad_bias = opts.layer_norm
-                                 ? ln_grad_sums.narrow(0, kGradBias * H, 4 * H).clone()
-                                 : dgates.sum(0);
+      at::Tensor grad_bias;
+      if (opts.layer_norm) {
+        grad_bias = ln_grad_sums.narrow(0, kGradBias * H, 4 * H).clone();
+      } else if (low) {
+        // the column sums of the 16-bit dG as a product with ones: a 16-bit GEMM with fp32
+        // accumulation, several times faster than a reduction that converts every value
+        grad_bias = at::empty({1, 4 * H}, options);
+        backward_gemm(grad_bias, at::ones({1, N}, grad_projection.options()), grad_projection,
+                      /*accumulate=*/false);
+        grad_bias = grad_bias.view({4 * H});
+      } else {
+        grad_bias = dgates.sum(0);
+      }
       grad_params.push_back(grad_bias);
       grad_params.push_back(grad_bias.clone());
     }
@@ -962,11 +1068,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       grad_params.push_back(ln_grad_sums.narrow(0, kGradCellGain * H, H).clone());
       grad_params.push_back(ln_grad_sums.narrow(0, kGradCellBias * H, H).clone());
     }
-    if (d == 0) {
-      at::mm_out(grad_input, grad_projection, p.w_ih);
-    } else {
-      grad_input.addmm_(grad_projection, p.w_ih);
-    }
+    backward_gemm(grad_input, grad_projection, p.w_ih, /*accumulate=*/d > 0);
   }
   for (size_t k = 0; k < grad_params.size(); ++k) {
     grad_params[k] = grad_params[k].to(params[k].scalar_type());
@@ -1074,6 +1176,17 @@ TORCH_LIBRARY(lstm_fused, m) {
       "Tensor[] masks) "
       "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_params, "
       "Tensor flow)");
+}
+
+// The 16-bit GEMM mode's switch and rule (gemm_operands_16bit), for lstm_fused.set_16bit_gemm
+// and the tests.
+TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
+  m.def("set_16bit_gemm(bool enabled) -> bool",
+        [](bool enabled) { return gemm_16bit_state().exchange(enabled); });
+  m.def("gemm_operands_16bit(Tensor input, float[] options) -> bool",
+        [](const at::Tensor& input, c10::ArrayRef<double> options) {
+          return gemm_operands_16bit(input, LayerOptions::from_list(options));
+        });
 }
 
 TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) {

@@ -16,7 +16,7 @@ from . import reference
 from .options import CLIP_MODES, LayerOptions
 
 __all__ = ["BACKENDS", "available_backends", "backend_unavailable_reason", "draw_masks", "lstm",
-           "set_flush_denormals"]
+           "set_flush_denormals", "set_16bit_gemm"]
 
 # Set on the first successful load of the compiled ops; kept as a module global so that
 # torch.compile sees a constant after the library has been loaded once (LSTM.__init__ with
@@ -69,6 +69,18 @@ def set_flush_denormals(enabled: bool) -> bool:
     The environment variable LSTM_FUSED_FLUSH_DENORMALS=0 turns it off at start-up."""
     _load_fused()
     return torch.ops.lstm_fused.set_flush_denormals(bool(enabled))
+
+
+def set_16bit_gemm(enabled: bool) -> bool:
+    """Whether a bfloat16 layer on the CPU runs its GEMMs with bfloat16 operands (MKL's bf16
+    GEMM, on AMX or AVX512_BF16 where the CPU has them; fp32 accumulation; the gates and the
+    cell state stay fp32; h and the gate gradients are rounded to bf16 where they enter a
+    product). On by default; off, every GEMM runs in fp32 on converted copies, as before.
+    float16 layers, layers with proj_size or a cell variant, and devices other than the CPU
+    always compute their GEMMs in fp32. Returns the previous setting. The environment variable
+    LSTM_FUSED_16BIT_GEMM=0 turns it off at start-up."""
+    _load_fused()
+    return torch.ops.lstm_fused.set_16bit_gemm(bool(enabled))
 
 
 def available_backends() -> list[str]:

@@ -6,6 +6,7 @@ import itertools
 import pytest
 import torch
 
+import lstm_fused
 from lstm_fused import functional, reference
 from lstm_fused.options import LayerOptions
 
@@ -125,14 +126,22 @@ def test_16bit_outputs_and_saved_state(dtype):
     torch.testing.assert_close(output.float(), ref[0], rtol=2e-2, atol=2e-2)
 
 
+@pytest.fixture
+def fp32_gemms():
+    previous = lstm_fused.set_16bit_gemm(False)
+    yield
+    lstm_fused.set_16bit_gemm(previous)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cfg", [dict(), dict(proj=3), dict(bidirectional=True, lengths=[9, 6, 6, 2])],
                          ids=["plain", "proj", "packed-bi"])
-def test_16bit_gradients_are_the_float32_ones_rounded(dtype, cfg):
-    """16-bit inputs run in float32, so each gradient is the float32 computation on the same
-    (upcast) values, rounded once. In particular dW_hh comes from the h the recurrence used,
-    recomputed in float32 from the saved gates and cells, not from the output after its
-    rounding to 16 bits (that was about 0.4% off in bfloat16)."""
+def test_16bit_gradients_are_the_float32_ones_rounded(dtype, cfg, fp32_gemms):
+    """With the GEMMs in float32 (the 16-bit GEMM mode off, as for proj_size, the cell
+    variants and CUDA), each gradient is the float32 computation on the same (upcast) values,
+    rounded once. In particular dW_hh comes from the h the recurrence used, recomputed in
+    float32 from the saved gates and cells, not from the output after its rounding to 16 bits
+    (that was about 0.4% off in bfloat16). tests/test_16bit_gemm.py: the mode on."""
     layer16 = make_layer(dtype=dtype, T=9, B=6, I=16, H=32, **cfg)
     layer32 = dict(layer16)
     for key in ("input", "hx", "cx"):
