@@ -54,6 +54,18 @@ for dtype, opts, P in ((torch.float64, LayerOptions(bidirectional=True), 0),
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+# bfloat16 (the 16-bit GEMM mode and its conversions of h and dG) against float32
+params = [torch.randn(s, dtype=torch.float64).mul(0.3) for s in ((76, 5), (76, 19), (76,), (76,))]
+x, hx, cx = torch.randn(6, 7, 5), torch.randn(1, 7, 19), torch.randn(1, 7, 19)
+results = []
+for dtype in (torch.bfloat16, torch.float32):
+    leaves = [t.to(dtype).requires_grad_() for t in [x, *params]]
+    out = functional.BACKENDS["fused"](leaves[0], hx.to(dtype), cx.to(dtype), leaves[1:], None,
+                                       None, LayerOptions())
+    grads = torch.autograd.grad(sum(o.float().sum() for o in out), leaves)
+    results.append([t.float() for t in list(out) + list(grads)])
+for a, b in zip(*results):
+    assert ((a - b).norm() / b.norm()) < 2e-2, ((a - b).norm() / b.norm())
 print("level", torch.ops.lstm_fused.cpu_simd())
 """
 
