@@ -526,7 +526,7 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
   // 16-bit mode: the product's input, h[t-1] rounded to 16 bits (h0 as given first)
   const std::optional<MixedStepWeight> recurrent_16bit =
       low ? std::make_optional<MixedStepWeight>(p.w_hh, /*transposed=*/true) : std::nullopt;
-  at::Tensor h_16bit = low ? h0_16bit.clone() : at::Tensor();
+  at::Tensor h_16bit = low ? h0_16bit.clone(at::MemoryFormat::Contiguous) : at::Tensor();
   const std::optional<StepWeight<T>> projection =
       has_proj ? std::make_optional<StepWeight<T>>(p.w_hr, true, layout.batch, pack_budget,
                                                    kernels.gemm)

@@ -191,3 +191,21 @@ def test_16bit_mode_close_to_fp32_mode(mode_16bit, dtype):
         assert err < tol, err
     ref_out, _ = m.to_torch()(x)
     torch.testing.assert_close(results[0][0].float(), ref_out.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_16bit_mode_takes_any_strides(mode_16bit):
+    """Permuted (dense, non-contiguous) state and input: the same numbers as contiguous ones."""
+    layer = make(torch.bfloat16, bidirectional=True)
+    fused = functional.BACKENDS["fused"]
+
+    def permuted(t):  # same values, strides of a transposed layout (each hx[d] too)
+        return t.detach().transpose(-1, -2).contiguous().transpose(-1, -2)
+
+    want = fused(layer["x"], layer["hx"], layer["cx"], layer["params"], None, None,
+                 layer["options"])
+    got = fused(permuted(layer["x"]), permuted(layer["hx"]), permuted(layer["cx"]),
+                [p.detach().t().contiguous().t() if p.dim() == 2 else p for p in layer["params"]],
+                None, None, layer["options"])
+    assert not permuted(layer["hx"]).is_contiguous()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
