@@ -41,7 +41,9 @@ T norm_clip_scale(T sum_squares, T clip) {
 template <typename T>
 void forward_step_impl(const ForwardStepArgs<T>& args) {
   const int64_t H = args.hidden;
-  parallel_for(0, args.rows, row_grain(4 * H), [&](int64_t begin, int64_t end) {
+  // a hidden unit's forward is five transcendental functions: about 16 element-wise values'
+  // work (at B32 H128 one thread took ~11 us per step, two ~6)
+  parallel_for(0, args.rows, row_grain(16 * H), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       forward_row<T>(args.gates + r * 4 * H, H, nullptr, nullptr, 0, args.cell_state + r * H,
                      args.cells + r * H, args.hidden_state + r * H,
@@ -92,7 +94,8 @@ T backward_step_row(const BackwardStepArgs<T>& args, int64_t r, T scale) {
 
 template <typename T, int64_t kClip, bool kSumSquares>
 void backward_impl(const BackwardStepArgs<T>& args) {
-  const int64_t grain = row_grain(4 * args.hidden);
+  // a unit's backward: one tanh and about twenty products, some 8 values' work
+  const int64_t grain = row_grain(8 * args.hidden);
   std::vector<T> row_sums(args.rows);
   T scale = 1;
   if constexpr (kClip == kClipNorm) {
