@@ -228,3 +228,18 @@ def assert_emulated_case_passes(exe, case, timeout=300):
     lines = res.stdout.strip().splitlines()
     assert res.returncode == 0 and lines and lines[-1].startswith("PASS"), \
         res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@pytest.fixture
+def spy_backend(monkeypatch):
+    """A backend "spy" that runs the reference layer and records (input, output) of each
+    call, in the list this returns."""
+    seen = []
+
+    def spy(x, *args, **kw):
+        out = functional.BACKENDS["reference"](x, *args, **kw)
+        seen.append((x, out[0]))
+        return out
+
+    monkeypatch.setitem(functional.BACKENDS, "spy", spy)
+    return seen

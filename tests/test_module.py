@@ -235,18 +235,11 @@ def test_dropout_one_layer_warns_like_nn_lstm_and_does_nothing(backend):
 
 
 @pytest.mark.parametrize("kind", ["seq", "packed_unsorted"])
-def test_dropout_masks_between_layers(monkeypatch, kind):
+def test_dropout_masks_between_layers(spy_backend, kind):
     """A spy backend sees each layer's input: layer 0 gets the input unchanged; layer l > 0
     gets layer l-1's output with about a share p of entries zeroed and the rest scaled by
     1/(1-p) (packed: on the data)."""
-    seen = []
-
-    def spy(x, *args, **kw):
-        out = functional.BACKENDS["reference"](x, *args, **kw)
-        seen.append((x, out[0]))
-        return out
-
-    monkeypatch.setitem(functional.BACKENDS, "spy", spy)
+    seen = spy_backend
     p = 0.3
     torch.manual_seed(0)
     ours = lstm_fused.LSTM(I, 32, num_layers=3, dropout=p, dtype=torch.float64,

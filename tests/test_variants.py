@@ -174,17 +174,10 @@ def test_reference_residual_is_the_formula():
     torch.testing.assert_close(cy, torch.stack(cs), rtol=1e-12, atol=1e-12)
 
 
-def test_residual_dropout_acts_like_nn_lstm(monkeypatch):
+def test_residual_dropout_acts_like_nn_lstm(spy_backend):
     """A spy backend sees each layer's input: dropout(y_k + x_k) with nn.LSTM's dropout, not
     after the last layer."""
-    seen = []
-
-    def spy(x, *args, **kw):
-        out = functional.BACKENDS["reference"](x, *args, **kw)
-        seen.append((x, out[0]))
-        return out
-
-    monkeypatch.setitem(functional.BACKENDS, "spy", spy)
+    seen = spy_backend
     m = _module(num_layers=3, residual=True, dropout=0.5, H=16, backend="spy")
     x, hx = _inputs(m, T=10)
     torch.manual_seed(3)

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <initializer_list>
 #include <iostream>
 #include <random>
 #include <sstream>
@@ -51,6 +52,24 @@ std::string compare(const char* what, const std::vector<T>& got, const std::vect
       if (std::isnan(b)) os << " (not to be written)";
       return os.str();
     }
+  }
+  return "";
+}
+
+// One named result and what it must be, for compare_all.
+template <typename T>
+struct Expected {
+  const char* what;
+  std::vector<T> got;
+  const std::vector<double>& want;
+};
+
+// compare() over each result in turn: "" when all match, else the first mismatch.
+template <typename T>
+std::string compare_all(std::initializer_list<Expected<T>> results, double tol) {
+  for (const Expected<T>& r : results) {
+    std::string e = compare(r.what, r.got, r.want, tol);
+    if (!e.empty()) return e;
   }
   return "";
 }

@@ -313,13 +313,15 @@ std::string run_forward(const Case& c, std::string& info) {
     const int vec = forward_step(a, {emu::kOrders[k], 7});
     std::string e;
     if (!(e = check_vec(c, vec)).empty()) return e;
-    if (!(e = emu::compare("gates", gates.values(), want_gates, tol)).empty()) return e;
-    if (!(e = emu::compare("cell_state", cell_state.values(), want_cell_state, tol)).empty()) {
+    if (!(e = emu::compare_all<T>({{"gates", gates.values(), want_gates},
+                                   {"cell_state", cell_state.values(), want_cell_state},
+                                   {"cells", cells.values(), want_cells},
+                                   {"hidden_state", hidden.values(), want_hidden},
+                                   {"output", output.values(), want_output}},
+                                  tol))
+             .empty()) {
       return e;
     }
-    if (!(e = emu::compare("cells", cells.values(), want_cells, tol)).empty()) return e;
-    if (!(e = emu::compare("hidden_state", hidden.values(), want_hidden, tol)).empty()) return e;
-    if (!(e = emu::compare("output", output.values(), want_output, tol)).empty()) return e;
     const auto all = concat<T>({gates.values(), cell_state.values(), cells.values(),
                                 hidden.values(), output.values()});
     if (!emu::same_bits_as_first(first, all)) return kRace;
@@ -706,13 +708,14 @@ std::string run_variants_forward(const Case& c, std::string& info) {
     if (norm) a.projection = projection.data(), a.recurrent = recurrent.data();
     if (bits & kCellMaskedHidden) a.hidden_masked = masked.data();
     with_bits(bits, [&]<unsigned kBits>() { variants_forward_step<kBits>(a, {emu::kOrders[k], 7}); });
-    std::string e;
-    if (!(e = emu::compare("gates", gates.values(), want_gates, tol)).empty()) return e;
-    if (!(e = emu::compare("cell_state", cell_state.values(), want_cell, tol)).empty()) return e;
-    if (!(e = emu::compare("cells", cells.values(), want_cells, tol)).empty()) return e;
-    if (!(e = emu::compare("hidden_state", hidden.values(), want_hidden, tol)).empty()) return e;
-    if (!(e = emu::compare("output", output.values(), want_output, tol)).empty()) return e;
-    if (!(e = emu::compare("hidden_masked", masked.values(), want_masked, tol)).empty()) return e;
+    const std::string e = emu::compare_all<T>({{"gates", gates.values(), want_gates},
+                                               {"cell_state", cell_state.values(), want_cell},
+                                               {"cells", cells.values(), want_cells},
+                                               {"hidden_state", hidden.values(), want_hidden},
+                                               {"output", output.values(), want_output},
+                                               {"hidden_masked", masked.values(), want_masked}},
+                                              tol);
+    if (!e.empty()) return e;
     const auto all = concat<T>({gates.values(), cell_state.values(), cells.values(),
                                 hidden.values(), masked.values()});
     if (!emu::same_bits_as_first(first, all)) return kRace;
