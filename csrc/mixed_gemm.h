@@ -39,6 +39,20 @@ inline MixedGemm cpu_mixed_gemm(at::ScalarType dtype) {
   return nullptr;
 }
 
+// Whether the CPU has bf16 dot-product instructions (AVX512_BF16 or AMX-BF16). Without them
+// MKL's bf16 GEMM widens to fp32 inside, and the measured fp32 path is kept.
+inline bool cpu_has_bf16_dot_products() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 // The switch (on unless LSTM_FUSED_16BIT_GEMM says off; lstm_fused.set_16bit_gemm): off, a
 // 16-bit layer computes every GEMM in fp32 on converted copies, as before.
 inline std::atomic<bool>& gemm_16bit_state() {

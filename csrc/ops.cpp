@@ -36,16 +36,18 @@ at::ScalarType acc_type(at::ScalarType dtype) {
 }
 
 // The one rule for a 16-bit layer's GEMMs: with 16-bit operands (fp32 accumulation and
-// result; mixed_gemm.h) for bfloat16 where the device has such GEMMs (the CPU, through MKL)
-// and the cell is the plain one without a projection; else every GEMM in fp32 on converted
-// copies. Either way the gates and the cell state are fp32. In the 16-bit mode h[t] is
-// rounded to 16 bits before it multiplies W_hh (as in nn.LSTM, whose h is 16-bit), and dG[t]
-// before it multiplies W_hh, W_ih and the saved inputs. float16 stays on fp32 GEMMs: on a
-// CPU without AMX-FP16, MKL's fp16 GEMM was 10-20% slower than the fp32 path (bench/NOTES.md).
+// result; mixed_gemm.h) for bfloat16 where the device has such GEMMs (a CPU with bf16 dot
+// products, through MKL) and the cell is the plain one without a projection; else every GEMM
+// in fp32 on converted copies. Either way the gates and the cell state are fp32. In the
+// 16-bit mode h[t] is rounded to 16 bits before it multiplies W_hh (as in nn.LSTM, whose h is
+// 16-bit), and dG[t] before it multiplies W_hh, W_ih and the saved inputs. float16 stays on
+// fp32 GEMMs: on a CPU without AMX-FP16, MKL's fp16 GEMM was 10-20% slower than the fp32 path
+// (bench/NOTES.md).
 bool gemm_operands_16bit(const at::Tensor& input, const LayerOptions& opts) {
   const at::ScalarType dtype = input.scalar_type();
   return dtype == at::kBFloat16 && input.device().is_cpu() &&
-         cpu_mixed_gemm(dtype) != nullptr && !opts.has_proj && !opts.has_variants() &&
+         cpu_mixed_gemm(dtype) != nullptr && cpu_has_bf16_dot_products() && !opts.has_proj &&
+         !opts.has_variants() &&
          gemm_16bit_state().load(std::memory_order_relaxed);
 }
 

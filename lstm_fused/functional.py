@@ -73,7 +73,7 @@ def set_flush_denormals(enabled: bool) -> bool:
 
 def set_16bit_gemm(enabled: bool) -> bool:
     """Whether a bfloat16 layer on the CPU runs its GEMMs with bfloat16 operands (MKL's bf16
-    GEMM, on AMX or AVX512_BF16 where the CPU has them; fp32 accumulation; the gates and the
+    GEMM, where the CPU has AMX-BF16 or AVX512_BF16; fp32 accumulation; the gates and the
     cell state stay fp32; h and the gate gradients are rounded to bf16 where they enter a
     product). On by default; off, every GEMM runs in fp32 on converted copies, as before.
     float16 layers, layers with proj_size or a cell variant, and devices other than the CPU
