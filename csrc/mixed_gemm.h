@@ -14,18 +14,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "cpu/blas_symbols.h"
 #include "env_switch.h"
-
-extern "C" {
-// MKL_BF16 and MKL_F16 are the raw 16 bits (unsigned short). Weak: absent from torch builds
-// without MKL, where the pointers are null and the 16-bit GEMM mode is off.
-void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k,
-                            float alpha, const uint16_t* a, int lda, const uint16_t* b,
-                            int ldb, float beta, float* c, int ldc) __attribute__((weak));
-void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
-                          const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
-                          float* c, int ldc) __attribute__((weak));
-}
 
 namespace lstm_fused {
 
@@ -61,8 +51,6 @@ inline std::atomic<bool>& gemm_16bit_state() {
 }
 
 namespace mixed_detail {
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-
 // A 2-D operand as a row-major BLAS matrix: no-trans with ld = stride(0) when its rows are
 // contiguous, trans of its transpose when its columns are.
 struct Operand {
@@ -73,11 +61,11 @@ struct Operand {
 inline bool as_operand(const at::Tensor& t, Operand* op) {
   const int64_t rows = t.size(0), cols = t.size(1);
   if (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, cols)) {
-    *op = {kNoTrans, t.stride(0)};
+    *op = {kCblasNoTrans, t.stride(0)};
     return true;
   }
   if (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(1, rows)) {
-    *op = {kTrans, t.stride(1)};
+    *op = {kCblasTrans, t.stride(1)};
     return true;
   }
   return false;
@@ -101,9 +89,8 @@ inline void mixed_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
   if (gemm != nullptr && out.stride(1) == 1 && out.stride(0) >= n && out.stride(0) <= kIntMax &&
       m <= kIntMax && n <= kIntMax && k <= kIntMax && mixed_detail::as_operand(a, &op_a) &&
       mixed_detail::as_operand(b, &op_b) && op_a.ld <= kIntMax && op_b.ld <= kIntMax) {
-    gemm(mixed_detail::kRowMajor, op_a.trans, op_b.trans, static_cast<int>(m),
-         static_cast<int>(n), static_cast<int>(k), 1.0f,
-         static_cast<const uint16_t*>(a.const_data_ptr()), static_cast<int>(op_a.ld),
+    gemm(kCblasRowMajor, op_a.trans, op_b.trans, static_cast<int>(m), static_cast<int>(n),
+         static_cast<int>(k), 1.0f, static_cast<const uint16_t*>(a.const_data_ptr()), static_cast<int>(op_a.ld),
          static_cast<const uint16_t*>(b.const_data_ptr()), static_cast<int>(op_b.ld),
          accumulate ? 1.0f : 0.0f, out.data_ptr<float>(), static_cast<int>(out.stride(0)));
     return;
@@ -133,9 +120,9 @@ class MixedStepWeight {
   void multiply(int64_t rows, float* out, int64_t ldo, const void* a, int64_t lda,
                 bool accumulate) const {
     if (rows == 0 || n_ == 0) return;
-    gemm_(mixed_detail::kRowMajor, mixed_detail::kNoTrans,
-          transposed_ ? mixed_detail::kTrans : mixed_detail::kNoTrans, static_cast<int>(rows),
-          static_cast<int>(n_), static_cast<int>(k_), 1.0f, static_cast<const uint16_t*>(a),
+    gemm_(kCblasRowMajor, kCblasNoTrans, transposed_ ? kCblasTrans : kCblasNoTrans,
+          static_cast<int>(rows), static_cast<int>(n_), static_cast<int>(k_), 1.0f,
+          static_cast<const uint16_t*>(a),
           static_cast<int>(lda), static_cast<const uint16_t*>(weight_.const_data_ptr()),
           static_cast<int>(weight_.stride(0)), accumulate ? 1.0f : 0.0f, out,
           static_cast<int>(ldo));

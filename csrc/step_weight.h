@@ -10,31 +10,11 @@
 #include <limits>
 #include <type_traits>
 
+#include "cpu/blas_symbols.h"
 #include "cpu/small_gemm_cpu.h"
 #include "lstm_steps.h"
 
 namespace lstm_fused {
-
-// BLAS from the running libtorch (MKL or OpenBLAS builds export the Fortran symbols). Weak:
-// where a torch build does not export them the pointers are null and at:: ops are used.
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
-// MKL's packed GEMM (x86 builds of torch link MKL statically and export these).
-size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
-void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
-                      const float* src, int ld, float* dest) __attribute__((weak));
-void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
-                         int lda, const float* b, int ldb, float beta, float* c, int ldc)
-    __attribute__((weak));
-}
-// CBLAS enum values (cblas.h / mkl_cblas.h).
-constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasPacked = 151,
-              kCblasBMatrix = 162;
 
 template <typename T>
 struct Blas;
