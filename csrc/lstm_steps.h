@@ -177,6 +177,11 @@ struct ForwardSequenceArgs : SequenceShape {
   T* cells;                    // [N, H] out: c[t]
   T* output;                   // [N, >=H] out: h[t], row stride output_stride
   int64_t output_stride;
+  // The 16-bit GEMM mode (a bfloat16 layer on the CPU; ops.cpp gemm_operands_16bit): W_hh and
+  // h0 as bfloat16 bits in place of w_hh, the biases already added into `gates` (bias null),
+  // and h[t] rounded to bfloat16 before it multiplies W_hh. Kernels without the mode decline.
+  const uint16_t* w_hh_bf16 = nullptr;  // [4H, H]
+  const uint16_t* h0_bf16 = nullptr;    // [B, H]
 };
 
 template <typename T>
@@ -193,6 +198,11 @@ struct BackwardSequenceArgs : SequenceShape {
   // [steps, 2] out, may be null (then no telemetry): per step t, the sums over its rows of
   // dL/dc[t]^2 and dL/dh[t]^2. Only set for kernels with StepKernels::backward_sequence_flow.
   T* sum_squares = nullptr;
+  // The 16-bit GEMM mode (ForwardSequenceArgs::w_hh_bf16): W_hh as bfloat16 bits in place of
+  // w_hh, and dG[t] rounded to bfloat16 (the operand of dL/dh[t-1] and of the driver's weight
+  // GEMMs) into dgates_bf16 [N, 4H] in place of dgates (null). Kernels without it decline.
+  const uint16_t* w_hh_bf16 = nullptr;
+  uint16_t* dgates_bf16 = nullptr;
 };
 
 // A GEMM in BLAS's column-major convention, as cuBLAS and Fortran BLAS define it:

@@ -40,7 +40,9 @@ at::ScalarType acc_type(at::ScalarType dtype) {
 // products, through MKL) and the cell is the plain one without a projection; else every GEMM
 // in fp32 on converted copies. Either way the gates and the cell state are fp32. In the
 // 16-bit mode h[t] is rounded to 16 bits before it multiplies W_hh (as in nn.LSTM, whose h is
-// 16-bit), and dG[t] before it multiplies W_hh, W_ih and the saved inputs. float16 stays on
+// 16-bit), and dG[t] before it multiplies W_hh, W_ih and the saved inputs. The CPU sequence
+// kernels take the mode (their product on AMX / AVX512_BF16, bf16_product_cpu.h); where they
+// decline, the step loop calls MKL's bf16 GEMM (MixedStepWeight). float16 stays on
 // fp32 GEMMs: on a CPU without AMX-FP16, MKL's fp16 GEMM was 10-20% slower than the fp32 path
 // (bench/NOTES.md).
 bool gemm_operands_16bit(const at::Tensor& input, const LayerOptions& opts) {
@@ -474,9 +476,10 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
   const bool has_proj = p.w_hr.defined();
   // The 16-bit GEMM mode (gemm_operands_16bit): x2d, W_ih, W_hh and h0_16bit are 16-bit.
   const bool low = h0_16bit.defined();
-  // The sequence kernels run the plain cell only, in fp32.
-  const bool try_sequence = !low && !has_proj && !opts.has_variants() &&
-                            kernels.forward_sequence && sequence_kernels_on(kernels, layout);
+  // The sequence kernels run the plain cell only (in the 16-bit mode: bfloat16 where the
+  // device's kernel has the mode, ForwardSequenceArgs::w_hh_bf16).
+  const bool try_sequence = !has_proj && !opts.has_variants() && kernels.forward_sequence &&
+                            sequence_kernels_on(kernels, layout);
   const at::Tensor bias = p.b_ih.defined() ? p.b_ih + p.b_hh : at::Tensor();
   // All steps' input projections at once. A sequence kernel adds the biases in its gate math
   // (saving a pass over the (N, 4H) gates); the step kernels get them folded in here. With
@@ -500,8 +503,17 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     ForwardSequenceArgs<T> args;
     static_cast<SequenceShape&>(args) = layout.shape(H, reverse);
     args.gates = gates.data_ptr<T>();
-    args.bias = bias.defined() ? bias.data_ptr<T>() : nullptr;
-    args.w_hh = p.w_hh.data_ptr<T>();
+    // (the 16-bit mode's input GEMM added the biases)
+    args.bias = bias.defined() && !low ? bias.data_ptr<T>() : nullptr;
+    const at::Tensor w_hh = p.w_hh.contiguous(), h0_bf16 = low ? h0_16bit.contiguous() : h0_16bit;
+    if (low) {
+      TORCH_INTERNAL_ASSERT(w_hh.scalar_type() == at::kBFloat16);
+      args.w_hh = nullptr;
+      args.w_hh_bf16 = static_cast<const uint16_t*>(w_hh.const_data_ptr());
+      args.h0_bf16 = static_cast<const uint16_t*>(h0_bf16.const_data_ptr());
+    } else {
+      args.w_hh = w_hh.data_ptr<T>();
+    }
     args.h0 = h_state.data_ptr<T>();
     args.hidden_state = h_state.data_ptr<T>();
     args.cell_state = c_state.data_ptr<T>();
@@ -509,7 +521,8 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     args.output = output.data_ptr<T>() + d * P;
     args.output_stride = out_stride;
     if (kernels.forward_sequence(args)) return;
-    if (bias.defined() && N > 0) gates.add_(bias);  // declined: the step kernels need them in
+    // declined: the step kernels need the biases in
+    if (bias.defined() && !low && N > 0) gates.add_(bias);
   }
   const auto options = gates.options();
   at::Tensor r_buffer = has_proj ? at::empty({layout.batch, H}, options) : at::Tensor();
@@ -885,7 +898,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       ln_grad_sums = at::zeros({kLayerNormGradWidth * H}, options);
     }
     bool looped = false;
-    if (!low && !has_proj && clip_mode == kClipOff && !opts.has_variants() &&
+    if (!has_proj && clip_mode == kClipOff && !opts.has_variants() &&
         step_kernels.backward_sequence && sequence_kernels_on(step_kernels, layout) &&
         (!record_flow || step_kernels.backward_sequence_flow)) {
       BackwardSequenceArgs<T> args;
@@ -895,10 +908,19 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       args.c0 = c0_d.data_ptr<T>();
       args.grad_output = dy.defined() ? dy.data_ptr<T>() + d * P : nullptr;
       args.grad_output_stride = D * P;
-      args.w_hh = p.w_hh.data_ptr<T>();
+      const at::Tensor w_hh = p.w_hh.contiguous();
       args.dhidden = dh.data_ptr<T>();
       args.dcell = dc.data_ptr<T>();
-      args.dgates = dgates.data_ptr<T>();
+      if (low) {
+        TORCH_INTERNAL_ASSERT(w_hh.scalar_type() == at::kBFloat16);
+        args.w_hh = nullptr;
+        args.dgates = nullptr;
+        args.w_hh_bf16 = static_cast<const uint16_t*>(w_hh.const_data_ptr());
+        args.dgates_bf16 = static_cast<uint16_t*>(dgates_16bit.data_ptr());
+      } else {
+        args.w_hh = w_hh.data_ptr<T>();
+        args.dgates = dgates.data_ptr<T>();
+      }
       args.sum_squares =
           record_flow ? sum_squares.data_ptr<T>() + d * layout.steps * 2 : nullptr;
       looped = step_kernels.backward_sequence(args);

@@ -7,7 +7,8 @@ replacement for torch.nn.LSTM; `convert` swaps it into a model and `revert` back
 __version__ = "0.1.0"
 
 from . import functional, reference
-from .functional import BACKENDS, available_backends, set_16bit_gemm, set_flush_denormals
+from .functional import (BACKENDS, available_backends, set_16bit_gemm, set_cpu_bf16_product,
+                         set_flush_denormals)
 from .module import LSTM, convert, revert
 from . import gradflow
 from .gradflow import log_gradients, record_gradient_flow
@@ -15,4 +16,5 @@ from .gradflow import log_gradients, record_gradient_flow
 __all__ = ["LSTM", "convert", "revert", "functional", "reference", "BACKENDS", "available_backends",
            "gradflow", "record_gradient_flow", "log_gradients", "set_flush_denormals",
            "set_16bit_gemm",
+           "set_cpu_bf16_product",
            "__version__"]

@@ -16,7 +16,7 @@ from . import reference
 from .options import CLIP_MODES, LayerOptions
 
 __all__ = ["BACKENDS", "available_backends", "backend_unavailable_reason", "draw_masks", "lstm",
-           "set_flush_denormals", "set_16bit_gemm"]
+           "set_flush_denormals", "set_16bit_gemm", "set_cpu_bf16_product"]
 
 # Set on the first successful load of the compiled ops; kept as a module global so that
 # torch.compile sees a constant after the library has been loaded once (LSTM.__init__ with
@@ -72,15 +72,29 @@ def set_flush_denormals(enabled: bool) -> bool:
 
 
 def set_16bit_gemm(enabled: bool) -> bool:
-    """Whether a bfloat16 layer on the CPU runs its GEMMs with bfloat16 operands (MKL's bf16
-    GEMM, where the CPU has AMX-BF16 or AVX512_BF16; fp32 accumulation; the gates and the
-    cell state stay fp32; h and the gate gradients are rounded to bf16 where they enter a
-    product). On by default; off, every GEMM runs in fp32 on converted copies, as before.
+    """Whether a bfloat16 layer on the CPU runs its GEMMs with bfloat16 operands (where the CPU
+    has AMX-BF16 or AVX512_BF16: MKL's bf16 GEMM for the large ones, the recurrent product in
+    the fused sequence kernels as `set_cpu_bf16_product` says; fp32 accumulation; the gates
+    and the cell state stay fp32; h and the gate gradients are rounded to bf16 where they enter
+    a product). On by default; off, every GEMM runs in fp32 on converted copies, as before.
     float16 layers, layers with proj_size or a cell variant, and devices other than the CPU
     always compute their GEMMs in fp32. Returns the previous setting. The environment variable
     LSTM_FUSED_16BIT_GEMM=0 turns it off at start-up."""
     _load_fused()
     return torch.ops.lstm_fused.set_16bit_gemm(bool(enabled))
+
+
+def set_cpu_bf16_product(kind: str) -> str:
+    """Which instructions run the recurrent product of a bfloat16 layer on the CPU, in the
+    fused sequence kernels (the 16-bit GEMM mode; W_hh packed once per call, each thread
+    multiplying its own slice): "auto" (the default: AMX tiles where the CPU and OS allow
+    them, else AVX512_BF16 dot products on AMD CPUs, else MKL's bf16 GEMM step by step),
+    "amx", "avx512" (also on Intel CPUs, where vdpbf16ps runs at half the fp32 FMA rate), or
+    "none" (MKL step by step). All give the same numbers but for the order of fp32 sums.
+    Returns the previous setting; the environment variable LSTM_FUSED_BF16_PRODUCT sets it at
+    start-up. `torch.ops.lstm_fused.cpu_bf16_product()` says which one runs now."""
+    _load_fused()
+    return torch.ops.lstm_fused.set_cpu_bf16_product(str(kind))
 
 
 def available_backends() -> list[str]:

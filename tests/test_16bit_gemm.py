@@ -40,6 +40,30 @@ def mode_16bit():
     lstm_fused.set_16bit_gemm(previous)
 
 
+def _products():
+    """The bfloat16 product kinds of the CPU sequence kernels this machine runs
+    (lstm_fused.set_cpu_bf16_product); "none" is MKL's GEMM step by step."""
+    kinds = []
+    for kind in ("amx", "avx512", "none"):
+        try:
+            previous = lstm_fused.set_cpu_bf16_product(kind)
+        except RuntimeError:
+            continue
+        lstm_fused.set_cpu_bf16_product(previous)
+        kinds.append(kind)
+    return kinds
+
+
+@pytest.fixture(params=["amx", "avx512", "none"])
+def bf16_product(request, mode_16bit):
+    if request.param not in _products():
+        pytest.skip(f"this CPU does not run the {request.param} bf16 product")
+    previous = lstm_fused.set_cpu_bf16_product(request.param)
+    assert torch.ops.lstm_fused.cpu_bf16_product() == request.param
+    yield request.param
+    lstm_fused.set_cpu_bf16_product(previous)
+
+
 def _round(v, dtype):
     """v rounded to dtype, with the gradient of the identity."""
     return v + (v.to(dtype).double() - v).detach()
@@ -124,12 +148,18 @@ CASES = {
     "bidirectional": dict(bidirectional=True),
     "packed-bi": dict(bidirectional=True, lengths=[7, 5, 5, 2, 1]),
     "B1-long": dict(T=40, B=1),
+    # the sequence kernels' tiles: 37 rows (2 + 1 blocks of 16), 4H = 160 columns, a depth
+    # of 40 (padded to 64); two slices of 64 and 68 units, a backward depth of 528 (padded)
+    "tails": dict(T=5, B=37, I=10, H=40),
+    "two-slices": dict(T=4, B=16, I=6, H=132),
+    "packed-tails": dict(bidirectional=True, I=9, H=36,
+                         lengths=[6, 6, 5, 5, 5, 4, 3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1]),
 }
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_16bit_mode_is_its_oracle(mode_16bit, dtype, case):
+def test_16bit_mode_is_its_oracle(bf16_product, dtype, case):
     layer = make(dtype, **CASES[case])
     inputs = [layer["x"], layer["hx"], layer["cx"], *layer["params"]]
     ours = functional.BACKENDS["fused"](layer["x"], layer["hx"], layer["cx"], layer["params"],
@@ -210,3 +240,40 @@ def test_16bit_mode_takes_any_strides(mode_16bit):
     assert not permuted(layer["hx"]).is_contiguous()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bf16_products_record_the_same_flow(mode_16bit):
+    """Gradient-flow telemetry of a bfloat16 layer: each product kind's sequence backward
+    records the sums the per-step path records (up to the order of fp32 sums)."""
+    torch.manual_seed(0)
+    m = lstm_fused.LSTM(10, 48, bidirectional=True, dtype=torch.bfloat16)
+    x = torch.randn(12, 20, 10).to(torch.bfloat16)
+    norms = {}
+    for kind in _products():
+        previous = lstm_fused.set_cpu_bf16_product(kind)
+        try:
+            with lstm_fused.record_gradient_flow(m) as flow:
+                out, _ = m(x)
+                out.float().square().sum().backward()
+        finally:
+            lstm_fused.set_cpu_bf16_product(previous)
+        norms[kind] = (flow[""].dc_norm.double(), flow[""].dh_norm.double())
+    for kind, (dc, dh) in norms.items():
+        torch.testing.assert_close(dc, norms["none"][0], rtol=2e-2, atol=0)
+        torch.testing.assert_close(dh, norms["none"][1], rtol=2e-2, atol=0)
+
+
+def test_set_cpu_bf16_product():
+    previous = lstm_fused.set_cpu_bf16_product("none")
+    try:
+        assert torch.ops.lstm_fused.cpu_bf16_product() == "none"
+        assert lstm_fused.set_cpu_bf16_product("auto") == "none"
+        assert torch.ops.lstm_fused.cpu_bf16_product() in ("amx", "avx512", "none")
+        with pytest.raises(RuntimeError, match="must be one of 'auto', 'amx', 'avx512', 'none'"):
+            lstm_fused.set_cpu_bf16_product("tiles")
+        for kind in ("amx", "avx512"):
+            if kind not in _products():
+                with pytest.raises(RuntimeError, match="this CPU"):
+                    lstm_fused.set_cpu_bf16_product(kind)
+    finally:
+        lstm_fused.set_cpu_bf16_product(previous)

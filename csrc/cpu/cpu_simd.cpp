@@ -2,7 +2,16 @@
 // level; lstm_fused/_loader.py loads the best one the CPU has):
 //
 //   lstm_fused::cpu_simd() -> str      "avx512", "avx2" or "default"
+//
+// and which instructions the CPU sequence kernels' bfloat16 product runs on
+// (bf16_product_cpu.h; "none": bfloat16 layers take the per-step path):
+//
+//   lstm_fused::cpu_bf16_product() -> str   "amx", "avx512" or "none"
+//   lstm_fused::set_cpu_bf16_product(str kind) -> str   "auto", "amx", "avx512" or "none";
+//                                                       returns the previous setting
 #include <torch/library.h>
+
+#include "bf16_product_cpu.h"
 
 #include <string>
 
@@ -15,4 +24,10 @@
 TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   m.def("cpu_simd() -> str",
         []() { return std::string(LSTM_FUSED_STRINGIFY(LSTM_FUSED_CPU_SIMD_LEVEL)); });
+  m.def("cpu_bf16_product() -> str", []() {
+    return std::string(
+        lstm_fused::cpu::bf16_product_name(lstm_fused::cpu::bf16_product_kind()));
+  });
+  m.def("set_cpu_bf16_product(str kind) -> str",
+        [](const std::string& kind) { return lstm_fused::cpu::set_bf16_product(kind); });
 }

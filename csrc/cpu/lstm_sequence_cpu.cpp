@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../step_weight.h"
+#include "bf16_product_cpu.h"
 #include "flush_denormals.h"
 #include "lstm_rows_cpu.h"
 
@@ -58,6 +59,61 @@ class SequentialBlas {
   int previous_;
 };
 
+// Each row's last step, whose h is its h_n.
+template <typename T>
+std::vector<int64_t> last_steps(const ForwardSequenceArgs<T>& a) {
+  std::vector<int64_t> last_step(a.batch, 0);
+  if (!a.reverse) {
+    for (int64_t t = 0; t < a.steps; ++t)
+      for (int64_t r = 0; r < a.batch_sizes[t]; ++r) last_step[r] = t;
+  }
+  return last_step;
+}
+
+// h_n of hidden units [j0, j1): each row's h at its last step.
+template <typename T>
+void copy_final_hidden(const ForwardSequenceArgs<T>& a, const std::vector<int64_t>& last_step,
+                       int64_t j0, int64_t j1) {
+  for (int64_t r = 0; r < a.batch; ++r) {
+    const T* h = a.output + (a.offsets[last_step[r]] + r) * a.output_stride + j0;
+    std::memcpy(a.hidden_state + r * a.hidden + j0, h, (j1 - j0) * sizeof(T));
+  }
+}
+
+// Row r of step t, hidden units [j0, j1): dh[t] = dh_next + dy, then dc[t] and dG[t] into
+// dgates_row (columns q H + j). With kSums, adds the row's sums of squares of dc[t] and dh[t]
+// to sums[0] and sums[1].
+template <typename T, bool kSums>
+void backward_units(const BackwardSequenceArgs<T>& a, int64_t t, int64_t r, int64_t j0,
+                    int64_t j1, T* dgates_row, T* sums) {
+  const int64_t H = a.hidden, row = a.offsets[t] + r;
+  const T* grad_output = a.grad_output ? a.grad_output + row * a.grad_output_stride : nullptr;
+  const T dh_sum =
+      hidden_grad_row<T, kClipOff, kSums>(a.dhidden + r * H, grad_output, T(0), j0, j1);
+  const int64_t prev = a.previous(t);
+  const T* cell_prev = r < a.continuing_rows(t) ? a.cells + (a.offsets[prev] + r) * H
+                                                 : a.c0 + r * H;
+  const T dc_sum = backward_row<T, kClipOff, false, kSums>(
+      a.gates + row * 4 * H, H, a.cells + row * H, cell_prev, a.dhidden + r * H,
+      a.dcell + r * H, dgates_row, T(0), T(1), j0, j1);
+  if constexpr (kSums) {
+    sums[0] += dc_sum;
+    sums[1] += dh_sum;
+  }
+}
+
+// The telemetry's per-step sums: each slice's, added in slice order (no atomics: the same
+// bits for the same thread count). slice_sums: [slices, steps, 2].
+template <typename T>
+void add_slice_sums(const std::vector<T>& slice_sums, int64_t slices, int64_t steps,
+                    T* sum_squares) {
+  for (int64_t i = 0; i < steps * 2; ++i) {
+    T total = 0;
+    for (int64_t k = 0; k < slices; ++k) total += slice_sums[k * steps * 2 + i];
+    sum_squares[i] = total;
+  }
+}
+
 template <typename T>
 at::TensorOptions options_of() {
   return at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
@@ -81,12 +137,7 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
                          /*transposed=*/true, B, pack_budget);
     recurrent.push_back(at::empty({B, 4 * width}, options_of<T>()));
   }
-  // Each row's last step, whose h is its h_n.
-  std::vector<int64_t> last_step(B, 0);
-  if (!a.reverse) {
-    for (int64_t t = 0; t < a.steps; ++t)
-      for (int64_t r = 0; r < a.batch_sizes[t]; ++r) last_step[r] = t;
-  }
+  const std::vector<int64_t> last_step = last_steps(a);
 #pragma omp parallel num_threads(slices)
   {
     const SequentialBlas sequential;
@@ -117,11 +168,69 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
 #pragma omp barrier
     }
     for (int64_t k = thread; k < slices; k += team) {
-      const int64_t j0 = bounds[k], width = bounds[k + 1] - j0;
-      for (int64_t r = 0; r < B; ++r) {
-        const T* h = a.output + (a.offsets[last_step[r]] + r) * ld + j0;
-        std::memcpy(a.hidden_state + r * H + j0, h, width * sizeof(T));
+      copy_final_hidden(a, last_step, bounds[k], bounds[k + 1]);
+    }
+  }
+  return true;
+}
+
+// The forward of a bfloat16 layer in the 16-bit GEMM mode (ForwardSequenceArgs::w_hh_bf16):
+// the same slices, with each slice's product on bf16 operands (bf16_product_cpu.h). h[t-1]
+// comes from a bf16 copy that each thread writes for its units as it computes them; two
+// copies alternate, so a step's products read one while its gate math fills the other. Both
+// start as h0: in the reverse direction of packed input a row that starts late finds h0 there
+// (rows never stop and restart).
+bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
+  const Bf16Product kind = bf16_product_kind();
+  if (kind == Bf16Product::kNone) return false;
+  const int64_t H = a.hidden, B = a.batch, ld = a.output_stride;
+  const std::vector<int64_t> bounds = slice_bounds<float>(H, B, at::get_num_threads());
+  const int64_t slices = static_cast<int64_t>(bounds.size()) - 1;
+  std::vector<Bf16Weight> weights;  // per slice: rows q H + j of W_hh for its units j
+  for (int64_t k = 0; k < slices; ++k) {
+    std::vector<const uint16_t*> rows;
+    for (int64_t q = 0; q < 4; ++q)
+      for (int64_t j = bounds[k]; j < bounds[k + 1]; ++j) rows.push_back(a.w_hh_bf16 + (q * H + j) * H);
+    weights.emplace_back(rows, H, /*depth_stride=*/1, kind);
+  }
+  const int64_t padded_rows = Bf16Weight::round_up(B, Bf16Weight::kRowBlock);
+  const int64_t depth = weights[0].padded_depth();  // all slices multiply h (B x H)
+  AlignedBuffer<uint16_t> hidden = aligned_zeros<uint16_t>(2 * padded_rows * depth);
+  for (int64_t copy = 0; copy < 2; ++copy)
+    for (int64_t r = 0; r < B; ++r)
+      std::memcpy(hidden.get() + (copy * padded_rows + r) * depth, a.h0_bf16 + r * H, H * 2);
+  std::vector<AlignedBuffer<float>> recurrent;  // per slice: [padded_rows, padded_cols]
+  for (const Bf16Weight& w : weights) {
+    recurrent.push_back(aligned_zeros<float>(padded_rows * w.padded_cols()));
+  }
+  const std::vector<int64_t> last_step = last_steps(a);
+#pragma omp parallel num_threads(slices)
+  {
+    const FlushDenormals flush;  // this thread's MXCSR, restored at the region's end
+    const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
+    for (int64_t s = 0; s < a.steps; ++s) {
+      const int64_t t = a.time(s);
+      const int64_t rows = a.batch_sizes[t], offset = a.offsets[t];
+      const uint16_t* h_prev = hidden.get() + (s % 2) * padded_rows * depth;
+      uint16_t* h_next = hidden.get() + ((s + 1) % 2) * padded_rows * depth;
+      for (int64_t k = thread; k < slices; k += team) {
+        const int64_t j0 = bounds[k], j1 = bounds[k + 1], width = j1 - j0;
+        const int64_t ldr = weights[k].padded_cols();
+        float* rec = recurrent[k].get();
+        weights[k].multiply(rows, rec, ldr, h_prev, depth);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* h_row = a.output + (offset + r) * ld;
+          forward_row<float>(a.gates + (offset + r) * 4 * H, H, nullptr, rec + r * ldr, width,
+                             a.cell_state + r * H, a.cells + (offset + r) * H, nullptr, h_row,
+                             j0, j1);
+          at::vec::convert(h_row + j0, reinterpret_cast<c10::BFloat16*>(h_next + r * depth) + j0,
+                           width);
+        }
       }
+#pragma omp barrier
+    }
+    for (int64_t k = thread; k < slices; k += team) {
+      copy_final_hidden(a, last_step, bounds[k], bounds[k + 1]);
     }
   }
   return true;
@@ -152,26 +261,12 @@ bool backward_sequence_impl(const BackwardSequenceArgs<T>& a) {
     for (int64_t s = a.steps - 1; s >= 0; --s) {
       const int64_t t = a.time(s);
       const int64_t rows = a.batch_sizes[t], offset = a.offsets[t];
-      const int64_t prev = a.previous(t), continuing = a.continuing_rows(t);
       // dh[t], dc[t] and dG[t] of this thread's units (dh_next of its units is its own).
       for (int64_t k = thread; k < slices; k += team) {
         const int64_t j0 = bounds[k], j1 = bounds[k + 1];
-        T dc_sum = 0, dh_sum = 0;
+        T* sums = kSums ? &slice_sums[(k * a.steps + t) * 2] : nullptr;
         for (int64_t r = 0; r < rows; ++r) {
-          const T* grad_output =
-              a.grad_output ? a.grad_output + (offset + r) * a.grad_output_stride : nullptr;
-          dh_sum += hidden_grad_row<T, kClipOff, kSums>(a.dhidden + r * H, grad_output, T(0),
-                                                        j0, j1);
-          const T* cell_prev =
-              r < continuing ? a.cells + (a.offsets[prev] + r) * H : a.c0 + r * H;
-          dc_sum += backward_row<T, kClipOff, false, kSums>(
-              a.gates + (offset + r) * 4 * H, H, a.cells + (offset + r) * H, cell_prev,
-              a.dhidden + r * H, a.dcell + r * H, a.dgates + (offset + r) * 4 * H, T(0), T(1),
-              j0, j1);
-        }
-        if constexpr (kSums) {
-          slice_sums[(k * a.steps + t) * 2] = dc_sum;
-          slice_sums[(k * a.steps + t) * 2 + 1] = dh_sum;
+          backward_units<T, kSums>(a, t, r, j0, j1, a.dgates + (offset + r) * 4 * H, sums);
         }
       }
 #pragma omp barrier
@@ -182,13 +277,75 @@ bool backward_sequence_impl(const BackwardSequenceArgs<T>& a) {
       }
     }
   }
-  if constexpr (kSums) {
-    for (int64_t i = 0; i < a.steps * 2; ++i) {
-      T total = 0;
-      for (int64_t k = 0; k < slices; ++k) total += slice_sums[k * a.steps * 2 + i];
-      a.sum_squares[i] = total;
+  if constexpr (kSums) add_slice_sums(slice_sums, slices, a.steps, a.sum_squares);
+  return true;
+}
+
+// The backward of a bfloat16 layer in the 16-bit GEMM mode (BackwardSequenceArgs::
+// w_hh_bf16): as backward_sequence_impl, with dG[t] rounded to bfloat16 as it is produced, and
+// dL/dh[t-1] of a slice's units = dG[t] W_hh[:, units] on bf16 operands. The step's bf16 dG
+// alternates between two padded copies (a slice's product may still read step t's while the
+// others write step t-1's), and goes to dgates_bf16 for the driver's weight GEMMs.
+template <bool kSums>
+bool backward_sequence_bf16(const BackwardSequenceArgs<float>& a) {
+  const Bf16Product kind = bf16_product_kind();
+  if (kind == Bf16Product::kNone) return false;
+  const int64_t H = a.hidden, B = a.batch;
+  const std::vector<int64_t> bounds = slice_bounds<float>(H, B, at::get_num_threads());
+  const int64_t slices = static_cast<int64_t>(bounds.size()) - 1;
+  // per slice: the columns j of W_hh of its units (the weights of unit j's dL/dh in every
+  // gate), as the rows of the product's W
+  std::vector<Bf16Weight> weights;
+  for (int64_t k = 0; k < slices; ++k) {
+    std::vector<const uint16_t*> columns;
+    for (int64_t j = bounds[k]; j < bounds[k + 1]; ++j) columns.push_back(a.w_hh_bf16 + j);
+    weights.emplace_back(columns, 4 * H, /*depth_stride=*/H, kind);
+  }
+  const int64_t padded_rows = Bf16Weight::round_up(B, Bf16Weight::kRowBlock);
+  const int64_t depth = weights[0].padded_depth();
+  AlignedBuffer<uint16_t> dgates_16bit = aligned_zeros<uint16_t>(2 * padded_rows * depth);
+  AlignedBuffer<float> dgates = aligned_zeros<float>(B * 4 * H);  // one step's, fp32
+  std::vector<AlignedBuffer<float>> products;  // per slice: [padded_rows, padded_cols]
+  for (const Bf16Weight& w : weights) {
+    products.push_back(aligned_zeros<float>(padded_rows * w.padded_cols()));
+  }
+  std::vector<float> slice_sums(kSums ? slices * a.steps * 2 : 0, 0.0f);
+#pragma omp parallel num_threads(slices)
+  {
+    const FlushDenormals flush;  // this thread's MXCSR, restored at the region's end
+    const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
+    for (int64_t s = a.steps - 1; s >= 0; --s) {
+      const int64_t t = a.time(s);
+      const int64_t rows = a.batch_sizes[t], offset = a.offsets[t];
+      uint16_t* step_16bit = dgates_16bit.get() + (s % 2) * padded_rows * depth;
+      for (int64_t k = thread; k < slices; k += team) {
+        const int64_t j0 = bounds[k], j1 = bounds[k + 1], width = j1 - j0;
+        float* sums = kSums ? &slice_sums[(k * a.steps + t) * 2] : nullptr;
+        for (int64_t r = 0; r < rows; ++r) {
+          float* dgates_row = dgates.get() + r * 4 * H;
+          backward_units<float, kSums>(a, t, r, j0, j1, dgates_row, sums);
+          for (int64_t q = 0; q < 4; ++q) {
+            uint16_t* rounded = step_16bit + r * depth + q * H + j0;
+            at::vec::convert(dgates_row + q * H + j0, reinterpret_cast<c10::BFloat16*>(rounded),
+                             width);
+            std::memcpy(a.dgates_bf16 + (offset + r) * 4 * H + q * H + j0, rounded, width * 2);
+          }
+        }
+      }
+#pragma omp barrier
+      // dh_next of this thread's units = dG[t] (all units, bf16) W_hh[:, units].
+      for (int64_t k = thread; k < slices; k += team) {
+        const int64_t j0 = bounds[k], width = bounds[k + 1] - j0;
+        const int64_t ldp = weights[k].padded_cols();
+        float* product = products[k].get();
+        weights[k].multiply(rows, product, ldp, step_16bit, depth);
+        for (int64_t r = 0; r < rows; ++r) {
+          std::memcpy(a.dhidden + r * H + j0, product + r * ldp, width * sizeof(float));
+        }
+      }
     }
   }
+  if constexpr (kSums) add_slice_sums(slice_sums, slices, a.steps, a.sum_squares);
   return true;
 }
 
@@ -196,11 +353,22 @@ bool backward_sequence_impl(const BackwardSequenceArgs<T>& a) {
 
 template <typename T>
 bool forward_sequence(const ForwardSequenceArgs<T>& args) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (args.w_hh_bf16 != nullptr) return forward_sequence_bf16(args);
+  }
+  if (args.w_hh_bf16 != nullptr) return false;
   return forward_sequence_impl(args);
 }
 
 template <typename T>
 bool backward_sequence(const BackwardSequenceArgs<T>& args) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (args.w_hh_bf16 != nullptr) {
+      return args.sum_squares ? backward_sequence_bf16<true>(args)
+                              : backward_sequence_bf16<false>(args);
+    }
+  }
+  if (args.w_hh_bf16 != nullptr) return false;
   return args.sum_squares ? backward_sequence_impl<T, true>(args)
                           : backward_sequence_impl<T, false>(args);
 }

@@ -129,11 +129,13 @@ bool run_sequence(const Args& a, Kernel kernel, bool backward, Fill fill) {
 }
 
 bool persistent_forward_sequence(const ForwardSequenceArgs<float>& a) {
+  if (a.w_hh_bf16 != nullptr) return false;  // the 16-bit GEMM mode is the CPU's only
   return run_sequence<ForwardParams>(a, persistent_forward_kernel, /*backward=*/false,
                                      fill_forward_params);
 }
 
 bool persistent_backward_sequence(const BackwardSequenceArgs<float>& a) {
+  if (a.w_hh_bf16 != nullptr) return false;  // the 16-bit GEMM mode is the CPU's only
   return run_sequence<BackwardParams>(a, persistent_backward_kernel, /*backward=*/true,
                                       fill_backward_params);
 }

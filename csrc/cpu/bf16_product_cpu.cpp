@@ -1,0 +1,293 @@
+// bfloat16 products of the CPU sequence kernels (bf16_product_cpu.h): AMX tiles and
+// AVX512_BF16 dot products. Only the AVX-512 library has them (a CPU that loads the AVX2 or
+// default library has neither, and those hold no AVX-512 instruction: test_cpu_dispatch);
+// there bf16_product_kind() is kNone. The kernels carry AMX / AVX512_BF16 as function targets,
+// and cpuid decides at run time which one runs.
+#include "bf16_product_cpu.h"
+
+#include <c10/util/Exception.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <string>
+
+#define LSTM_FUSED_TARGET_AMX __attribute__((target("avx512f,amx-tile,amx-bf16")))
+#define LSTM_FUSED_TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bf16")))
+
+namespace lstm_fused {
+namespace cpu {
+namespace {
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Linux gives a process AMX's tile data (8 KiB of state per thread) only on request.
+bool amx_permitted() {
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+#endif
+
+// What this CPU and OS can run.
+struct Support {
+  bool amx = false, avx512_bf16 = false, amd = false;
+};
+
+const Support& support() {
+  static const Support s = [] {
+    Support found;
+#if defined(CPU_CAPABILITY_AVX512)
+    __builtin_cpu_init();
+    found.avx512_bf16 =
+        __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+    found.amx = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("amx-tile") &&
+                __builtin_cpu_supports("amx-bf16") && amx_permitted();
+    found.amd = __builtin_cpu_is("amd");
+#endif
+    return found;
+  }();
+  return s;
+}
+
+// The setting: "auto", "amx", "avx512" or "none".
+std::string& setting() {
+  static std::string value = [] {
+    const char* env = std::getenv("LSTM_FUSED_BF16_PRODUCT");
+    const std::string v = env ? env : "auto";
+    return (v == "amx" || v == "avx512" || v == "none") ? v : std::string("auto");
+  }();
+  return value;
+}
+std::mutex setting_mutex;
+
+#if defined(CPU_CAPABILITY_AVX512)
+
+// ---- AMX: C tiles 0-3 (2 x 2 blocks of 16 x 16 fp32), A tiles 4-5, B tiles 6-7 -----------
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// kRows x kCols tiles of 16 x 16 fp32 at out (row stride ldo): a (16 kRows rows) times the
+// column blocks at `panel` (kCols of them, `block_stride` apart), over k_blocks of 32.
+template <int kRows, int kCols>
+LSTM_FUSED_TARGET_AMX void amx_block(const uint16_t* a, int64_t lda, const uint32_t* panel,
+                                     int64_t block_stride, int64_t k_blocks, float* out,
+                                     int64_t ldo) {
+  const int64_t a_bytes = lda * 2, out_bytes = ldo * 4;
+  _tile_zero(0);
+  if constexpr (kCols > 1) _tile_zero(1);
+  if constexpr (kRows > 1) _tile_zero(2);
+  if constexpr (kRows > 1 && kCols > 1) _tile_zero(3);
+  for (int64_t kb = 0; kb < k_blocks; ++kb) {
+    // A: 16 rows x 32 bf16; B: 16 pairs x 16 columns (VNNI), 1 KiB contiguous
+    _tile_loadd(4, a + kb * 32, a_bytes);
+    _tile_loadd(6, panel + kb * 256, 64);
+    if constexpr (kCols > 1) _tile_loadd(7, panel + block_stride + kb * 256, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (kCols > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (kRows > 1) {
+      _tile_loadd(5, a + 16 * lda + kb * 32, a_bytes);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (kCols > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, out, out_bytes);
+  if constexpr (kCols > 1) _tile_stored(1, out + 16, out_bytes);
+  if constexpr (kRows > 1) _tile_stored(2, out + 16 * ldo, out_bytes);
+  if constexpr (kRows > 1 && kCols > 1) _tile_stored(3, out + 16 * ldo + 16, out_bytes);
+}
+
+LSTM_FUSED_TARGET_AMX void amx_multiply(int64_t rows, int64_t n_pad, int64_t k_pad,
+                                        const uint32_t* packed, float* out, int64_t ldo,
+                                        const uint16_t* a, int64_t lda) {
+  TileConfig config;
+  for (int tile = 0; tile < 8; ++tile) {
+    config.rows[tile] = 16;
+    config.bytes_per_row[tile] = 64;
+  }
+  _tile_loadconfig(&config);
+  const int64_t block_stride = k_pad / 2 * 16, k_blocks = k_pad / 32;
+  const int64_t row_blocks = Bf16Weight::round_up(rows, 16) / 16, col_blocks = n_pad / 16;
+  // Column blocks in chunks whose weights fit half of a core's L2 (1 MiB on Zen 4, 2 MiB on
+  // Sapphire Rapids): a chunk's weights stay there while every row block passes, and a is
+  // read once per chunk (at B256 H1024 the slice's W_hh is 4 MiB).
+  constexpr int64_t kChunkBytes = int64_t(1) << 19;
+  const int64_t chunk = std::max<int64_t>(2, kChunkBytes / (block_stride * 4) / 2 * 2);
+  for (int64_t chunk_begin = 0; chunk_begin < col_blocks; chunk_begin += chunk) {
+  const int64_t chunk_end = std::min(col_blocks, chunk_begin + chunk);
+  for (int64_t rb = 0; rb < row_blocks; rb += 2) {
+  for (int64_t cb = chunk_begin; cb < chunk_end; cb += 2) {
+    const uint32_t* panel = packed + cb * block_stride;
+    const bool two_cols = cb + 1 < chunk_end;
+    {
+      const uint16_t* a_rows = a + rb * 16 * lda;
+      float* out_block = out + rb * 16 * ldo + cb * 16;
+      if (rb + 1 < row_blocks) {
+        if (two_cols) {
+          amx_block<2, 2>(a_rows, lda, panel, block_stride, k_blocks, out_block, ldo);
+        } else {
+          amx_block<2, 1>(a_rows, lda, panel, block_stride, k_blocks, out_block, ldo);
+        }
+      } else if (two_cols) {
+        amx_block<1, 2>(a_rows, lda, panel, block_stride, k_blocks, out_block, ldo);
+      } else {
+        amx_block<1, 1>(a_rows, lda, panel, block_stride, k_blocks, out_block, ldo);
+      }
+    }
+  }
+  }
+  }
+  _tile_release();  // the tile state is large: give it back (as oneDNN does)
+}
+
+// ---- AVX512_BF16: 4 rows x kCols zmm columns of accumulators -------------------------------
+
+template <int kCols>
+LSTM_FUSED_TARGET_AVX512_BF16 void dot_block(const uint16_t* a, int64_t lda,
+                                             const uint32_t* panel, int64_t block_stride,
+                                             int64_t pairs, float* out, int64_t ldo) {
+  constexpr int kRows = 4;
+  __m512 acc[kRows][kCols];
+  for (int i = 0; i < kRows; ++i)
+    for (int j = 0; j < kCols; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh w[kCols];
+    for (int j = 0; j < kCols; ++j) {
+      w[j] = (__m512bh)_mm512_load_si512(panel + j * block_stride + p * 16);
+    }
+    for (int i = 0; i < kRows; ++i) {
+      int32_t pair;  // a[i][2p], a[i][2p + 1]
+      std::memcpy(&pair, a + i * lda + 2 * p, sizeof(pair));
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+      for (int j = 0; j < kCols; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], x, w[j]);
+    }
+  }
+  for (int i = 0; i < kRows; ++i)
+    for (int j = 0; j < kCols; ++j) _mm512_storeu_ps(out + i * ldo + j * 16, acc[i][j]);
+}
+
+LSTM_FUSED_TARGET_AVX512_BF16 void dot_multiply(int64_t rows, int64_t n_pad, int64_t k,
+                                                int64_t k_pad, const uint32_t* packed,
+                                                float* out, int64_t ldo, const uint16_t* a,
+                                                int64_t lda) {
+  const int64_t block_stride = k_pad / 2 * 16, col_blocks = n_pad / 16;
+  const int64_t pairs = (k + 1) / 2;  // the padding beyond holds zeros in a and in W
+  const int64_t row_end = Bf16Weight::round_up(rows, 4);
+  for (int64_t cb = 0; cb < col_blocks; cb += 4) {
+    const uint32_t* panel = packed + cb * block_stride;
+    const int64_t cols = std::min<int64_t>(4, col_blocks - cb);
+    for (int64_t r = 0; r < row_end; r += 4) {
+      const uint16_t* a_rows = a + r * lda;
+      float* out_block = out + r * ldo + cb * 16;
+      switch (cols) {
+        case 4: dot_block<4>(a_rows, lda, panel, block_stride, pairs, out_block, ldo); break;
+        case 3: dot_block<3>(a_rows, lda, panel, block_stride, pairs, out_block, ldo); break;
+        case 2: dot_block<2>(a_rows, lda, panel, block_stride, pairs, out_block, ldo); break;
+        default: dot_block<1>(a_rows, lda, panel, block_stride, pairs, out_block, ldo); break;
+      }
+    }
+  }
+}
+
+#endif  // CPU_CAPABILITY_AVX512
+
+}  // namespace
+
+Bf16Product bf16_product_kind() {
+  const Support& cpu = support();
+  std::string chosen;
+  {
+    const std::lock_guard<std::mutex> lock(setting_mutex);
+    chosen = setting();
+  }
+  if (chosen == "none") return Bf16Product::kNone;
+  if ((chosen == "auto" || chosen == "amx") && cpu.amx) return Bf16Product::kAmx;
+  // vdpbf16ps pays on Zen 4 (twice its fp32 FMA rate), not on Intel's cores with AMX, where it
+  // measured half the fp32 FMA rate (bench/NOTES.md): elsewhere only when asked for.
+  if ((chosen == "avx512" || (chosen == "auto" && cpu.amd)) && cpu.avx512_bf16) {
+    return Bf16Product::kAvx512;
+  }
+  return Bf16Product::kNone;
+}
+
+std::string set_bf16_product(const std::string& kind) {
+  const Support& cpu = support();
+  TORCH_CHECK(kind == "auto" || kind == "amx" || kind == "avx512" || kind == "none",
+              "lstm_fused: the bfloat16 product must be one of 'auto', 'amx', 'avx512', "
+              "'none'; got '", kind, "'");
+  TORCH_CHECK(kind != "amx" || cpu.amx,
+              "lstm_fused: this CPU (or its OS, or the SIMD level of the loaded library) does "
+              "not run AMX-BF16 tiles");
+  TORCH_CHECK(kind != "avx512" || cpu.avx512_bf16,
+              "lstm_fused: this CPU (or the SIMD level of the loaded library) has no "
+              "AVX512_BF16");
+  const std::lock_guard<std::mutex> lock(setting_mutex);
+  std::string previous = setting();
+  setting() = kind;
+  return previous;
+}
+
+const char* bf16_product_name(Bf16Product kind) {
+  switch (kind) {
+    case Bf16Product::kAmx: return "amx";
+    case Bf16Product::kAvx512: return "avx512";
+    default: return "none";
+  }
+}
+
+template <typename T>
+AlignedBuffer<T> aligned_zeros(int64_t count) {
+  const size_t bytes = Bf16Weight::round_up(std::max<int64_t>(count, 1) * sizeof(T), 64);
+  void* memory = std::aligned_alloc(64, bytes);
+  TORCH_CHECK(memory != nullptr, "lstm_fused: out of memory (", bytes, " bytes)");
+  std::memset(memory, 0, bytes);
+  return AlignedBuffer<T>(static_cast<T*>(memory));
+}
+template AlignedBuffer<uint16_t> aligned_zeros<uint16_t>(int64_t);
+template AlignedBuffer<uint32_t> aligned_zeros<uint32_t>(int64_t);
+template AlignedBuffer<float> aligned_zeros<float>(int64_t);
+
+Bf16Weight::Bf16Weight(const std::vector<const uint16_t*>& rows, int64_t k,
+                       int64_t depth_stride, Bf16Product kind)
+    : kind_(kind), n_(static_cast<int64_t>(rows.size())), k_(k),
+      n_pad_(round_up(n_, kColBlock)), k_pad_(round_up(k, kDepthBlock)),
+      packed_(aligned_zeros<uint32_t>(n_pad_ * k_pad_ / 2)) {
+  TORCH_INTERNAL_ASSERT(kind != Bf16Product::kNone);
+  const int64_t block_stride = k_pad_ / 2 * kColBlock;
+  // Depth outside, rows inside: a column of W_hh (depth_stride H) is read along its rows
+  // of the source, and the writes of one pair run along a block's 16 columns.
+  for (int64_t depth = 0; depth < k; depth += 2) {
+    uint32_t* pairs = packed_.get() + depth / 2 * kColBlock;
+    for (int64_t n = 0; n < n_; ++n) {
+      const uint32_t low = rows[n][depth * depth_stride];
+      const uint32_t high = depth + 1 < k ? rows[n][(depth + 1) * depth_stride] : 0;
+      pairs[n / kColBlock * block_stride + n % kColBlock] = low | (high << 16);
+    }
+  }
+}
+
+void Bf16Weight::multiply(int64_t rows, float* out, int64_t ldo, const uint16_t* a,
+                          int64_t lda) const {
+  if (rows == 0 || n_ == 0) return;
+#if defined(CPU_CAPABILITY_AVX512)
+  if (kind_ == Bf16Product::kAmx) {
+    amx_multiply(rows, n_pad_, k_pad_, packed_.get(), out, ldo, a, lda);
+  } else {
+    dot_multiply(rows, n_pad_, k_, k_pad_, packed_.get(), out, ldo, a, lda);
+  }
+#else
+  TORCH_INTERNAL_ASSERT(false, "lstm_fused: no bf16 product below the AVX-512 library");
+  (void)out, (void)ldo, (void)a, (void)lda;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace lstm_fused

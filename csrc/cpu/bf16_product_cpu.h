@@ -1,0 +1,77 @@
+// The recurrent product of the CPU sequence kernels on bfloat16 operands with fp32
+// accumulation: out = a W^T, W packed once per call of the sequence kernel, on AMX tiles where
+// the CPU (and the OS) allow them, else on AVX512_BF16 dot products. Framework-free: raw
+// pointers, no allocation per product, the calling thread only (the sequence kernel's threads
+// each multiply their own slice). The MKL bf16 GEMM the per-step path uses re-packs W at every
+// call and runs its own threads; at one step's size that is most of its time (bench/NOTES.md).
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace lstm_fused {
+namespace cpu {
+
+// Which instructions compute the product.
+enum class Bf16Product { kNone, kAvx512, kAmx };
+
+// The kind the sequence kernels use now. The setting (set_bf16_product; at start-up
+// LSTM_FUSED_BF16_PRODUCT) is "auto": kAmx with AMX-BF16 and the kernel's permission for tile
+// data (arch_prctl), else kAvx512 on AMD CPUs with AVX512_BF16, else kNone (the sequence
+// kernels then decline and the driver runs its per-step path with MKL's bf16 GEMM); or one
+// of "amx", "avx512", "none" (the tests run each kind on one machine).
+Bf16Product bf16_product_kind();
+const char* bf16_product_name(Bf16Product kind);
+// Sets the setting (checked against the CPU: "amx" / "avx512" where it has them); returns
+// the previous one.
+std::string set_bf16_product(const std::string& kind);
+
+// Memory aligned for the product's 64-byte loads and stores.
+struct AlignedFree {
+  void operator()(void* p) const { std::free(p); }
+};
+template <typename T>
+using AlignedBuffer = std::unique_ptr<T[], AlignedFree>;
+// `count` values of T, zeroed.
+template <typename T>
+AlignedBuffer<T> aligned_zeros(int64_t count);
+
+// W (n x k, bfloat16 bits) packed for out (rows x n) = a (rows x k) W^T. Operands of
+// multiply() are padded so that every tile is whole: rows to kRowBlock, a's columns to
+// padded_depth() (those columns must hold zeros), out's columns to padded_cols(); the padding
+// rows of a may hold anything (row m of a only reaches row m of out).
+class Bf16Weight {
+ public:
+  static constexpr int64_t kRowBlock = 16;    // rows of an AMX tile
+  static constexpr int64_t kColBlock = 16;    // fp32 columns of a tile / a zmm register
+  static constexpr int64_t kDepthBlock = 32;  // bf16 values of a tile row (64 bytes)
+
+  // W[n][j] at rows[n][j * depth_stride]: rows of W_hh (depth_stride 1), or its columns
+  // (depth_stride H, rows[n] at column n).
+  Bf16Weight(const std::vector<const uint16_t*>& rows, int64_t k, int64_t depth_stride,
+             Bf16Product kind);
+
+  static int64_t round_up(int64_t value, int64_t block) {
+    return (value + block - 1) / block * block;
+  }
+  int64_t padded_depth() const { return k_pad_; }
+  int64_t padded_cols() const { return n_pad_; }
+
+  // out (round_up(rows, kRowBlock) x padded_cols(), fp32, row stride ldo) = a (as many rows x
+  // padded_depth(), bf16, row stride lda) W^T.
+  void multiply(int64_t rows, float* out, int64_t ldo, const uint16_t* a, int64_t lda) const;
+
+ private:
+  Bf16Product kind_;
+  int64_t n_, k_, n_pad_, k_pad_;
+  // Column block b, pair p of the depth, column c: the pair (W[16b + c][2p], W[16b + c][2p+1])
+  // at (b * k_pad / 2 + p) * 16 + c: an AMX B tile (VNNI layout) per 32 of the depth, and one
+  // zmm per pair for the dot products.
+  AlignedBuffer<uint32_t> packed_;
+};
+
+}  // namespace cpu
+}  // namespace lstm_fused
