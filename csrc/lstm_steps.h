@@ -178,8 +178,8 @@ struct ForwardSequenceArgs : SequenceShape {
   T* output;                   // [N, >=H] out: h[t], row stride output_stride
   int64_t output_stride;
   // The 16-bit GEMM mode (a bfloat16 layer on the CPU; ops.cpp gemm_operands_16bit): W_hh and
-  // h0 as bfloat16 bits in place of w_hh, the biases already added into `gates` (bias null),
-  // and h[t] rounded to bfloat16 before it multiplies W_hh. Kernels without the mode decline.
+  // h0 as bfloat16 bits in place of w_hh, and h[t] rounded to bfloat16 before it multiplies
+  // W_hh. Kernels without the mode decline.
   const uint16_t* w_hh_bf16 = nullptr;  // [4H, H]
   const uint16_t* h0_bf16 = nullptr;    // [B, H]
 };

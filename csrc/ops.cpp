@@ -487,8 +487,9 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
   // biases added by the step kernel.
   if (N > 0) {
     if (low) {
-      if (bias.defined()) gates.copy_(bias.expand_as(gates));
-      mixed_mm(gates, x2d, p.w_ih.t(), /*accumulate=*/bias.defined());
+      const bool add_bias = bias.defined() && !try_sequence;
+      if (add_bias) gates.copy_(bias.expand_as(gates));
+      mixed_mm(gates, x2d, p.w_ih.t(), /*accumulate=*/add_bias);
     } else if (opts.layer_norm) {
       at::Tensor projected = products[0];
       at::mm_out(projected, x2d, p.w_ih.t());
@@ -503,8 +504,7 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     ForwardSequenceArgs<T> args;
     static_cast<SequenceShape&>(args) = layout.shape(H, reverse);
     args.gates = gates.data_ptr<T>();
-    // (the 16-bit mode's input GEMM added the biases)
-    args.bias = bias.defined() && !low ? bias.data_ptr<T>() : nullptr;
+    args.bias = bias.defined() ? bias.data_ptr<T>() : nullptr;
     const at::Tensor w_hh = p.w_hh.contiguous(), h0_bf16 = low ? h0_16bit.contiguous() : h0_16bit;
     if (low) {
       TORCH_INTERNAL_ASSERT(w_hh.scalar_type() == at::kBFloat16);
@@ -521,8 +521,7 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     args.output = output.data_ptr<T>() + d * P;
     args.output_stride = out_stride;
     if (kernels.forward_sequence(args)) return;
-    // declined: the step kernels need the biases in
-    if (bias.defined() && !low && N > 0) gates.add_(bias);
+    if (bias.defined() && N > 0) gates.add_(bias);  // declined: the step kernels need them in
   }
   const auto options = gates.options();
   at::Tensor r_buffer = has_proj ? at::empty({layout.batch, H}, options) : at::Tensor();

@@ -220,7 +220,7 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
         weights[k].multiply(rows, rec, ldr, h_prev, depth);
         for (int64_t r = 0; r < rows; ++r) {
           float* h_row = a.output + (offset + r) * ld;
-          forward_row<float>(a.gates + (offset + r) * 4 * H, H, nullptr, rec + r * ldr, width,
+          forward_row<float>(a.gates + (offset + r) * 4 * H, H, a.bias, rec + r * ldr, width,
                              a.cell_state + r * H, a.cells + (offset + r) * H, nullptr, h_row,
                              j0, j1);
           at::vec::convert(h_row + j0, reinterpret_cast<c10::BFloat16*>(h_next + r * depth) + j0,
