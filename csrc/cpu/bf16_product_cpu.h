@@ -57,6 +57,8 @@ class Bf16Weight {
   static int64_t round_up(int64_t value, int64_t block) {
     return (value + block - 1) / block * block;
   }
+  // a's row length for a depth of k (padded_depth() of a weight of depth k).
+  static int64_t depth_padding(int64_t k) { return round_up(k, kDepthBlock); }
   int64_t padded_depth() const { return k_pad_; }
   int64_t padded_cols() const { return n_pad_; }
 

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "../step_weight.h"
@@ -186,28 +187,29 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
   const int64_t H = a.hidden, B = a.batch, ld = a.output_stride;
   const std::vector<int64_t> bounds = slice_bounds<float>(H, B, at::get_num_threads());
   const int64_t slices = static_cast<int64_t>(bounds.size()) - 1;
-  std::vector<Bf16Weight> weights;  // per slice: rows q H + j of W_hh for its units j
-  for (int64_t k = 0; k < slices; ++k) {
-    std::vector<const uint16_t*> rows;
-    for (int64_t q = 0; q < 4; ++q)
-      for (int64_t j = bounds[k]; j < bounds[k + 1]; ++j) rows.push_back(a.w_hh_bf16 + (q * H + j) * H);
-    weights.emplace_back(rows, H, /*depth_stride=*/1, kind);
-  }
   const int64_t padded_rows = Bf16Weight::round_up(B, Bf16Weight::kRowBlock);
-  const int64_t depth = weights[0].padded_depth();  // all slices multiply h (B x H)
+  const int64_t depth = Bf16Weight::depth_padding(H);  // all slices multiply h (B x H)
   AlignedBuffer<uint16_t> hidden = aligned_zeros<uint16_t>(2 * padded_rows * depth);
   for (int64_t copy = 0; copy < 2; ++copy)
     for (int64_t r = 0; r < B; ++r)
       std::memcpy(hidden.get() + (copy * padded_rows + r) * depth, a.h0_bf16 + r * H, H * 2);
-  std::vector<AlignedBuffer<float>> recurrent;  // per slice: [padded_rows, padded_cols]
-  for (const Bf16Weight& w : weights) {
-    recurrent.push_back(aligned_zeros<float>(padded_rows * w.padded_cols()));
-  }
+  // Per slice, made by the thread that owns it (in parallel, and into that core's cache):
+  // rows q H + j of W_hh for its units j, and the product's output [padded_rows, padded_cols].
+  std::vector<std::unique_ptr<Bf16Weight>> weights(slices);
+  std::vector<AlignedBuffer<float>> recurrent(slices);
   const std::vector<int64_t> last_step = last_steps(a);
 #pragma omp parallel num_threads(slices)
   {
     const FlushDenormals flush;  // this thread's MXCSR, restored at the region's end
     const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
+    for (int64_t k = thread; k < slices; k += team) {
+      std::vector<const uint16_t*> rows;
+      for (int64_t q = 0; q < 4; ++q)
+        for (int64_t j = bounds[k]; j < bounds[k + 1]; ++j)
+          rows.push_back(a.w_hh_bf16 + (q * H + j) * H);
+      weights[k] = std::make_unique<Bf16Weight>(rows, H, /*depth_stride=*/1, kind);
+      recurrent[k] = aligned_zeros<float>(padded_rows * weights[k]->padded_cols());
+    }
     for (int64_t s = 0; s < a.steps; ++s) {
       const int64_t t = a.time(s);
       const int64_t rows = a.batch_sizes[t], offset = a.offsets[t];
@@ -215,9 +217,9 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
       uint16_t* h_next = hidden.get() + ((s + 1) % 2) * padded_rows * depth;
       for (int64_t k = thread; k < slices; k += team) {
         const int64_t j0 = bounds[k], j1 = bounds[k + 1], width = j1 - j0;
-        const int64_t ldr = weights[k].padded_cols();
+        const int64_t ldr = weights[k]->padded_cols();
         float* rec = recurrent[k].get();
-        weights[k].multiply(rows, rec, ldr, h_prev, depth);
+        weights[k]->multiply(rows, rec, ldr, h_prev, depth);
         for (int64_t r = 0; r < rows; ++r) {
           float* h_row = a.output + (offset + r) * ld;
           forward_row<float>(a.gates + (offset + r) * 4 * H, H, a.bias, rec + r * ldr, width,
@@ -293,27 +295,25 @@ bool backward_sequence_bf16(const BackwardSequenceArgs<float>& a) {
   const int64_t H = a.hidden, B = a.batch;
   const std::vector<int64_t> bounds = slice_bounds<float>(H, B, at::get_num_threads());
   const int64_t slices = static_cast<int64_t>(bounds.size()) - 1;
-  // per slice: the columns j of W_hh of its units (the weights of unit j's dL/dh in every
-  // gate), as the rows of the product's W
-  std::vector<Bf16Weight> weights;
-  for (int64_t k = 0; k < slices; ++k) {
-    std::vector<const uint16_t*> columns;
-    for (int64_t j = bounds[k]; j < bounds[k + 1]; ++j) columns.push_back(a.w_hh_bf16 + j);
-    weights.emplace_back(columns, 4 * H, /*depth_stride=*/H, kind);
-  }
   const int64_t padded_rows = Bf16Weight::round_up(B, Bf16Weight::kRowBlock);
-  const int64_t depth = weights[0].padded_depth();
+  const int64_t depth = Bf16Weight::depth_padding(4 * H);
   AlignedBuffer<uint16_t> dgates_16bit = aligned_zeros<uint16_t>(2 * padded_rows * depth);
   AlignedBuffer<float> dgates = aligned_zeros<float>(B * 4 * H);  // one step's, fp32
-  std::vector<AlignedBuffer<float>> products;  // per slice: [padded_rows, padded_cols]
-  for (const Bf16Weight& w : weights) {
-    products.push_back(aligned_zeros<float>(padded_rows * w.padded_cols()));
-  }
+  // Per slice, made by its thread: the columns j of W_hh of its units (the weights of unit
+  // j's dL/dh in every gate) as the rows of the product's W, and the product's output.
+  std::vector<std::unique_ptr<Bf16Weight>> weights(slices);
+  std::vector<AlignedBuffer<float>> products(slices);
   std::vector<float> slice_sums(kSums ? slices * a.steps * 2 : 0, 0.0f);
 #pragma omp parallel num_threads(slices)
   {
     const FlushDenormals flush;  // this thread's MXCSR, restored at the region's end
     const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
+    for (int64_t k = thread; k < slices; k += team) {
+      std::vector<const uint16_t*> columns;
+      for (int64_t j = bounds[k]; j < bounds[k + 1]; ++j) columns.push_back(a.w_hh_bf16 + j);
+      weights[k] = std::make_unique<Bf16Weight>(columns, 4 * H, /*depth_stride=*/H, kind);
+      products[k] = aligned_zeros<float>(padded_rows * weights[k]->padded_cols());
+    }
     for (int64_t s = a.steps - 1; s >= 0; --s) {
       const int64_t t = a.time(s);
       const int64_t rows = a.batch_sizes[t], offset = a.offsets[t];
@@ -336,9 +336,9 @@ bool backward_sequence_bf16(const BackwardSequenceArgs<float>& a) {
       // dh_next of this thread's units = dG[t] (all units, bf16) W_hh[:, units].
       for (int64_t k = thread; k < slices; k += team) {
         const int64_t j0 = bounds[k], width = bounds[k + 1] - j0;
-        const int64_t ldp = weights[k].padded_cols();
+        const int64_t ldp = weights[k]->padded_cols();
         float* product = products[k].get();
-        weights[k].multiply(rows, product, ldp, step_16bit, depth);
+        weights[k]->multiply(rows, product, ldp, step_16bit, depth);
         for (int64_t r = 0; r < rows; ++r) {
           std::memcpy(a.dhidden + r * H + j0, product + r * ldp, width * sizeof(float));
         }
