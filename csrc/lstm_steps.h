@@ -179,9 +179,16 @@ struct ForwardSequenceArgs : SequenceShape {
   int64_t output_stride;
   // The 16-bit GEMM mode (a bfloat16 layer on the CPU; ops.cpp gemm_operands_16bit): W_hh and
   // h0 as bfloat16 bits in place of w_hh, and h[t] rounded to bfloat16 before it multiplies
-  // W_hh. Kernels without the mode decline.
+  // W_hh. With input_bf16 the kernel computes the input projection too, step by step with
+  // the recurrent product ([x[t], h[t-1]] [W_ih, W_hh]^T), and `gates` is out only; it may
+  // decline that (returning false, nothing written) when the projection is better done as one
+  // large GEMM, and the driver then calls again with the projection in `gates` and input_bf16
+  // null. Kernels without the mode decline it.
   const uint16_t* w_hh_bf16 = nullptr;  // [4H, H]
   const uint16_t* h0_bf16 = nullptr;    // [B, H]
+  const uint16_t* input_bf16 = nullptr;  // [N, input_size] x
+  const uint16_t* w_ih_bf16 = nullptr;   // [4H, input_size]
+  int64_t input_size = 0;
 };
 
 template <typename T>

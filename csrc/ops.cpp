@@ -485,11 +485,11 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
   // (saving a pass over the (N, 4H) gates); the step kernels get them folded in here. With
   // layer norm: x W_ih^T into products[0] (saved for the backward), normalised with the
   // biases added by the step kernel.
-  if (N > 0) {
+  // (the 16-bit mode's sequence kernel computes the input projection itself, step by step)
+  if (N > 0 && !(low && try_sequence)) {
     if (low) {
-      const bool add_bias = bias.defined() && !try_sequence;
-      if (add_bias) gates.copy_(bias.expand_as(gates));
-      mixed_mm(gates, x2d, p.w_ih.t(), /*accumulate=*/add_bias);
+      if (bias.defined()) gates.copy_(bias.expand_as(gates));
+      mixed_mm(gates, x2d, p.w_ih.t(), /*accumulate=*/bias.defined());
     } else if (opts.layer_norm) {
       at::Tensor projected = products[0];
       at::mm_out(projected, x2d, p.w_ih.t());
@@ -506,11 +506,16 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     args.gates = gates.data_ptr<T>();
     args.bias = bias.defined() ? bias.data_ptr<T>() : nullptr;
     const at::Tensor w_hh = p.w_hh.contiguous(), h0_bf16 = low ? h0_16bit.contiguous() : h0_16bit;
+    const at::Tensor w_ih = low ? p.w_ih.contiguous() : at::Tensor();
     if (low) {
-      TORCH_INTERNAL_ASSERT(w_hh.scalar_type() == at::kBFloat16);
+      TORCH_INTERNAL_ASSERT(w_hh.scalar_type() == at::kBFloat16 &&
+                            x2d.scalar_type() == at::kBFloat16 && x2d.is_contiguous());
       args.w_hh = nullptr;
       args.w_hh_bf16 = static_cast<const uint16_t*>(w_hh.const_data_ptr());
       args.h0_bf16 = static_cast<const uint16_t*>(h0_bf16.const_data_ptr());
+      args.input_bf16 = static_cast<const uint16_t*>(x2d.const_data_ptr());
+      args.w_ih_bf16 = static_cast<const uint16_t*>(w_ih.const_data_ptr());
+      args.input_size = sz.input_size;
     } else {
       args.w_hh = w_hh.data_ptr<T>();
     }
@@ -521,7 +526,15 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     args.output = output.data_ptr<T>() + d * P;
     args.output_stride = out_stride;
     if (kernels.forward_sequence(args)) return;
-    if (bias.defined() && N > 0) gates.add_(bias);  // declined: the step kernels need them in
+    if (low && N > 0) {
+      // declined the fused projection (or the mode): the projection as one GEMM, and again
+      mixed_mm(gates, x2d, p.w_ih.t(), /*accumulate=*/false);
+      args.input_bf16 = nullptr;
+      args.w_ih_bf16 = nullptr;
+      if (kernels.forward_sequence(args)) return;
+    }
+    // declined: the step kernels need the biases in the gates
+    if (bias.defined() && N > 0) gates.add_(bias);
   }
   const auto options = gates.options();
   at::Tensor r_buffer = has_proj ? at::empty({layout.batch, H}, options) : at::Tensor();

@@ -154,6 +154,9 @@ CASES = {
     "two-slices": dict(T=4, B=16, I=6, H=132),
     "packed-tails": dict(bidirectional=True, I=9, H=36,
                          lengths=[6, 6, 5, 5, 5, 4, 3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1]),
+    # a slice's [W_ih, W_hh] (2 MiB) over half an L2: the forward takes the input projection
+    # as one GEMM instead of fusing it into the step's product
+    "wide": dict(T=3, B=2, I=512, H=512),
 }
 
 

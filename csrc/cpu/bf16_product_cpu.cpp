@@ -255,29 +255,8 @@ template AlignedBuffer<uint16_t> aligned_zeros<uint16_t>(int64_t);
 template AlignedBuffer<uint32_t> aligned_zeros<uint32_t>(int64_t);
 template AlignedBuffer<float> aligned_zeros<float>(int64_t);
 
-Bf16Weight::Bf16Weight(const std::vector<const uint16_t*>& rows, int64_t k,
-                       int64_t depth_stride, Bf16Product kind)
-    : kind_(kind), n_(static_cast<int64_t>(rows.size())), k_(k),
-      n_pad_(round_up(n_, kColBlock)), k_pad_(depth_padding(k)),
-      packed_(aligned_zeros<uint32_t>(n_pad_ * k_pad_ / 2)) {
-  TORCH_INTERNAL_ASSERT(kind != Bf16Product::kNone);
-  const int64_t block_stride = k_pad_ / 2 * kColBlock;
-  // One block of 16 rows of W at a time, along the depth: the reads stay within 16 rows of
-  // W_hh (depth_stride 1) or run along 16 neighbouring values of its columns (depth_stride H),
-  // and the writes are sequential (a whole W_hh row per step of n thrashed the TLB: at H1024
-  // packing took 8 ms per call).
-  for (int64_t block = 0; block * kColBlock < n_; ++block) {
-    uint32_t* out = packed_.get() + block * block_stride;
-    const int64_t columns = std::min(kColBlock, n_ - block * kColBlock);
-    for (int64_t depth = 0; depth < k; depth += 2, out += kColBlock) {
-      for (int64_t c = 0; c < columns; ++c) {
-        const uint16_t* row = rows[block * kColBlock + c];
-        const uint32_t low = row[depth * depth_stride];
-        const uint32_t high = depth + 1 < k ? row[(depth + 1) * depth_stride] : 0;
-        out[c] = low | (high << 16);
-      }
-    }
-  }
+void Bf16Weight::check_kind(Bf16Product kind) {
+  TORCH_INTERNAL_ASSERT(kind != Bf16Product::kNone, "Bf16Weight: no bf16 product to pack for");
 }
 
 void Bf16Weight::multiply(int64_t rows, float* out, int64_t ldo, const uint16_t* a,

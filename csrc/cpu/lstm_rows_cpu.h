@@ -119,8 +119,10 @@ inline void for_each_lane(int64_t begin, int64_t end, const Body& body) {
 
 // Forward: pre-activations (gates, + bias (4H) when given, + recurrent when given: the
 // slice's four gate blocks at q * recurrent_stride) -> activated gates (in place), c (cell
-// in/out, saved copy), r = o*tanh(c) into hidden and output when given.
-template <typename T>
+// in/out, saved copy), r = o*tanh(c) into hidden and output when given. Without kReadGates
+// the pre-activations are bias + recurrent alone (the recurrent product held the input's
+// part too) and `gates` is only written.
+template <typename T, bool kReadGates = true>
 inline void forward_row(T* gates, int64_t H, const T* bias, const T* recurrent,
                         int64_t recurrent_stride, T* cell, T* saved_cell, T* hidden, T* output,
                         int64_t j0, int64_t j1) {
@@ -129,7 +131,7 @@ inline void forward_row(T* gates, int64_t H, const T* bias, const T* recurrent,
     using L = Lanes<V, T>;
     V pre[4];
     for (int64_t q = 0; q < 4; ++q) {
-      pre[q] = L::load(gates + q * H + j);
+      pre[q] = kReadGates ? L::load(gates + q * H + j) : V(T(0));
       if (bias) pre[q] = pre[q] + L::load(bias + q * H + j);
       if (recurrent) pre[q] = pre[q] + L::load(recurrent + q * recurrent_stride + (j - j0));
     }

@@ -7,6 +7,7 @@
 // separate pointwise region and re-reading W_hh from another core's cache.
 #include <ATen/Parallel.h>
 #include <omp.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -59,6 +60,15 @@ class SequentialBlas {
  private:
   int previous_;
 };
+
+// The L2 cache of one core, in bytes (1 MiB where the system does not say).
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    const long size = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return size > 0 ? static_cast<int64_t>(size) : (int64_t(1) << 20);
+  }();
+  return bytes;
+}
 
 // Each row's last step, whose h is its h_n.
 template <typename T>
@@ -176,57 +186,93 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
 }
 
 // The forward of a bfloat16 layer in the 16-bit GEMM mode (ForwardSequenceArgs::w_hh_bf16):
-// the same slices, with each slice's product on bf16 operands (bf16_product_cpu.h). h[t-1]
-// comes from a bf16 copy that each thread writes for its units as it computes them; two
-// copies alternate, so a step's products read one while its gate math fills the other. Both
-// start as h0: in the reverse direction of packed input a row that starts late finds h0 there
-// (rows never stop and restart).
+// the same slices, each computing its units' pre-activations of a step in one product on bf16
+// operands (bf16_product_cpu.h): [x[t], h[t-1]] [W_ih, W_hh]^T, so the input projection never
+// goes through memory as an (N, 4H) fp32 array. The operand rows come from a bf16 buffer that
+// the threads fill for the next step as they go: x[t+1] (rows split between them) and h[t]
+// (each thread its units). Two buffers alternate, so a step's products read one while its gate
+// math fills the other. Both start with h0: in the reverse direction of packed input a row
+// that starts late finds h0 there (rows never stop and restart).
 bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
   const Bf16Product kind = bf16_product_kind();
   if (kind == Bf16Product::kNone) return false;
   const int64_t H = a.hidden, B = a.batch, ld = a.output_stride;
   const std::vector<int64_t> bounds = slice_bounds<float>(H, B, at::get_num_threads());
   const int64_t slices = static_cast<int64_t>(bounds.size()) - 1;
+  if (a.input_bf16 != nullptr) {
+    // The fused projection reads a slice's W_ih at every step: worth it while [W_ih, W_hh]
+    // of the widest slice stays in half the core's L2 (T100 B32 H128: 0.85x -> 1.0x of
+    // nn.LSTM in inference); beyond, W_ih would stream from L3 at every step (T50 B64 H512:
+    // 2 MiB per slice, 0.89x -> 0.8x) and MKL's one large GEMM is better: decline, and the
+    // driver calls again with the projection in `gates`.
+    int64_t widest = 0;
+    for (int64_t k = 0; k < slices; ++k) widest = std::max(widest, bounds[k + 1] - bounds[k]);
+    const int64_t slice_bytes = 4 * widest * (a.input_size + H) * 2;
+    if (a.w_ih_bf16 == nullptr || slice_bytes > l2_cache_bytes() / 2) return false;
+  }
+  // x[t] is part of each product's operands only when fused.
+  const int64_t I = a.input_bf16 != nullptr ? a.input_size : 0;
   const int64_t padded_rows = Bf16Weight::round_up(B, Bf16Weight::kRowBlock);
-  const int64_t depth = Bf16Weight::depth_padding(H);  // all slices multiply h (B x H)
-  AlignedBuffer<uint16_t> hidden = aligned_zeros<uint16_t>(2 * padded_rows * depth);
+  const int64_t depth = Bf16Weight::depth_padding(I + H);  // a row: x[t] (I), h[t-1] (H)
+  AlignedBuffer<uint16_t> operands = aligned_zeros<uint16_t>(2 * padded_rows * depth);
   for (int64_t copy = 0; copy < 2; ++copy)
     for (int64_t r = 0; r < B; ++r)
-      std::memcpy(hidden.get() + (copy * padded_rows + r) * depth, a.h0_bf16 + r * H, H * 2);
+      std::memcpy(operands.get() + (copy * padded_rows + r) * depth + I, a.h0_bf16 + r * H,
+                  H * 2);
+  // x[t] of the step at processing position s into the buffer it reads; rows r = part mod
+  // parts of it (the threads share the copy).
+  const auto copy_input = [&](int64_t s, int64_t part, int64_t parts) {
+    const int64_t t = a.time(s);
+    uint16_t* buffer = operands.get() + (s % 2) * padded_rows * depth;
+    for (int64_t r = part; r < a.batch_sizes[t]; r += parts)
+      std::memcpy(buffer + r * depth, a.input_bf16 + (a.offsets[t] + r) * I, I * 2);
+  };
+  if (a.steps > 0 && I > 0) copy_input(0, 0, 1);
   // Per slice, made by the thread that owns it (in parallel, and into that core's cache):
-  // rows q H + j of W_hh for its units j, and the product's output [padded_rows, padded_cols].
+  // rows q H + j of [W_ih, W_hh] for its units j, and the product's output
+  // [padded_rows, padded_cols].
   std::vector<std::unique_ptr<Bf16Weight>> weights(slices);
-  std::vector<AlignedBuffer<float>> recurrent(slices);
+  std::vector<AlignedBuffer<float>> products(slices);
   const std::vector<int64_t> last_step = last_steps(a);
 #pragma omp parallel num_threads(slices)
   {
     const FlushDenormals flush;  // this thread's MXCSR, restored at the region's end
     const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
     for (int64_t k = thread; k < slices; k += team) {
-      std::vector<const uint16_t*> rows;
-      for (int64_t q = 0; q < 4; ++q)
-        for (int64_t j = bounds[k]; j < bounds[k + 1]; ++j)
-          rows.push_back(a.w_hh_bf16 + (q * H + j) * H);
-      weights[k] = std::make_unique<Bf16Weight>(rows, H, /*depth_stride=*/1, kind);
-      recurrent[k] = aligned_zeros<float>(padded_rows * weights[k]->padded_cols());
+      const int64_t j0 = bounds[k], width = bounds[k + 1] - j0;
+      weights[k] = std::make_unique<Bf16Weight>(
+          4 * width, I + H, kind, [&, I](int64_t n, int64_t d) {
+            const int64_t row = n / width * H + j0 + n % width;  // gate q = n / width
+            return d < I ? a.w_ih_bf16[row * I + d] : a.w_hh_bf16[row * H + d - I];
+          });
+      products[k] = aligned_zeros<float>(padded_rows * weights[k]->padded_cols());
     }
     for (int64_t s = 0; s < a.steps; ++s) {
       const int64_t t = a.time(s);
       const int64_t rows = a.batch_sizes[t], offset = a.offsets[t];
-      const uint16_t* h_prev = hidden.get() + (s % 2) * padded_rows * depth;
-      uint16_t* h_next = hidden.get() + ((s + 1) % 2) * padded_rows * depth;
+      const uint16_t* current = operands.get() + (s % 2) * padded_rows * depth;
+      uint16_t* next = operands.get() + ((s + 1) % 2) * padded_rows * depth;
+      if (s + 1 < a.steps && I > 0) copy_input(s + 1, thread, team);
       for (int64_t k = thread; k < slices; k += team) {
         const int64_t j0 = bounds[k], j1 = bounds[k + 1], width = j1 - j0;
-        const int64_t ldr = weights[k]->padded_cols();
-        float* rec = recurrent[k].get();
-        weights[k]->multiply(rows, rec, ldr, h_prev, depth);
+        const int64_t ldp = weights[k]->padded_cols();
+        float* product = products[k].get();
+        weights[k]->multiply(rows, product, ldp, current, depth);
         for (int64_t r = 0; r < rows; ++r) {
           float* h_row = a.output + (offset + r) * ld;
-          forward_row<float>(a.gates + (offset + r) * 4 * H, H, a.bias, rec + r * ldr, width,
-                             a.cell_state + r * H, a.cells + (offset + r) * H, nullptr, h_row,
-                             j0, j1);
-          at::vec::convert(h_row + j0, reinterpret_cast<c10::BFloat16*>(h_next + r * depth) + j0,
-                           width);
+          float* gates_row = a.gates + (offset + r) * 4 * H;
+          float* cell_row = a.cell_state + r * H;
+          float* saved_cell = a.cells + (offset + r) * H;
+          if (I > 0) {  // the product held x[t] W_ih^T: `gates` is out only
+            forward_row<float, /*kReadGates=*/false>(gates_row, H, a.bias, product + r * ldp,
+                                                     width, cell_row, saved_cell, nullptr,
+                                                     h_row, j0, j1);
+          } else {
+            forward_row<float>(gates_row, H, a.bias, product + r * ldp, width, cell_row,
+                               saved_cell, nullptr, h_row, j0, j1);
+          }
+          at::vec::convert(h_row + j0,
+                           reinterpret_cast<c10::BFloat16*>(next + r * depth + I) + j0, width);
         }
       }
 #pragma omp barrier
