@@ -41,7 +41,8 @@ class BenchCase:
     """One benchmark shape: sequence length T, batch B, hidden size H (input size I = H
     unless given), layers, bidirectional, proj_size, dtype (a torch dtype's name); packed:
     a PackedSequence of unsorted lengths between T/2 and T instead of a (T, B, I) tensor;
-    modes: which of MODES run (a one-token step is inference only)."""
+    modes: which of MODES run (a one-token step is inference only); autocast: the dtype name
+    of torch.autocast that both modules (built in `dtype`) run under, or None."""
 
     T: int
     B: int
@@ -53,6 +54,7 @@ class BenchCase:
     I: int | None = None  # noqa: E741 - the notation of docs/ARCHITECTURE.md
     packed: bool = False
     modes: tuple[str, ...] = MODES
+    autocast: str | None = None
 
     @property
     def input_size(self) -> int:
@@ -63,6 +65,11 @@ class BenchCase:
     def torch_dtype(self) -> torch.dtype:
         """The torch.dtype named by `dtype`."""
         return getattr(torch, self.dtype)
+
+    @property
+    def gemm_dtype(self) -> str:
+        """The dtype name the GEMMs run in: the autocast dtype, else dtype."""
+        return self.autocast or self.dtype
 
     @property
     def name(self) -> str:
@@ -79,6 +86,8 @@ class BenchCase:
         if self.packed:
             parts.append("packed")
         parts.append(self.dtype)
+        if self.autocast:
+            parts.append(f"autocast-{self.autocast}")
         return "-".join(parts)
 
     def lengths(self) -> list[int]:
@@ -107,7 +116,7 @@ class BenchCase:
 
 # The CPU benchmark grid (float32, I = H unless noted): the shapes the targets name (the
 # word-LM example's, a large compute-bound one, a bidirectional stack, one token), the other
-# dtypes and packed input.
+# dtypes, float32 modules under bfloat16 autocast, and packed input.
 CPU_GRID = (
     BenchCase(T=100, B=32, H=128),
     BenchCase(T=100, B=32, H=256, layers=2),
@@ -123,6 +132,8 @@ CPU_GRID = (
     BenchCase(T=100, B=32, H=128, dtype="float64"),
     BenchCase(T=100, B=32, H=128, dtype="bfloat16"),
     BenchCase(T=50, B=64, H=512, dtype="bfloat16"),
+    BenchCase(T=100, B=32, H=128, autocast="bfloat16"),
+    BenchCase(T=50, B=64, H=512, autocast="bfloat16"),
     BenchCase(T=100, B=32, H=128, dtype="float16"),
     BenchCase(T=100, B=32, H=128, packed=True),
     BenchCase(T=100, B=32, H=128, layers=2, bidirectional=True, packed=True),
@@ -228,14 +239,31 @@ def make_workloads(case: BenchCase, mode: str, device="cpu", impls: Sequence[str
         return nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
 
     if mode == "forward":
-        return {impl: _forward(modules[impl], pack() if case.packed else x) for impl in impls}
-    out_size = (case.proj_size or case.H) * (2 if case.bidirectional else 1)
-    rows = (int(lengths.sum()),) if case.packed else (case.T, case.B)
-    grad_output = torch.randn(*rows, out_size, generator=g, device=device,
-                              dtype=case.torch_dtype)
-    x.requires_grad_()
-    return {impl: _forward_backward(modules[impl], pack if case.packed else x, x, grad_output)
-            for impl in impls}
+        workloads = {impl: _forward(modules[impl], pack() if case.packed else x)
+                     for impl in impls}
+    else:
+        out_size = (case.proj_size or case.H) * (2 if case.bidirectional else 1)
+        rows = (int(lengths.sum()),) if case.packed else (case.T, case.B)
+        # under autocast the output (and so its gradient) has the autocast dtype
+        grad_output = torch.randn(*rows, out_size, generator=g, device=device,
+                                  dtype=getattr(torch, case.gemm_dtype))
+        x.requires_grad_()
+        workloads = {impl: _forward_backward(modules[impl], pack if case.packed else x, x,
+                                             grad_output)
+                     for impl in impls}
+    if case.autocast:
+        workloads = {impl: _under_autocast(fn, device, getattr(torch, case.autocast))
+                     for impl, fn in workloads.items()}
+    return workloads
+
+
+def _under_autocast(fn: Callable[[], None], device: torch.device,
+                    dtype: torch.dtype) -> Callable[[], None]:
+    def run():
+        with torch.autocast(device.type, dtype=dtype):
+            fn()
+
+    return run
 
 
 def variant_workloads(case: BenchCase, variant: str, device="cpu",
@@ -452,8 +480,8 @@ def run_benchmark(grid: Sequence[BenchCase], device="cpu", repeats: int = 15, wa
             flops = case.useful_flops(mode)
             row["useful_gflop"] = flops / 1e9
             row["gflops"] = {impl: flops / (row[impl]["median_ms"] * 1e6) for impl in IMPLS}
-            if gemm_rates and gemm_rates.get(case.dtype):
-                row["gemm_fraction"] = row["gflops"]["lstm_fused"] / gemm_rates[case.dtype]
+            if gemm_rates and gemm_rates.get(case.gemm_dtype):
+                row["gemm_fraction"] = row["gflops"]["lstm_fused"] / gemm_rates[case.gemm_dtype]
             if measure_memory and mode == "forward+backward":
                 row["peak_bytes"] = {impl: peak_memory_bytes(fn, device)
                                      for impl, fn in workloads.items()}
@@ -463,8 +491,10 @@ def run_benchmark(grid: Sequence[BenchCase], device="cpu", repeats: int = 15, wa
 
 def geomean_speedup(rows: Sequence[dict], mode: str = "forward+backward",
                     dtype: str = "float32") -> float | None:
-    """Geometric mean of the speedups of the `mode` rows in `dtype`; None when there are none."""
-    speedups = [r["speedup"] for r in rows if r["mode"] == mode and r["config"]["dtype"] == dtype]
+    """Geometric mean of the speedups of the `mode` rows in `dtype` (not under autocast); None
+    when there are none."""
+    speedups = [r["speedup"] for r in rows if r["mode"] == mode and r["config"]["dtype"] == dtype
+                and not r["config"].get("autocast")]
     if not speedups:
         return None
     return math.exp(sum(math.log(s) for s in speedups) / len(speedups))
@@ -590,7 +620,8 @@ def plot_speedups(rows: Sequence[dict], path: str, title: str) -> bool:
             c = BenchCase(**r["config"])
             variant = "".join(f" {v}" for v in (
                 f"L{c.layers}" if c.layers > 1 else "", "bi" if c.bidirectional else "",
-                f"P{c.proj_size}" if c.proj_size else "") if v)
+                f"P{c.proj_size}" if c.proj_size else "",
+                f"autocast {c.autocast}" if c.autocast else "") if v)
             key = (c.H, c.dtype, variant)  # sorts the legend by hidden size
             lines.setdefault(key, []).append((c.B, r["speedup"], c.T))
         for (hidden, dtype, variant), points in sorted(lines.items()):

@@ -137,7 +137,7 @@ def _cmd_bench(args, argv) -> int:
           flush=True)
     # the ceiling of each dtype's GEMMs on this machine, before the grid (smaller when quick)
     info["gemm_gflops"] = benchmarking.gemm_rates(
-        [c.dtype for c in grid], device, size=1024 if args.quick else 2048,
+        [c.gemm_dtype for c in grid], device, size=1024 if args.quick else 2048,
         repeats=3 if args.quick else 5)
     print("large-GEMM rate: " + ", ".join(f"{k} {v:.0f} GFLOP/s"
                                          for k, v in info["gemm_gflops"].items()), flush=True)

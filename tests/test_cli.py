@@ -1,5 +1,6 @@
 """`python -m lstm_fused check|bench|demo`: exit codes, output, files written (tiny grids)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -147,3 +148,30 @@ def test_bench_variants_writes_the_table(tmp_path, capsys):
             assert len(row[impl]["times_ms"]) == 2 and row[impl]["median_ms"] > 0
         assert row["vs_plain"] > 0 and row["reference_speedup"] > 0
         assert f"| {row['variant']} | T6-B3-H8" in out
+
+
+@needs_fused
+@pytest.mark.parametrize("mode", benchmarking.MODES)
+def test_bench_autocast_case_runs_both_modules_under_autocast(mode, monkeypatch):
+    case = benchmarking.BenchCase(T=4, B=2, H=8, autocast="bfloat16")
+    assert case.name == "T4-B2-H8-float32-autocast-bfloat16"
+    assert case.gemm_dtype == "bfloat16"
+    modules = benchmarking.build_modules(case, "cpu")
+    monkeypatch.setattr(benchmarking, "build_modules", lambda *args, **kwargs: modules)
+    output_dtypes = {}
+    for impl, module in modules.items():
+        assert module.weight_ih_l0.dtype == torch.float32
+        module.register_forward_hook(
+            lambda mod, args, out, impl=impl: output_dtypes.__setitem__(impl, out[0].dtype))
+    for run in benchmarking.make_workloads(case, mode).values():
+        run()
+    assert output_dtypes == {impl: torch.bfloat16 for impl in benchmarking.IMPLS}
+
+
+def test_bench_float32_geomean_leaves_out_autocast_rows():
+    def row(speedup, autocast):
+        case = benchmarking.BenchCase(T=4, B=2, H=8, autocast=autocast)
+        return {"mode": "forward+backward", "speedup": speedup, "config": dataclasses.asdict(case)}
+
+    rows = [row(2.0, None), row(8.0, None), row(0.1, "bfloat16")]
+    assert benchmarking.geomean_speedup(rows) == pytest.approx(4.0)
