@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "bits16.h"
 #include "lstm_cell.h"
 
 namespace lstm_fused {
@@ -226,6 +227,18 @@ template <typename T>
 using CopyRows = void (*)(T* dst, int64_t ldd, const T* src, int64_t lds, int64_t rows,
                           int64_t cols);
 
+// The 16-bit GEMM mode's product on a device (ColumnMajorGemm's twin): A and B of 16-bit
+// `format` (bit patterns), C float32, accumulated in float32 (tensor cores on CUDA).
+using MixedColumnMajorGemm = void (*)(Bits16 format, char transa, char transb, int64_t m,
+                                      int64_t n, int64_t k, float alpha, const uint16_t* a,
+                                      int64_t lda, const uint16_t* b, int64_t ldb, float beta,
+                                      float* c, int64_t ldc);
+
+// dst[r, 0:cols] = src[r, 0:cols] rounded to 16-bit `format` (bits16.h) for r < rows, on the
+// device's current stream: the 16-bit operand of the next product (h[t], dG[t]).
+using RoundRows16 = void (*)(Bits16 format, uint16_t* dst, int64_t ldd, const float* src,
+                             int64_t lds, int64_t rows, int64_t cols);
+
 // One device's step kernels for one compute type. The CUDA ones run on the current stream of
 // the current device (the driver sets the device guard) and never synchronise the host.
 // sum_squares pointers point to memory of the same device as the other buffers.
@@ -252,6 +265,11 @@ struct StepKernels {
   // inside the loop. Null: the CPU's own paths (BLAS, packed GEMM, memcpy).
   ColumnMajorGemm<T> gemm = nullptr;
   CopyRows<T> copy_rows = nullptr;
+  // Optional (float only): the device's 16-bit GEMM mode (gemm_operands_16bit in ops.cpp):
+  // every product of a bfloat16 or float16 layer on 16-bit operands, and the rounding of h[t]
+  // and dG[t] to 16 bits. Null: the CPU's own (MKL), or fp32 GEMMs on converted copies.
+  MixedColumnMajorGemm gemm_16bit = nullptr;
+  RoundRows16 round_rows_16bit = nullptr;
 };
 
 struct DeviceKernels {

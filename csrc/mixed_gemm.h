@@ -16,6 +16,7 @@
 
 #include "cpu/blas_symbols.h"
 #include "env_switch.h"
+#include "lstm_steps.h"
 
 namespace lstm_fused {
 
@@ -27,6 +28,17 @@ inline MixedGemm cpu_mixed_gemm(at::ScalarType dtype) {
   if (dtype == at::kBFloat16) return cblas_gemm_bf16bf16f32;
   if (dtype == at::kHalf) return cblas_gemm_f16f16f32;
   return nullptr;
+}
+
+// The bit format of a 16-bit dtype (bits16.h).
+inline Bits16 bits16_of(at::ScalarType dtype) {
+  TORCH_INTERNAL_ASSERT(dtype == at::kBFloat16 || dtype == at::kHalf,
+                        "lstm_fused: not a 16-bit dtype: ", dtype);
+  return dtype == at::kBFloat16 ? Bits16::kBFloat16 : Bits16::kFloat16;
+}
+
+inline const uint16_t* bits_of(const at::Tensor& t) {
+  return static_cast<const uint16_t*>(t.const_data_ptr());
 }
 
 // Whether the CPU has bf16 dot-product instructions (AVX512_BF16 or AMX-BF16). Without them
@@ -73,9 +85,11 @@ inline bool as_operand(const at::Tensor& t, Operand* op) {
 }  // namespace mixed_detail
 
 // out (fp32, m x n) = a (m x k) b (k x n), + out when accumulate; a and b 2-D of the same
-// 16-bit dtype, any layout. On the CPU with MKL one call of its 16-bit GEMM, else (other
-// devices, other layouts) the product of fp32 copies.
-inline void mixed_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+// 16-bit dtype, any layout. With a `device_gemm` (StepKernels::gemm_16bit) one call of it;
+// else on the CPU with MKL one call of its 16-bit GEMM, else (other devices, other layouts)
+// the product of fp32 copies.
+inline void mixed_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                     MixedColumnMajorGemm device_gemm = nullptr) {
   TORCH_INTERNAL_ASSERT(out.scalar_type() == at::kFloat && a.scalar_type() == b.scalar_type());
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   if (m == 0 || n == 0) return;
@@ -83,9 +97,24 @@ inline void mixed_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
     if (!accumulate) out.zero_();
     return;
   }
+  mixed_detail::Operand op_a, op_b;
+  if (device_gemm != nullptr) {
+    TORCH_INTERNAL_ASSERT(out.stride(1) == 1 && out.stride(0) >= n,
+                          "mixed_mm: the device GEMM needs a row-major result");
+    const at::Tensor a_matrix = mixed_detail::as_operand(a, &op_a) ? a : a.contiguous();
+    const at::Tensor b_matrix = mixed_detail::as_operand(b, &op_b) ? b : b.contiguous();
+    if (!a_matrix.is_same(a)) mixed_detail::as_operand(a_matrix, &op_a);
+    if (!b_matrix.is_same(b)) mixed_detail::as_operand(b_matrix, &op_b);
+    // Row-major out = a b is column-major out^T = b^T a^T, and a row-major operand's
+    // transpose flag is its column-major transpose's.
+    device_gemm(bits16_of(a.scalar_type()), op_b.trans == kCblasTrans ? 'T' : 'N',
+                op_a.trans == kCblasTrans ? 'T' : 'N', n, m, k, 1.0f, bits_of(b_matrix), op_b.ld,
+                bits_of(a_matrix), op_a.ld, accumulate ? 1.0f : 0.0f, out.data_ptr<float>(),
+                out.stride(0));
+    return;
+  }
   const MixedGemm gemm = a.device().is_cpu() ? cpu_mixed_gemm(a.scalar_type()) : nullptr;
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  mixed_detail::Operand op_a, op_b;
   if (gemm != nullptr && out.stride(1) == 1 && out.stride(0) >= n && out.stride(0) <= kIntMax &&
       m <= kIntMax && n <= kIntMax && k <= kIntMax && mixed_detail::as_operand(a, &op_a) &&
       mixed_detail::as_operand(b, &op_b) && op_a.ld <= kIntMax && op_b.ld <= kIntMax) {
@@ -104,15 +133,19 @@ inline void mixed_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
 
 // The per-step product of the recurrence in the 16-bit GEMM mode (StepWeight's twin):
 // out (rows x n, fp32, row stride ldo) [+]= a (rows x k, 16-bit, row stride lda) * op(W),
-// op(W) = W^T when `transposed` (W: n x k) else W (k x n). Raw pointers: one MKL call per
-// step, no tensor views (see StepWeight).
+// op(W) = W^T when `transposed` (W: n x k) else W (k x n). Raw pointers: one call per step
+// (the device's StepKernels::gemm_16bit, else MKL's), no tensor views (see StepWeight).
 class MixedStepWeight {
  public:
-  MixedStepWeight(const at::Tensor& weight, bool transposed)
-      : weight_(weight.contiguous()), transposed_(transposed),
-        gemm_(cpu_mixed_gemm(weight.scalar_type())) {
-    TORCH_INTERNAL_ASSERT(gemm_ != nullptr && weight_.device().is_cpu() && weight_.dim() == 2,
-                          "MixedStepWeight: the CPU's 16-bit GEMM for ", weight.scalar_type());
+  MixedStepWeight(const at::Tensor& weight, bool transposed,
+                  MixedColumnMajorGemm device_gemm = nullptr)
+      : weight_(weight.contiguous()), transposed_(transposed), device_gemm_(device_gemm),
+        gemm_(device_gemm != nullptr ? nullptr : cpu_mixed_gemm(weight.scalar_type())) {
+    TORCH_INTERNAL_ASSERT(
+        (device_gemm_ != nullptr || (gemm_ != nullptr && weight_.device().is_cpu())) &&
+            weight_.dim() == 2,
+        "MixedStepWeight: no 16-bit GEMM for ", weight.scalar_type(), " on ", weight.device());
+    format_ = bits16_of(weight_.scalar_type());
     n_ = transposed ? weight_.size(0) : weight_.size(1);
     k_ = transposed ? weight_.size(1) : weight_.size(0);
   }
@@ -120,6 +153,13 @@ class MixedStepWeight {
   void multiply(int64_t rows, float* out, int64_t ldo, const void* a, int64_t lda,
                 bool accumulate) const {
     if (rows == 0 || n_ == 0) return;
+    if (device_gemm_ != nullptr) {
+      // column-major out^T = op(W)^T a^T, as StepWeight's device call
+      device_gemm_(format_, transposed_ ? 'T' : 'N', 'N', n_, rows, k_, 1.0f, bits_of(weight_),
+                   weight_.stride(0), static_cast<const uint16_t*>(a), lda,
+                   accumulate ? 1.0f : 0.0f, out, ldo);
+      return;
+    }
     gemm_(kCblasRowMajor, kCblasNoTrans, transposed_ ? kCblasTrans : kCblasNoTrans,
           static_cast<int>(rows), static_cast<int>(n_), static_cast<int>(k_), 1.0f,
           static_cast<const uint16_t*>(a),
@@ -131,14 +171,22 @@ class MixedStepWeight {
  private:
   at::Tensor weight_;
   bool transposed_;
+  MixedColumnMajorGemm device_gemm_;
   MixedGemm gemm_;
+  Bits16 format_;
   int64_t n_ = 0, k_ = 0;
 };
 
 // dst[r, :cols] = src[r, :cols] rounded to the 16-bit `dtype` (row strides ldd, lds), for
-// r < rows, on the CPU: the 16-bit operand of the next product (h[t], dG[t]).
+// r < rows: the 16-bit operand of the next product (h[t], dG[t]); with a `device_round`
+// (StepKernels::round_rows_16bit) one call of it, else on the CPU.
 inline void round_rows(at::ScalarType dtype, void* dst, int64_t ldd, const float* src,
-                       int64_t lds, int64_t rows, int64_t cols) {
+                       int64_t lds, int64_t rows, int64_t cols,
+                       RoundRows16 device_round = nullptr) {
+  if (device_round != nullptr) {
+    device_round(bits16_of(dtype), static_cast<uint16_t*>(dst), ldd, src, lds, rows, cols);
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     if (dtype == at::kBFloat16) {
       at::vec::convert(src + r * lds, static_cast<c10::BFloat16*>(dst) + r * ldd, cols);

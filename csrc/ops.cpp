@@ -36,21 +36,28 @@ at::ScalarType acc_type(at::ScalarType dtype) {
 }
 
 // The one rule for a 16-bit layer's GEMMs: with 16-bit operands (fp32 accumulation and
-// result; mixed_gemm.h) for bfloat16 where the device has such GEMMs (a CPU with bf16 dot
-// products, through MKL) and the cell is the plain one without a projection; else every GEMM
-// in fp32 on converted copies. Either way the gates and the cell state are fp32. In the
+// result; mixed_gemm.h) where the device has such GEMMs and the cell is the plain one without
+// a projection: bfloat16 and float16 where the device's kernels bring them
+// (StepKernels::gemm_16bit: cuBLAS on tensor cores, on CUDA's direct path; the CPU's call
+// replay), and bfloat16 on a CPU with bf16 dot products (MKL); else every GEMM in fp32 on
+// converted copies. Either way the gates and the cell state are fp32. In the
 // 16-bit mode h[t] is rounded to 16 bits before it multiplies W_hh (as in nn.LSTM, whose h is
 // 16-bit), and dG[t] before it multiplies W_hh, W_ih and the saved inputs. The CPU sequence
 // kernels take the mode (their product on AMX / AVX512_BF16, bf16_product_cpu.h); where they
 // decline, the step loop calls MKL's bf16 GEMM (MixedStepWeight). float16 stays on
 // fp32 GEMMs: on a CPU without AMX-FP16, MKL's fp16 GEMM was 10-20% slower than the fp32 path
 // (bench/NOTES.md).
-bool gemm_operands_16bit(const at::Tensor& input, const LayerOptions& opts) {
+bool gemm_operands_16bit(const at::Tensor& input, const LayerOptions& opts,
+                         const DeviceKernels& kernels) {
   const at::ScalarType dtype = input.scalar_type();
+  if (opts.has_proj || opts.has_variants() || !gemm_16bit_state().load(std::memory_order_relaxed)) {
+    return false;
+  }
+  if (kernels.f32.gemm_16bit != nullptr && kernels.f32.round_rows_16bit != nullptr) {
+    return dtype == at::kBFloat16 || dtype == at::kHalf;
+  }
   return dtype == at::kBFloat16 && input.device().is_cpu() &&
-         cpu_mixed_gemm(dtype) != nullptr && cpu_has_bf16_dot_products() && !opts.has_proj &&
-         !opts.has_variants() &&
-         gemm_16bit_state().load(std::memory_order_relaxed);
+         cpu_mixed_gemm(dtype) != nullptr && cpu_has_bf16_dot_products();
 }
 
 // Time layout of a (possibly packed) sequence: rows of step t are
@@ -456,10 +463,10 @@ void multiply_16bit(const MixedStepWeight& weight, int64_t rows, T* out, int64_t
 
 // Rows of dst (`dtype`, 16-bit, row stride ldd) = those of src, rounded.
 template <typename T>
-void round_rows_16bit(at::ScalarType dtype, void* dst, int64_t ldd, const T* src, int64_t lds,
-                      int64_t rows, int64_t cols) {
+void round_rows_16bit(const StepKernels<T>& kernels, at::ScalarType dtype, void* dst,
+                      int64_t ldd, const T* src, int64_t lds, int64_t rows, int64_t cols) {
   if constexpr (std::is_same_v<T, float>) {
-    round_rows(dtype, dst, ldd, src, lds, rows, cols);
+    round_rows(dtype, dst, ldd, src, lds, rows, cols, kernels.round_rows_16bit);
   } else {
     TORCH_INTERNAL_ASSERT(false, "lstm_fused: 16-bit GEMMs accumulate in float32");
   }
@@ -476,10 +483,13 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
   const bool has_proj = p.w_hr.defined();
   // The 16-bit GEMM mode (gemm_operands_16bit): x2d, W_ih, W_hh and h0_16bit are 16-bit.
   const bool low = h0_16bit.defined();
+  const MixedColumnMajorGemm gemm_16bit = kernels.gemm_16bit;
   // The sequence kernels run the plain cell only (in the 16-bit mode: bfloat16 where the
   // device's kernel has the mode, ForwardSequenceArgs::w_hh_bf16).
+  // (their 16-bit mode is bfloat16's: float16 takes the step loop)
   const bool try_sequence = !has_proj && !opts.has_variants() && kernels.forward_sequence &&
-                            sequence_kernels_on(kernels, layout);
+                            sequence_kernels_on(kernels, layout) &&
+                            (!low || x2d.scalar_type() == at::kBFloat16);
   const at::Tensor bias = p.b_ih.defined() ? p.b_ih + p.b_hh : at::Tensor();
   // All steps' input projections at once. A sequence kernel adds the biases in its gate math
   // (saving a pass over the (N, 4H) gates); the step kernels get them folded in here. With
@@ -489,7 +499,7 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
   if (N > 0 && !(low && try_sequence)) {
     if (low) {
       if (bias.defined()) gates.copy_(bias.expand_as(gates));
-      mixed_mm(gates, x2d, p.w_ih.t(), /*accumulate=*/bias.defined());
+      mixed_mm(gates, x2d, p.w_ih.t(), /*accumulate=*/bias.defined(), gemm_16bit);
     } else if (opts.layer_norm) {
       at::Tensor projected = products[0];
       at::mm_out(projected, x2d, p.w_ih.t());
@@ -528,7 +538,7 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     if (kernels.forward_sequence(args)) return;
     if (low && N > 0) {
       // declined the fused projection (or the mode): the projection as one GEMM, and again
-      mixed_mm(gates, x2d, p.w_ih.t(), /*accumulate=*/false);
+      mixed_mm(gates, x2d, p.w_ih.t(), /*accumulate=*/false, gemm_16bit);
       args.input_bf16 = nullptr;
       args.w_ih_bf16 = nullptr;
       if (kernels.forward_sequence(args)) return;
@@ -552,7 +562,8 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
                                               pack_budget, kernels.gemm);
   // 16-bit mode: the product's input, h[t-1] rounded to 16 bits (h0 as given first)
   const std::optional<MixedStepWeight> recurrent_16bit =
-      low ? std::make_optional<MixedStepWeight>(p.w_hh, /*transposed=*/true) : std::nullopt;
+      low ? std::make_optional<MixedStepWeight>(p.w_hh, /*transposed=*/true, gemm_16bit)
+          : std::nullopt;
   at::Tensor h_16bit = low ? h0_16bit.clone(at::MemoryFormat::Contiguous) : at::Tensor();
   const std::optional<StepWeight<T>> projection =
       has_proj ? std::make_optional<StepWeight<T>>(p.w_hr, true, layout.batch, pack_budget,
@@ -599,7 +610,8 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     args.hidden_masked = has_proj ? nullptr : masked_data;
     kernels.forward(args);
     if (low) {
-      round_rows_16bit<T>(h_16bit.scalar_type(), h_16bit.data_ptr(), P, hidden_data, P, rows, P);
+      round_rows_16bit<T>(kernels, h_16bit.scalar_type(), h_16bit.data_ptr(), P, hidden_data, P,
+                          rows, P);
     }
     if (has_proj) {
       if (mix_projected) {
@@ -632,7 +644,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::ScalarType compute = c10::CppTypeToScalarType<T>::value;
   const int64_t D = sz.directions, H = sz.hidden, P = sz.out_size, N = layout.rows_total;
   const auto options = input.options().dtype(compute);
-  const bool low = gemm_operands_16bit(input, opts);
+  const bool low = gemm_operands_16bit(input, opts, kernels);
   const at::Tensor x2d =
       input.reshape({N, sz.input_size}).to(low ? input.scalar_type() : compute).contiguous();
   std::vector<DirectionParams> dir_params = split_params(params, opts, compute, low);
@@ -784,9 +796,10 @@ at::Tensor recurrent_outputs(const at::Tensor& output, const at::Tensor& gates,
 
 // The large GEMMs of the backward: out (fp32 or fp64) [+]= a b, in the compute type, or with
 // the 16-bit operands of gemm_operands_16bit.
-void backward_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+void backward_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                   MixedColumnMajorGemm gemm_16bit = nullptr) {
   if (a.scalar_type() != out.scalar_type()) {
-    mixed_mm(out, a, b, accumulate);
+    mixed_mm(out, a, b, accumulate, gemm_16bit);
   } else if (accumulate) {
     out.addmm_(a, b);
   } else {
@@ -797,7 +810,8 @@ void backward_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bo
 // dW_hh = sum over rows of dG[row]^T h[t-1][row] (h0 where a sequence starts), in `dtype`.
 at::Tensor grad_recurrent_weight(const Steps& layout, int64_t d, bool reverse, int64_t P,
                                  const at::Tensor& output2d, const at::Tensor& h0,
-                                 const at::Tensor& dgates, at::ScalarType dtype) {
+                                 const at::Tensor& dgates, at::ScalarType dtype,
+                                 MixedColumnMajorGemm gemm_16bit) {
   const int64_t N = layout.rows_total, B = layout.batch;
   const at::Tensor outputs = direction_columns(output2d, d, P);
   const at::Tensor dgates_t = dgates.t();
@@ -806,12 +820,12 @@ at::Tensor grad_recurrent_weight(const Steps& layout, int64_t d, bool reverse, i
     // Equal batch sizes: the outputs shifted by one step, and h0 for the first step; two
     // GEMMs on views instead of gathering h[t-1] into an (N, P) copy.
     const int64_t first = reverse ? N - B : 0;
-    backward_gemm(grad, dgates_t.narrow(1, first, B), h0, /*accumulate=*/false);
+    backward_gemm(grad, dgates_t.narrow(1, first, B), h0, /*accumulate=*/false, gemm_16bit);
     backward_gemm(grad, dgates_t.narrow(1, reverse ? 0 : B, N - B),
-                 outputs.narrow(0, reverse ? B : 0, N - B), /*accumulate=*/true);
+                  outputs.narrow(0, reverse ? B : 0, N - B), /*accumulate=*/true, gemm_16bit);
     return grad;
   }
-  backward_gemm(grad, dgates_t, previous_rows(layout, reverse, outputs, h0), false);
+  backward_gemm(grad, dgates_t, previous_rows(layout, reverse, outputs, h0), false, gemm_16bit);
   return grad;
 }
 
@@ -832,10 +846,11 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
   const int64_t I = sz.input_size;
   const auto options = input.options().dtype(compute);
   const StepKernels<T>& step_kernels = kernels_for<T>(kernels);
+  const MixedColumnMajorGemm gemm_16bit = step_kernels.gemm_16bit;
   // The 16-bit GEMM mode: x2d, W_ih, W_hh, h0 and output2d are 16-bit (the outputs are the
   // h[t] the forward's products used), and dG is rounded to 16 bits step by step into
   // dgates_16bit, the operand of every product that reads it.
-  const bool low = gemm_operands_16bit(input, opts);
+  const bool low = gemm_operands_16bit(input, opts, kernels);
   const at::ScalarType operands = low ? input.scalar_type() : compute;
   std::vector<DirectionParams> dir_params = split_params(params, opts, compute, low);
   std::vector<DirectionMasks> dir_masks = split_masks(masks, opts, compute);
@@ -912,7 +927,8 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
     bool looped = false;
     if (!has_proj && clip_mode == kClipOff && !opts.has_variants() &&
         step_kernels.backward_sequence && sequence_kernels_on(step_kernels, layout) &&
-        (!record_flow || step_kernels.backward_sequence_flow)) {
+        (!record_flow || step_kernels.backward_sequence_flow) &&
+        (!low || operands == at::kBFloat16)) {
       BackwardSequenceArgs<T> args;
       static_cast<SequenceShape&>(args) = walk;
       args.gates = gates_d.data_ptr<T>();
@@ -945,7 +961,8 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
                                                             layout.batch, pack_budget,
                                                             step_kernels.gemm);
     const std::optional<MixedStepWeight> recurrent_16bit =
-        low ? std::make_optional<MixedStepWeight>(p.w_hh, /*transposed=*/false) : std::nullopt;
+        low ? std::make_optional<MixedStepWeight>(p.w_hh, /*transposed=*/false, gemm_16bit)
+            : std::nullopt;
     const std::optional<StepWeight<T>> projection =
         (has_proj && !looped)
             ? std::make_optional<StepWeight<T>>(p.w_hr, false, layout.batch, pack_budget,
@@ -1028,7 +1045,8 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       if (low) {
         uint16_t* const step_16bit =
             static_cast<uint16_t*>(dgates_16bit.data_ptr()) + offset * 4 * H;
-        round_rows_16bit<T>(dgates_16bit.scalar_type(), step_16bit, 4 * H, args.dgates, 4 * H,
+        round_rows_16bit<T>(step_kernels, dgates_16bit.scalar_type(), step_16bit, 4 * H,
+                            args.dgates, 4 * H,
                             rows, 4 * H);
         multiply_16bit<T>(*recurrent_16bit, rows, dh_data, P, step_16bit, 4 * H,
                           /*accumulate=*/false);
@@ -1054,14 +1072,14 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
     // backward); the recurrent product's gradient is dG, or dL/dR with layer norm.
     const at::Tensor& grad_projection = low ? dgates_16bit : dgates;
     at::Tensor grad_w_ih = at::empty({4 * H, I}, options);
-    backward_gemm(grad_w_ih, grad_projection.t(), x2d, /*accumulate=*/false);
+    backward_gemm(grad_w_ih, grad_projection.t(), x2d, /*accumulate=*/false, gemm_16bit);
     grad_params.push_back(grad_w_ih);
     const at::Tensor& recurrent_grad = opts.layer_norm ? grad_recurrent_all : grad_projection;
     if (h_in_all.defined()) {
       grad_params.push_back(at::mm(recurrent_grad.t(), h_in_all));
     } else {
       grad_params.push_back(grad_recurrent_weight(layout, d, reverse, P, output2d, h0[d],
-                                                  recurrent_grad, compute));
+                                                  recurrent_grad, compute, gemm_16bit));
     }
     if (has_biases) {
       at::Tensor grad_bias;
@@ -1072,7 +1090,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
         // accumulation, several times faster than a reduction that converts every value
         grad_bias = at::empty({1, 4 * H}, options);
         backward_gemm(grad_bias, at::ones({1, N}, grad_projection.options()), grad_projection,
-                      /*accumulate=*/false);
+                      /*accumulate=*/false, gemm_16bit);
         grad_bias = grad_bias.view({4 * H});
       } else {
         grad_bias = dgates.sum(0);
@@ -1104,7 +1122,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       grad_params.push_back(ln_grad_sums.narrow(0, kGradCellGain * H, H).clone());
       grad_params.push_back(ln_grad_sums.narrow(0, kGradCellBias * H, H).clone());
     }
-    backward_gemm(grad_input, grad_projection, p.w_ih, /*accumulate=*/d > 0);
+    backward_gemm(grad_input, grad_projection, p.w_ih, /*accumulate=*/d > 0, gemm_16bit);
   }
   for (size_t k = 0; k < grad_params.size(); ++k) {
     grad_params[k] = grad_params[k].to(params[k].scalar_type());
@@ -1214,6 +1232,15 @@ TORCH_LIBRARY(lstm_fused, m) {
       "Tensor flow)");
 }
 
+// The kernel table the layer ops of `device` run with.
+const DeviceKernels& kernels_of_device(const c10::Device& device) {
+#ifdef LSTM_FUSED_WITH_CUDA
+  if (device.is_cuda()) return cuda::kernels();
+#endif
+  TORCH_CHECK(device.is_cpu(), "lstm_fused: no kernels for device ", device);
+  return cpu::kernels();
+}
+
 // The 16-bit GEMM mode's switch and rule (gemm_operands_16bit), for lstm_fused.set_16bit_gemm
 // and the tests.
 TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
@@ -1221,7 +1248,8 @@ TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
         [](bool enabled) { return gemm_16bit_state().exchange(enabled); });
   m.def("gemm_operands_16bit(Tensor input, float[] options) -> bool",
         [](const at::Tensor& input, c10::ArrayRef<double> options) {
-          return gemm_operands_16bit(input, LayerOptions::from_list(options));
+          return gemm_operands_16bit(input, LayerOptions::from_list(options),
+                                     kernels_of_device(input.device()));
         });
 }
 

@@ -160,13 +160,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_16bit_mode_is_its_oracle(bf16_product, dtype, case):
-    layer = make(dtype, **CASES[case])
+def _assert_is_its_oracle(layer, dtype, counts=lambda: []):
+    """The fused op on `layer` against the oracle, outputs and gradients; returns how much
+    counts() (a list of counters) grew over the forward and over the backward."""
     inputs = [layer["x"], layer["hx"], layer["cx"], *layer["params"]]
+    before = counts()
     ours = functional.BACKENDS["fused"](layer["x"], layer["hx"], layer["cx"], layer["params"],
                                         layer["batch_sizes"], None, layer["options"])
+    forward_calls = [a - b for a, b in zip(counts(), before)]
     want = oracle(layer, dtype)
     eps = torch.finfo(dtype).eps
     for a, b in zip(ours, want):
@@ -177,13 +178,22 @@ def test_16bit_mode_is_its_oracle(bf16_product, dtype, case):
         assert (a != b.to(dtype)).double().mean() < 0.1
     gen = torch.Generator().manual_seed(3)
     weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in ours]
+    before = counts()
     grads = torch.autograd.grad(ours, inputs, [w.to(dtype) for w in weights])
+    backward_calls = [a - b for a, b in zip(counts(), before)]
     exact = torch.autograd.grad(want, inputs, [w.to(dtype).double() for w in weights])
     for k, (g, e) in enumerate(zip(grads, exact)):
         assert g.dtype == dtype
         err = ((g.double() - e).norm() / e.norm()).item()
         # dG rounded to 16 bits before its products: a few units of the 16-bit eps
         assert err < 4 * eps, (k, err)
+    return forward_calls, backward_calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_16bit_mode_is_its_oracle(bf16_product, dtype, case):
+    _assert_is_its_oracle(make(dtype, **CASES[case]), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16"])
@@ -280,3 +290,55 @@ def test_set_cpu_bf16_product():
                     lstm_fused.set_cpu_bf16_product(kind)
     finally:
         lstm_fused.set_cpu_bf16_product(previous)
+
+
+@pytest.fixture
+def device_replay():
+    """The 16-bit mode as a device runs it (CUDA: cuBLAS on tensor cores, a rounding kernel),
+    replayed on the CPU (lstm_fused::set_cpu_device_call_replay; tests/test_device_call_replay.py):
+    every product through StepKernels::gemm_16bit in cuBLAS's column-major convention and
+    every rounding of h[t] and dG[t] through round_rows_16bit, each a reference loop with
+    cuBLAS's argument rules. It does not depend on the CPU's instructions, so bfloat16 and
+    float16 run it on every machine."""
+    ops = torch.ops.lstm_fused
+    old_replay, old_mode = ops.set_cpu_device_call_replay(True), lstm_fused.set_16bit_gemm(True)
+    yield ops
+    ops.set_cpu_device_call_replay(old_replay)
+    lstm_fused.set_16bit_gemm(old_mode)
+
+
+REPLAY_CASES = ["plain", "no-bias", "packed-bi", "tails"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("case", REPLAY_CASES)
+def test_device_16bit_mode_replayed_is_its_oracle(device_replay, dtype, case):
+    layer = make(dtype, **CASES[case])
+    assert _mode_available(dtype)
+    forward_calls, backward_calls = _assert_is_its_oracle(
+        layer, dtype, counts=device_replay.cpu_device_call_replay_counts)
+    # The driver's calls: no fp32 products or row copies; per direction, the forward's input
+    # projection and one product and one rounding per step; the backward's one product (dh)
+    # and one rounding (dG) per step, then dW_ih, dW_hh (two GEMMs on views with equal batch
+    # sizes), the bias as a product with ones, dx.
+    D = 2 if layer["options"].bidirectional else 1
+    steps = max(layer["lengths"])
+    w_hh_gemms = 2 if layer["batch_sizes"] is None else 1
+    bias = int(layer["options"].has_biases)
+    assert forward_calls == [0, 0, D * (1 + steps), D * steps], forward_calls
+    assert backward_calls == [0, 0, D * (steps + 1 + w_hh_gemms + bias + 1), D * steps], \
+        backward_calls
+
+
+def test_device_16bit_rule(device_replay):
+    """With a device's 16-bit GEMMs, float16 takes the mode too; the rest as on the CPU."""
+    rule = torch.ops.lstm_fused.gemm_operands_16bit
+    x = torch.zeros(2, 1, 3)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert rule(x.to(dtype), LayerOptions(bidirectional=True).to_list())
+        assert not rule(x.to(dtype), LayerOptions(has_proj=True).to_list())
+        assert not rule(x.to(dtype), LayerOptions(zoneout_cell=0.1).to_list())
+    assert not rule(x, LayerOptions().to_list())
+    assert not rule(x.double(), LayerOptions().to_list())
+    lstm_fused.set_16bit_gemm(False)
+    assert not rule(x.half(), LayerOptions().to_list())

@@ -251,6 +251,45 @@ def test_16bit_against_float32(arch, dtype, persistent):
         assert err < tol, f"gradient {k}: relative error {err:.3g} >= {tol}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("kind", ["seq", "packed"])
+def test_16bit_mode_on_tensor_cores_matches_the_cpu_replay(dtype, kind):
+    """The direct path's 16-bit GEMM mode (cublasGemmEx on 16-bit operands, fp32 accumulation;
+    h[t] and dG[t] rounded by the rounding kernel) against the same computation replayed on
+    the CPU (lstm_fused::set_cpu_device_call_replay): the same rounding points, so the results
+    differ only by the order of the fp32 sums (a unit in the last 16-bit place, rarely). On the
+    CPU, MKL's AMX product against the replay differed by 0.0025 eps (relative norm), the fp32
+    GEMM mode against the 16-bit mode by 0.4 eps: 0.1 eps tells them apart."""
+    rule = OPS.gemm_operands_16bit
+    options = LayerOptions(bidirectional=True).to_list()
+    x_probe = torch.zeros(2, 1, 3, device=CUDA, dtype=dtype)
+    old = (OPS.set_cuda_direct_gemm(False), OPS.set_cuda_persistent(False))
+    try:
+        assert not rule(x_probe, options)  # the per-step path keeps fp32 GEMMs
+        OPS.set_cuda_direct_gemm(True)
+        assert rule(x_probe, options)
+        torch.manual_seed(0)
+        m = lstm_fused.LSTM(12, 40, num_layers=2, bidirectional=True, device=CUDA, dtype=dtype)
+        gpu = _run(m, KINDS[kind][0], KINDS[kind][2], CUDA, dtype)
+        old_replay = OPS.set_cpu_device_call_replay(True)
+        try:
+            torch.manual_seed(0)
+            m_cpu = copy.deepcopy(m).cpu()
+            cpu = _run(m_cpu, KINDS[kind][0], KINDS[kind][2], "cpu", dtype)
+        finally:
+            OPS.set_cpu_device_call_replay(old_replay)
+    finally:
+        OPS.set_cuda_direct_gemm(old[0])
+        OPS.set_cuda_persistent(old[1])
+    eps = torch.finfo(dtype).eps
+    for k, (a, b) in enumerate(zip(_ordered(m, gpu[3], gpu[1], gpu[2]),
+                                   _ordered(m_cpu, cpu[3], cpu[1], cpu[2]))):
+        assert a.dtype == dtype and a.is_cuda
+        a, b = a.cpu().double(), b.double()
+        err = ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
+        assert err < 0.1 * eps, f"result {k}: relative error {err:.3g} ({err / eps:.3g} eps)"
+
+
 def test_gradcheck_module_float64():
     torch.manual_seed(0)
     m = lstm_fused.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, device=CUDA,

@@ -45,7 +45,7 @@ from conftest import assert_emulated_case_passes, build_emulator, emulator_cases
 @pytest.fixture(scope="module")
 def emulator():
     return build_emulator("steps_emulator", [
-        "cuda/lstm_steps_kernels.cuh", "lstm_cell.h", "lstm_steps.h"])
+        "cuda/lstm_steps_kernels.cuh", "lstm_cell.h", "lstm_steps.h", "bits16.h"])
 
 
 # The cases of steps_emulator.cpp (test_case_list_matches_the_binary keeps this in step).
@@ -59,7 +59,8 @@ CASES = ["emulator",
          "variants-forward-float-all", "variants-forward-double-all-eval",
          "variants-forward-float-layer-norm", "variants-forward-double-zoneout",
          "variants-backward-float-all", "variants-backward-double-all-eval",
-         "variants-backward-float-layer-norm", "variants-backward-double-zoneout"]
+         "variants-backward-float-layer-norm", "variants-backward-double-zoneout",
+         "round-rows-16bit"]
 
 
 def test_case_list_matches_the_binary(emulator):

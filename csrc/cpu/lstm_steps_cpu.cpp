@@ -3,6 +3,8 @@
 // clipping) are summed per row by one thread and then over rows in order, so results do not
 // depend on the thread count.
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -314,35 +316,91 @@ void backward_step(const BackwardStepArgs<T>& args) {
 // cuBLAS's column-major convention and the row copies through StepKernels::copy_rows, each
 // here a plain reference loop with cuBLAS's / cudaMemcpy2D's argument rules, so that a wrong
 // pointer, leading dimension, transpose or offset shows as a wrong result (and under
-// ./dev sanitize as an out-of-bounds access). The sequence kernels are off then.
+// ./dev sanitize as an out-of-bounds access). The 16-bit GEMM mode's products and roundings
+// (StepKernels::gemm_16bit, round_rows_16bit: cuBLAS on tensor cores on CUDA) are replayed
+// too, for bfloat16 and float16. The sequence kernels are off then.
 std::atomic<bool> replay_on{false};
 std::atomic<int64_t> replayed_gemms{0};
 std::atomic<int64_t> replayed_copies{0};
+std::atomic<int64_t> replayed_gemms_16bit{0};  // StepKernels::gemm_16bit
+std::atomic<int64_t> replayed_roundings{0};    // StepKernels::round_rows_16bit
 
-template <typename T>
-void reference_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, T alpha,
-                    const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c,
-                    int64_t ldc) {
+// cuBLAS's CUBLAS_STATUS_INVALID_VALUE conditions on a column-major GEMM's arguments.
+void check_replayed_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, int64_t lda,
+                         int64_t ldb, int64_t ldc) {
   TORCH_CHECK((transa == 'N' || transa == 'T') && (transb == 'N' || transb == 'T'),
               "replayed gemm: transpose flags must be N or T, got ", transa, transb);
   TORCH_CHECK(m >= 0 && n >= 0 && k >= 0, "replayed gemm: negative size");
-  // cuBLAS's CUBLAS_STATUS_INVALID_VALUE conditions on the leading dimensions
   TORCH_CHECK(lda >= std::max<int64_t>(1, transa == 'N' ? m : k) &&
                   ldb >= std::max<int64_t>(1, transb == 'N' ? k : n) &&
                   ldc >= std::max<int64_t>(1, m),
               "replayed gemm: a leading dimension is too small (m=", m, " n=", n, " k=", k,
               " lda=", lda, " ldb=", ldb, " ldc=", ldc, ")");
-  replayed_gemms.fetch_add(1, std::memory_order_relaxed);
+}
+
+// C = alpha op(A) op(B) + beta C in cuBLAS's column-major convention, each element of A and B
+// read through `load` and the products summed in Acc (C unread when beta is 0).
+template <typename Acc, typename In, typename Load>
+void reference_product(char transa, char transb, int64_t m, int64_t n, int64_t k, Acc alpha,
+                       const In* a, int64_t lda, const In* b, int64_t ldb, Acc beta, Acc* c,
+                       int64_t ldc, const Load& load) {
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t i = 0; i < m; ++i) {
-      T sum = 0;
+      Acc sum = 0;
       for (int64_t l = 0; l < k; ++l) {
-        const T a_il = transa == 'N' ? a[i + l * lda] : a[l + i * lda];
-        const T b_lj = transb == 'N' ? b[l + j * ldb] : b[j + l * ldb];
+        const Acc a_il = load(transa == 'N' ? a[i + l * lda] : a[l + i * lda]);
+        const Acc b_lj = load(transb == 'N' ? b[l + j * ldb] : b[j + l * ldb]);
         sum += a_il * b_lj;
       }
-      T& out = c[i + j * ldc];
-      out = alpha * sum + (beta == T(0) ? T(0) : beta * out);  // C unread when beta is 0
+      Acc& out = c[i + j * ldc];
+      out = alpha * sum + (beta == Acc(0) ? Acc(0) : beta * out);
+    }
+  }
+}
+
+template <typename T>
+void reference_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, T alpha,
+                    const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c,
+                    int64_t ldc) {
+  check_replayed_gemm(transa, transb, m, n, k, lda, ldb, ldc);
+  replayed_gemms.fetch_add(1, std::memory_order_relaxed);
+  reference_product<T>(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
+                       [](T value) { return value; });
+}
+
+// The 16-bit mode's product (cublasGemmEx with 16-bit A, B, float32 C, CUBLAS_COMPUTE_32F):
+// the 16-bit values decoded by c10 (exactly), summed in float32.
+void reference_gemm_16bit(Bits16 format, char transa, char transb, int64_t m, int64_t n,
+                          int64_t k, float alpha, const uint16_t* a, int64_t lda,
+                          const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  check_replayed_gemm(transa, transb, m, n, k, lda, ldb, ldc);
+  replayed_gemms_16bit.fetch_add(1, std::memory_order_relaxed);
+  if (format == Bits16::kBFloat16) {
+    reference_product<float>(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
+                             [](uint16_t bits) {
+                               return static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits()));
+                             });
+  } else {
+    reference_product<float>(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
+                             [](uint16_t bits) {
+                               return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+                             });
+  }
+}
+
+// The device's rounding of rows to 16 bits, by c10's conversions (the device kernel has its
+// own, bits16.h, checked by its emulator against the definition).
+void reference_round_rows(Bits16 format, uint16_t* dst, int64_t ldd, const float* src,
+                          int64_t lds, int64_t rows, int64_t cols) {
+  TORCH_CHECK(rows >= 0 && cols >= 0 && ldd >= cols && lds >= cols,
+              "replayed rounding: row stride smaller than the width (ldd=", ldd, " lds=", lds,
+              " cols=", cols, ")");
+  replayed_roundings.fetch_add(1, std::memory_order_relaxed);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t col = 0; col < cols; ++col) {
+      const float value = src[r * lds + col];
+      dst[r * ldd + col] =
+          format == Bits16::kBFloat16 ? c10::BFloat16(value).x : c10::Half(value).x;
     }
   }
 }
@@ -368,6 +426,10 @@ StepKernels<T> step_kernels(bool replay) {
   if (replay) {
     k.gemm = &reference_gemm<T>;
     k.copy_rows = &reference_copy_rows<T>;
+    if constexpr (std::is_same_v<T, float>) {
+      k.gemm_16bit = &reference_gemm_16bit;
+      k.round_rows_16bit = &reference_round_rows;
+    }
   } else {
     k.forward_sequence = &forward_sequence<T>;
     k.backward_sequence = &backward_sequence<T>;
@@ -390,7 +452,9 @@ TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   m.def("set_cpu_device_call_replay(bool enabled) -> bool",
         [](bool enabled) { return cpu::replay_on.exchange(enabled); });
   m.def("cpu_device_call_replay_counts() -> int[]", []() {
-    return std::vector<int64_t>{cpu::replayed_gemms.load(), cpu::replayed_copies.load()};
+    return std::vector<int64_t>{cpu::replayed_gemms.load(), cpu::replayed_copies.load(),
+                                cpu::replayed_gemms_16bit.load(),
+                                cpu::replayed_roundings.load()};
   });
 }
 

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "../lstm_layer.h"
 #include "../lstm_steps.h"
@@ -328,6 +329,28 @@ void step_gemm<double>(char transa, char transb, int64_t m, int64_t n, int64_t k
                               as_int(ldc, "ldc")));
 }
 
+// The 16-bit mode's products: 16-bit A and B, float32 C, float32 accumulation
+// (CUBLAS_COMPUTE_32F; tensor cores on sm_80 and later).
+void step_gemm_16bit(Bits16 format, char transa, char transb, int64_t m, int64_t n, int64_t k,
+                     float alpha, const uint16_t* a, int64_t lda, const uint16_t* b,
+                     int64_t ldb, float beta, float* c, int64_t ldc) {
+  const cudaDataType operands = format == Bits16::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
+  check_cublas(cublas().gemm_ex(at::cuda::getCurrentCUDABlasHandle(), cublas_op(transa),
+                                cublas_op(transb), as_int(m, "m"), as_int(n, "n"),
+                                as_int(k, "k"), &alpha, a, operands, as_int(lda, "lda"), b,
+                                operands, as_int(ldb, "ldb"), &beta, c, CUDA_R_32F,
+                                as_int(ldc, "ldc"), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+void round_rows_16bit(Bits16 format, uint16_t* dst, int64_t ldd, const float* src, int64_t lds,
+                      int64_t rows, int64_t cols) {
+  const int64_t count = rows * cols;
+  if (count == 0) return;
+  round_rows_kernel<<<blocks_for(count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      RoundRowsArgs{format, dst, ldd, src, lds, rows, cols});
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T>
 void copy_rows(T* dst, int64_t ldd, const T* src, int64_t lds, int64_t rows, int64_t cols) {
   if (rows == 0 || cols == 0) return;
@@ -348,6 +371,11 @@ StepKernels<T> step_kernels(bool direct) {
   if (direct && cublas().available()) {
     k.gemm = &step_gemm<T>;
     k.copy_rows = &copy_rows<T>;
+    if constexpr (std::is_same_v<T, float>) {
+      // the 16-bit GEMM mode for bfloat16 and float16 layers (gemm_operands_16bit)
+      k.gemm_16bit = &step_gemm_16bit;
+      k.round_rows_16bit = &round_rows_16bit;
+    }
   }
   return k;
 }

@@ -725,6 +725,25 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
+// ------------------------------------------------------------------------------------------
+// The 16-bit GEMM mode's operand of the next product: rows of src (float32) rounded to
+// bfloat16 / float16 bits (bits16.h, to nearest even, as torch rounds).
+// ------------------------------------------------------------------------------------------
+struct RoundRowsArgs {
+  Bits16 format;
+  uint16_t* dst;
+  int64_t ldd;
+  const float* src;
+  int64_t lds;
+  int64_t rows, cols;
+};
+
+__global__ void __launch_bounds__(kThreads) round_rows_kernel(const RoundRowsArgs args) {
+  for_each_element(args.rows * args.cols, args.cols, 1, [&](int64_t row, int64_t col) {
+    args.dst[row * args.ldd + col] = round_bits16(args.format, args.src[row * args.lds + col]);
+  });
+}
+
 // Grid of the fast path (and of a reduction's stage 1 before the kReduceBlocks cap).
 inline int64_t blocks_for(int64_t count) {
   return std::max<int64_t>(1, std::min<int64_t>((count + kThreads - 1) / kThreads, kMaxBlocks));
