@@ -2,7 +2,7 @@
 // values rounded to bfloat16 or IEEE float16 bits, to nearest, ties to even, as torch's
 // `.to(torch.bfloat16)` / `.to(torch.float16)` round (c10::BFloat16, c10::Half): NaN stays NaN
 // (bfloat16: 0x7FC0, float16: sign | 0x7E00), overflow gives infinity, float16 has subnormals.
-// No torch headers: compiled by nvcc for the device's rounding kernel (lstm_steps_kernels.cuh)
+// No torch headers: compiled by nvcc into the gate kernels (lstm_steps_kernels.cuh)
 // and run on the CPU by its emulator, which checks it against the definition.
 #pragma once
 

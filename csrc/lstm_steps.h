@@ -60,6 +60,10 @@ struct ForwardStepArgs {
   const T* projection = nullptr;  // A = x W_ih^T
   const T* recurrent = nullptr;   // R = (h[t-1] * M) W_hh^T
   T* hidden_masked = nullptr;     // kCellMaskedHidden: [rows, H] out: h[t] * dropout_mask
+  // The 16-bit GEMM mode (plain cell): [rows, H] out, may be null: h[t] rounded to 16 bits
+  // (bits16.h), the next step's product operand, written with h[t] (no pass of its own).
+  uint16_t* hidden_16bit = nullptr;
+  Bits16 format_16bit = Bits16::kBFloat16;
 };
 
 // Layer norm's parameter gradients of one row: kLayerNormGradWidth * H values, at these
@@ -121,6 +125,11 @@ struct BackwardStepArgs {
   // [kLayerNormGradWidth * H] (LayerNormGrad layout; the driver zeroes it once).
   T* ln_grad_rows = nullptr;
   T* ln_grad_sums = nullptr;
+  // The 16-bit GEMM mode (plain cell): [rows, 4H] out, may be null: dG[t] (what dgates gets)
+  // rounded to 16 bits (bits16.h), the operand of dL/dh[t-1] and of the weight GEMMs,
+  // written with dgates (no pass of its own).
+  uint16_t* dgates_16bit = nullptr;
+  Bits16 format_16bit = Bits16::kBFloat16;
 };
 
 // The recurrent part of dL/dh[t-1] from step t, with recurrent dropout and/or zoneout of h:
@@ -234,11 +243,6 @@ using MixedColumnMajorGemm = void (*)(Bits16 format, char transa, char transb, i
                                       int64_t lda, const uint16_t* b, int64_t ldb, float beta,
                                       float* c, int64_t ldc);
 
-// dst[r, 0:cols] = src[r, 0:cols] rounded to 16-bit `format` (bits16.h) for r < rows, on the
-// device's current stream: the 16-bit operand of the next product (h[t], dG[t]).
-using RoundRows16 = void (*)(Bits16 format, uint16_t* dst, int64_t ldd, const float* src,
-                             int64_t lds, int64_t rows, int64_t cols);
-
 // One device's step kernels for one compute type. The CUDA ones run on the current stream of
 // the current device (the driver sets the device guard) and never synchronise the host.
 // sum_squares pointers point to memory of the same device as the other buffers.
@@ -266,10 +270,10 @@ struct StepKernels {
   ColumnMajorGemm<T> gemm = nullptr;
   CopyRows<T> copy_rows = nullptr;
   // Optional (float only): the device's 16-bit GEMM mode (gemm_operands_16bit in ops.cpp):
-  // every product of a bfloat16 or float16 layer on 16-bit operands, and the rounding of h[t]
-  // and dG[t] to 16 bits. Null: the CPU's own (MKL), or fp32 GEMMs on converted copies.
+  // every product of a bfloat16 or float16 layer on 16-bit operands (the step kernels write
+  // h[t] and dG[t] in 16 bits too: ForwardStepArgs::hidden_16bit, BackwardStepArgs::
+  // dgates_16bit). Null: the CPU's own (MKL), or fp32 GEMMs on converted copies.
   MixedColumnMajorGemm gemm_16bit = nullptr;
-  RoundRows16 round_rows_16bit = nullptr;
 };
 
 struct DeviceKernels {

@@ -178,15 +178,9 @@ class MixedStepWeight {
 };
 
 // dst[r, :cols] = src[r, :cols] rounded to the 16-bit `dtype` (row strides ldd, lds), for
-// r < rows: the 16-bit operand of the next product (h[t], dG[t]); with a `device_round`
-// (StepKernels::round_rows_16bit) one call of it, else on the CPU.
+// r < rows, on the CPU: the 16-bit operand of the next product (h[t], dG[t]).
 inline void round_rows(at::ScalarType dtype, void* dst, int64_t ldd, const float* src,
-                       int64_t lds, int64_t rows, int64_t cols,
-                       RoundRows16 device_round = nullptr) {
-  if (device_round != nullptr) {
-    device_round(bits16_of(dtype), static_cast<uint16_t*>(dst), ldd, src, lds, rows, cols);
-    return;
-  }
+                       int64_t lds, int64_t rows, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
     if (dtype == at::kBFloat16) {
       at::vec::convert(src + r * lds, static_cast<c10::BFloat16*>(dst) + r * ldd, cols);

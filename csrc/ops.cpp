@@ -53,7 +53,7 @@ bool gemm_operands_16bit(const at::Tensor& input, const LayerOptions& opts,
   if (opts.has_proj || opts.has_variants() || !gemm_16bit_state().load(std::memory_order_relaxed)) {
     return false;
   }
-  if (kernels.f32.gemm_16bit != nullptr && kernels.f32.round_rows_16bit != nullptr) {
+  if (kernels.f32.gemm_16bit != nullptr) {
     return dtype == at::kBFloat16 || dtype == at::kHalf;
   }
   return dtype == at::kBFloat16 && input.device().is_cpu() &&
@@ -461,17 +461,6 @@ void multiply_16bit(const MixedStepWeight& weight, int64_t rows, T* out, int64_t
   }
 }
 
-// Rows of dst (`dtype`, 16-bit, row stride ldd) = those of src, rounded.
-template <typename T>
-void round_rows_16bit(const StepKernels<T>& kernels, at::ScalarType dtype, void* dst,
-                      int64_t ldd, const T* src, int64_t lds, int64_t rows, int64_t cols) {
-  if constexpr (std::is_same_v<T, float>) {
-    round_rows(dtype, dst, ldd, src, lds, rows, cols, kernels.round_rows_16bit);
-  } else {
-    TORCH_INTERNAL_ASSERT(false, "lstm_fused: 16-bit GEMMs accumulate in float32");
-  }
-}
-
 template <typename T>
 void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool reverse,
                        const DirectionParams& p, const DirectionMasks& m,
@@ -608,11 +597,11 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     args.recurrent = step_recurrent;
     args.projection = projection_data ? projection_data + offset * 4 * H : nullptr;
     args.hidden_masked = has_proj ? nullptr : masked_data;
-    kernels.forward(args);
-    if (low) {
-      round_rows_16bit<T>(kernels, h_16bit.scalar_type(), h_16bit.data_ptr(), P, hidden_data, P,
-                          rows, P);
+    if (low) {  // h[t] in 16 bits for the next product, written by the gate kernel
+      args.hidden_16bit = static_cast<uint16_t*>(h_16bit.data_ptr());
+      args.format_16bit = bits16_of(h_16bit.scalar_type());
     }
+    kernels.forward(args);
     if (has_proj) {
       if (mix_projected) {
         // h[t] = d_h h[t-1] + (1 - d_h) h~[t] on the projection's output
@@ -1037,18 +1026,17 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
         args.ln_grad_rows = ln_grad_rows.data_ptr<T>();
         args.ln_grad_sums = ln_grad_sums.data_ptr<T>();
       }
+      if (low) {  // dG[t] in 16 bits for its products, written by the gate backward kernel
+        args.dgates_16bit = static_cast<uint16_t*>(dgates_16bit.data_ptr()) + offset * 4 * H;
+        args.format_16bit = bits16_of(dgates_16bit.scalar_type());
+      }
       step_kernels.backward(args);
 
       // Recurrent gradient for the previous step: dh_next = dG[t] W_hh (dR[t] W_hh with
       // layer norm), masked by the recurrent dropout and joined by zoneout's direct path.
       const T* grad_product = opts.layer_norm ? args.grad_recurrent : args.dgates;
       if (low) {
-        uint16_t* const step_16bit =
-            static_cast<uint16_t*>(dgates_16bit.data_ptr()) + offset * 4 * H;
-        round_rows_16bit<T>(step_kernels, dgates_16bit.scalar_type(), step_16bit, 4 * H,
-                            args.dgates, 4 * H,
-                            rows, 4 * H);
-        multiply_16bit<T>(*recurrent_16bit, rows, dh_data, P, step_16bit, 4 * H,
+        multiply_16bit<T>(*recurrent_16bit, rows, dh_data, P, args.dgates_16bit, 4 * H,
                           /*accumulate=*/false);
       } else if (masked_recurrent) {
         recurrent->multiply(rows, recurrent_grad_buffer.data_ptr<T>(), P, grad_product, 4 * H,

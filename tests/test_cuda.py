@@ -255,7 +255,7 @@ def test_16bit_against_float32(arch, dtype, persistent):
 @pytest.mark.parametrize("kind", ["seq", "packed"])
 def test_16bit_mode_on_tensor_cores_matches_the_cpu_replay(dtype, kind):
     """The direct path's 16-bit GEMM mode (cublasGemmEx on 16-bit operands, fp32 accumulation;
-    h[t] and dG[t] rounded by the rounding kernel) against the same computation replayed on
+    h[t] and dG[t] rounded by the gate kernels) against the same computation replayed on
     the CPU (lstm_fused::set_cpu_device_call_replay): the same rounding points, so the results
     differ only by the order of the fp32 sums (a unit in the last 16-bit place, rarely). On the
     CPU, MKL's AMX product against the replay differed by 0.0025 eps (relative norm), the fp32

@@ -142,14 +142,17 @@ def test_sizes_offsets_and_strides_are_64_bit():
     (csrc/lstm_steps.h); the kernels index from those. This checks that all of them are
     declared int64_t, so that products such as offset * 4 * H are 64-bit. (A CPU run that
     crosses 2^31 elements needs > 8 GiB per buffer; the CUDA test below runs one.)"""
-    allowed = {"int64_t", "T", "T*", "std::vector<int64_t>", "StepVariants<T>"}
+    # (uint16_t*: the 16-bit mode's copies, pointers like T*)
+    allowed = {"int64_t", "T", "T*", "uint16_t*", "std::vector<int64_t>", "StepVariants<T>"}
     fields = _struct_fields(CSRC / "lstm_steps.h",
                             ["ForwardStepArgs", "HiddenGradStepArgs", "BackwardStepArgs",
                              "RecurrentGradStepArgs", "StepVariants"])
     fields.update(_struct_fields(CSRC / "ops.cpp", ["Steps"]))
     assert len(fields) > 25
     # flags, not sizes
-    flags = {("StepVariants", "variants"): "unsigned", ("RecurrentGradStepArgs", "zoneout"): "bool"}
+    flags = {("StepVariants", "variants"): "unsigned", ("RecurrentGradStepArgs", "zoneout"): "bool",
+             ("ForwardStepArgs", "format_16bit"): "Bits16",
+             ("BackwardStepArgs", "format_16bit"): "Bits16"}
     wrong = {key: typ for key, typ in fields.items()
              if typ not in allowed and flags.get(key) != typ}
     assert not wrong, f"not 64-bit: {wrong}"

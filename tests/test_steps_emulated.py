@@ -60,7 +60,7 @@ CASES = ["emulator",
          "variants-forward-float-layer-norm", "variants-forward-double-zoneout",
          "variants-backward-float-all", "variants-backward-double-all-eval",
          "variants-backward-float-layer-norm", "variants-backward-double-zoneout",
-         "round-rows-16bit"]
+         "bits16-rounding"]
 
 
 def test_case_list_matches_the_binary(emulator):

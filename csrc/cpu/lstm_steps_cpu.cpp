@@ -13,6 +13,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../mixed_gemm.h"
 #include "flush_denormals.h"
 #include "lstm_rows_cpu.h"
 
@@ -40,6 +41,19 @@ T norm_clip_scale(T sum_squares, T clip) {
   return norm > clip ? clip / norm : T(1);
 }
 
+// The 16-bit mode's copy (ForwardStepArgs::hidden_16bit, BackwardStepArgs::dgates_16bit) of
+// rows [begin, end) of src (row width and stride `width`); the mode is float's only.
+template <typename T>
+void round_rows_16bit(Bits16 format, uint16_t* dst, const T* src, int64_t width, int64_t begin,
+                      int64_t end) {
+  if constexpr (std::is_same_v<T, float>) {
+    round_rows(format == Bits16::kBFloat16 ? at::kBFloat16 : at::kHalf, dst + begin * width,
+               width, src + begin * width, width, end - begin, width);
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "lstm_fused: 16-bit GEMMs accumulate in float32");
+  }
+}
+
 template <typename T>
 void forward_step_impl(const ForwardStepArgs<T>& args) {
   const int64_t H = args.hidden;
@@ -50,6 +64,9 @@ void forward_step_impl(const ForwardStepArgs<T>& args) {
       forward_row<T>(args.gates + r * 4 * H, H, nullptr, nullptr, 0, args.cell_state + r * H,
                      args.cells + r * H, args.hidden_state + r * H,
                      args.output ? args.output + r * args.output_stride : nullptr, 0, H);
+      if (args.hidden_16bit != nullptr) {
+        round_rows_16bit(args.format_16bit, args.hidden_16bit, args.hidden_state, H, r, r + 1);
+      }
     }
   });
 }
@@ -308,6 +325,11 @@ void hidden_grad_step(const HiddenGradStepArgs<T>& args) {
 template <typename T>
 void backward_step(const BackwardStepArgs<T>& args) {
   dispatch_flags<T, Backward>(args);
+  // (after the step: norm clipping rescales dG at its end)
+  if (args.dgates_16bit != nullptr) {
+    round_rows_16bit(args.format_16bit, args.dgates_16bit, args.dgates, 4 * args.hidden, 0,
+                     args.rows);
+  }
 }
 
 // ---- The device's raw-pointer calls, replayed on the CPU (tests) ---------------------------
@@ -316,14 +338,13 @@ void backward_step(const BackwardStepArgs<T>& args) {
 // cuBLAS's column-major convention and the row copies through StepKernels::copy_rows, each
 // here a plain reference loop with cuBLAS's / cudaMemcpy2D's argument rules, so that a wrong
 // pointer, leading dimension, transpose or offset shows as a wrong result (and under
-// ./dev sanitize as an out-of-bounds access). The 16-bit GEMM mode's products and roundings
-// (StepKernels::gemm_16bit, round_rows_16bit: cuBLAS on tensor cores on CUDA) are replayed
-// too, for bfloat16 and float16. The sequence kernels are off then.
+// ./dev sanitize as an out-of-bounds access). The 16-bit GEMM mode's products
+// (StepKernels::gemm_16bit: cuBLAS on tensor cores on CUDA) are replayed too, for bfloat16
+// and float16. The sequence kernels are off then.
 std::atomic<bool> replay_on{false};
 std::atomic<int64_t> replayed_gemms{0};
 std::atomic<int64_t> replayed_copies{0};
 std::atomic<int64_t> replayed_gemms_16bit{0};  // StepKernels::gemm_16bit
-std::atomic<int64_t> replayed_roundings{0};    // StepKernels::round_rows_16bit
 
 // cuBLAS's CUBLAS_STATUS_INVALID_VALUE conditions on a column-major GEMM's arguments.
 void check_replayed_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, int64_t lda,
@@ -388,23 +409,6 @@ void reference_gemm_16bit(Bits16 format, char transa, char transb, int64_t m, in
   }
 }
 
-// The device's rounding of rows to 16 bits, by c10's conversions (the device kernel has its
-// own, bits16.h, checked by its emulator against the definition).
-void reference_round_rows(Bits16 format, uint16_t* dst, int64_t ldd, const float* src,
-                          int64_t lds, int64_t rows, int64_t cols) {
-  TORCH_CHECK(rows >= 0 && cols >= 0 && ldd >= cols && lds >= cols,
-              "replayed rounding: row stride smaller than the width (ldd=", ldd, " lds=", lds,
-              " cols=", cols, ")");
-  replayed_roundings.fetch_add(1, std::memory_order_relaxed);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t col = 0; col < cols; ++col) {
-      const float value = src[r * lds + col];
-      dst[r * ldd + col] =
-          format == Bits16::kBFloat16 ? c10::BFloat16(value).x : c10::Half(value).x;
-    }
-  }
-}
-
 template <typename T>
 void reference_copy_rows(T* dst, int64_t ldd, const T* src, int64_t lds, int64_t rows,
                          int64_t cols) {
@@ -428,7 +432,6 @@ StepKernels<T> step_kernels(bool replay) {
     k.copy_rows = &reference_copy_rows<T>;
     if constexpr (std::is_same_v<T, float>) {
       k.gemm_16bit = &reference_gemm_16bit;
-      k.round_rows_16bit = &reference_round_rows;
     }
   } else {
     k.forward_sequence = &forward_sequence<T>;
@@ -453,8 +456,7 @@ TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
         [](bool enabled) { return cpu::replay_on.exchange(enabled); });
   m.def("cpu_device_call_replay_counts() -> int[]", []() {
     return std::vector<int64_t>{cpu::replayed_gemms.load(), cpu::replayed_copies.load(),
-                                cpu::replayed_gemms_16bit.load(),
-                                cpu::replayed_roundings.load()};
+                                cpu::replayed_gemms_16bit.load()};
   });
 }
 

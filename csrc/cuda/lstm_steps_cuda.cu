@@ -342,15 +342,6 @@ void step_gemm_16bit(Bits16 format, char transa, char transb, int64_t m, int64_t
                                 as_int(ldc, "ldc"), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-void round_rows_16bit(Bits16 format, uint16_t* dst, int64_t ldd, const float* src, int64_t lds,
-                      int64_t rows, int64_t cols) {
-  const int64_t count = rows * cols;
-  if (count == 0) return;
-  round_rows_kernel<<<blocks_for(count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      RoundRowsArgs{format, dst, ldd, src, lds, rows, cols});
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 template <typename T>
 void copy_rows(T* dst, int64_t ldd, const T* src, int64_t lds, int64_t rows, int64_t cols) {
   if (rows == 0 || cols == 0) return;
@@ -374,7 +365,6 @@ StepKernels<T> step_kernels(bool direct) {
     if constexpr (std::is_same_v<T, float>) {
       // the 16-bit GEMM mode for bfloat16 and float16 layers (gemm_operands_16bit)
       k.gemm_16bit = &step_gemm_16bit;
-      k.round_rows_16bit = &round_rows_16bit;
     }
   }
   return k;

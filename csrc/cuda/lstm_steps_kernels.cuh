@@ -158,6 +158,12 @@ __global__ void __launch_bounds__(kThreads)
     store(args.cells + idx, cell);
     store(args.hidden_state + idx, hidden);
     if (args.output != nullptr) store(args.output + row * args.output_stride + col, hidden);
+    if (args.hidden_16bit != nullptr) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        args.hidden_16bit[idx + k] = round_bits16(args.format_16bit, static_cast<float>(hidden.v[k]));
+      }
+    }
   }
 }
 
@@ -293,6 +299,16 @@ __device__ __forceinline__ T backward_element(const BackwardStepArgs<T>& args, i
     store(dgates + 2 * H, dg);
     store(dgates + 3 * H, dout);
     store(dcell_ptr, dcell_out);
+    if (args.dgates_16bit != nullptr) {
+      uint16_t* const rounded = args.dgates_16bit + row * 4 * H + col;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        rounded[k] = round_bits16(args.format_16bit, static_cast<float>(di.v[k]));
+        rounded[H + k] = round_bits16(args.format_16bit, static_cast<float>(df.v[k]));
+        rounded[2 * H + k] = round_bits16(args.format_16bit, static_cast<float>(dg.v[k]));
+        rounded[3 * H + k] = round_bits16(args.format_16bit, static_cast<float>(dout.v[k]));
+      }
+    }
     return sum;
   }
 }
@@ -722,25 +738,6 @@ __global__ void __launch_bounds__(kThreads)
       value += keep * args.dhidden[idx];
     }
     args.dhidden[idx] = value;
-  });
-}
-
-// ------------------------------------------------------------------------------------------
-// The 16-bit GEMM mode's operand of the next product: rows of src (float32) rounded to
-// bfloat16 / float16 bits (bits16.h, to nearest even, as torch rounds).
-// ------------------------------------------------------------------------------------------
-struct RoundRowsArgs {
-  Bits16 format;
-  uint16_t* dst;
-  int64_t ldd;
-  const float* src;
-  int64_t lds;
-  int64_t rows, cols;
-};
-
-__global__ void __launch_bounds__(kThreads) round_rows_kernel(const RoundRowsArgs args) {
-  for_each_element(args.rows * args.cols, args.cols, 1, [&](int64_t row, int64_t col) {
-    args.dst[row * args.ldd + col] = round_bits16(args.format, args.src[row * args.lds + col]);
   });
 }
 
