@@ -101,10 +101,14 @@ inline void mixed_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
   if (device_gemm != nullptr) {
     TORCH_INTERNAL_ASSERT(out.stride(1) == 1 && out.stride(0) >= n,
                           "mixed_mm: the device GEMM needs a row-major result");
-    const at::Tensor a_matrix = mixed_detail::as_operand(a, &op_a) ? a : a.contiguous();
-    const at::Tensor b_matrix = mixed_detail::as_operand(b, &op_b) ? b : b.contiguous();
-    if (!a_matrix.is_same(a)) mixed_detail::as_operand(a_matrix, &op_a);
-    if (!b_matrix.is_same(b)) mixed_detail::as_operand(b_matrix, &op_b);
+    // an operand as it is where its rows or its columns are contiguous, else a contiguous copy
+    const auto matrix = [](const at::Tensor& t, mixed_detail::Operand* op) {
+      if (mixed_detail::as_operand(t, op)) return t;
+      const at::Tensor copy = t.contiguous();
+      mixed_detail::as_operand(copy, op);
+      return copy;
+    };
+    const at::Tensor a_matrix = matrix(a, &op_a), b_matrix = matrix(b, &op_b);
     // Row-major out = a b is column-major out^T = b^T a^T, and a row-major operand's
     // transpose flag is its column-major transpose's.
     device_gemm(bits16_of(a.scalar_type()), op_b.trans == kCblasTrans ? 'T' : 'N',

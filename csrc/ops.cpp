@@ -474,8 +474,7 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
   const bool low = h0_16bit.defined();
   const MixedColumnMajorGemm gemm_16bit = kernels.gemm_16bit;
   // The sequence kernels run the plain cell only (in the 16-bit mode: bfloat16 where the
-  // device's kernel has the mode, ForwardSequenceArgs::w_hh_bf16).
-  // (their 16-bit mode is bfloat16's: float16 takes the step loop)
+  // device's kernel has the mode, ForwardSequenceArgs::w_hh_bf16; float16 takes the step loop).
   const bool try_sequence = !has_proj && !opts.has_variants() && kernels.forward_sequence &&
                             sequence_kernels_on(kernels, layout) &&
                             (!low || x2d.scalar_type() == at::kBFloat16);
@@ -554,6 +553,7 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
       low ? std::make_optional<MixedStepWeight>(p.w_hh, /*transposed=*/true, gemm_16bit)
           : std::nullopt;
   at::Tensor h_16bit = low ? h0_16bit.clone(at::MemoryFormat::Contiguous) : at::Tensor();
+  const Bits16 format_16bit = low ? bits16_of(h_16bit.scalar_type()) : Bits16::kBFloat16;
   const std::optional<StepWeight<T>> projection =
       has_proj ? std::make_optional<StepWeight<T>>(p.w_hr, true, layout.batch, pack_budget,
                                                    kernels.gemm)
@@ -599,7 +599,7 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     args.hidden_masked = has_proj ? nullptr : masked_data;
     if (low) {  // h[t] in 16 bits for the next product, written by the gate kernel
       args.hidden_16bit = static_cast<uint16_t*>(h_16bit.data_ptr());
-      args.format_16bit = bits16_of(h_16bit.scalar_type());
+      args.format_16bit = format_16bit;
     }
     kernels.forward(args);
     if (has_proj) {
@@ -877,6 +877,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
   // all of them rounded in dgates_16bit
   at::Tensor dgates = at::empty({low ? layout.batch : N, 4 * H}, options);
   at::Tensor dgates_16bit = low ? at::empty({N, 4 * H}, input.options()) : at::Tensor();
+  const Bits16 format_16bit = low ? bits16_of(input.scalar_type()) : Bits16::kBFloat16;
   at::Tensor dr_buffer = has_proj ? at::empty({layout.batch, H}, options) : at::Tensor();
   at::Tensor dh_all = has_proj ? at::empty({N, P}, options) : at::Tensor();
   // Cell variants' buffers: dL/dh[t-1]'s recurrent part before the masks (recurrent dropout,
@@ -1028,7 +1029,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       }
       if (low) {  // dG[t] in 16 bits for its products, written by the gate backward kernel
         args.dgates_16bit = static_cast<uint16_t*>(dgates_16bit.data_ptr()) + offset * 4 * H;
-        args.format_16bit = bits16_of(dgates_16bit.scalar_type());
+        args.format_16bit = format_16bit;
       }
       step_kernels.backward(args);
 
