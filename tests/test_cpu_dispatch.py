@@ -31,10 +31,12 @@ import sys, torch, lstm_fused
 from lstm_fused import functional
 from lstm_fused.options import LayerOptions
 torch.manual_seed(0)
-for dtype, opts, P in ((torch.float64, LayerOptions(bidirectional=True), 0),
-                       (torch.float32, LayerOptions(has_proj=True, bptt_clip=0.1,
-                                                    bptt_clip_mode=2), 3)):
-    H, I, T, B = 19, 5, 6, 7
+# (the last: the small GEMM's row blocks 8 + 8 + 2 + 1 and whole and partial panels)
+for dtype, opts, P, (H, I, T, B) in (
+        (torch.float64, LayerOptions(bidirectional=True), 0, (19, 5, 6, 7)),
+        (torch.float32, LayerOptions(has_proj=True, bptt_clip=0.1, bptt_clip_mode=2), 3,
+         (19, 5, 6, 7)),
+        (torch.float32, LayerOptions(), 0, (33, 4, 5, 19))):
     D = opts.directions
     params = []
     for _ in range(D):

@@ -145,7 +145,7 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
   for (int64_t k = 0; k < slices; ++k) {
     const int64_t width = bounds[k + 1] - bounds[k];
     weights.emplace_back(w_hh.narrow(1, bounds[k], width).reshape({4 * width, H}).contiguous(),
-                         /*transposed=*/true, B, pack_budget);
+                         /*transposed=*/true, B, pack_budget, nullptr, StepThreads::kCallerOnly);
     recurrent.push_back(at::empty({B, 4 * width}, options_of<T>()));
   }
   const std::vector<int64_t> last_step = last_steps(a);
@@ -295,7 +295,8 @@ bool backward_sequence_impl(const BackwardSequenceArgs<T>& a) {
   std::vector<StepWeight<T>> weights;  // per slice: the columns of W_hh of its units
   for (int64_t k = 0; k < slices; ++k) {
     weights.emplace_back(w_hh.narrow(1, bounds[k], bounds[k + 1] - bounds[k]).contiguous(),
-                         /*transposed=*/false, B, pack_budget);
+                         /*transposed=*/false, B, pack_budget, nullptr,
+                         StepThreads::kCallerOnly);
   }
   // Telemetry: per slice and step, the sums of dc^2 and dh^2 over the slice's units; added
   // up in slice order after the loop (no atomics: the same bits for the same thread count).
