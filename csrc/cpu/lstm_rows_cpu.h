@@ -17,10 +17,40 @@ namespace lstm_fused {
 
 using at::vec::Vectorized;
 
+#if defined(CPU_CAPABILITY_AVX512)
+// exp(x) in float32, under 1 ulp where the result is a normal float below 2.4e38 (checked
+// against double on every 0.0007 of [-104, 88.3]): n = round(x log2 e), r = x - n ln 2 in two
+// parts (Cody-Waite), exp(r) by Cephes's expf polynomial, times 2^n by vscalefps: 15
+// instructions, against about 20 for ATen's exp_u20 with the NaN blend it needs. The gate math runs
+// five exps per element and costs as much as a step's GEMM. The input is clamped to
+// [-103.97, 88.376] (min/max with x second, so NaN passes through): the result saturates at
+// 2.4e38 instead of overflowing, so 1 / (1 + exp(-x)) never meets infinity, and goes to 0 below.
+inline Vectorized<float> exp_avx512(const Vectorized<float>& value) {
+  __m512 x = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), value);
+  x = _mm512_max_ps(_mm512_set1_ps(-103.972084045410f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2, high part exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
 template <typename T>
 struct CellMath<Vectorized<T>> {
   static Vectorized<T> exp(const Vectorized<T>& x) {
     if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+      return exp_avx512(x);
+#endif
       // ATen's polynomial exp (about 2 ulp) instead of Sleef's (1 ulp): the gate math is
       // five exps per element, as costly as the step's GEMM at small sizes. It saturates
       // instead of overflowing (sigmoid and tanh still reach exactly 0 / +-1) and would map
