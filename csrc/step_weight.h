@@ -34,6 +34,10 @@ int64_t pack_budget_bytes(int64_t gate_elements) {
   return gate_elements * static_cast<int64_t>(sizeof(T)) / 4;
 }
 
+// Who runs a StepWeight's CPU product: BLAS with the library's threads (the driver's step
+// loop), or the calling thread alone (one slice of a sequence kernel's parallel region).
+enum class StepThreads { kLibrary, kCallerOnly };
+
 // The weight of one product per step (W_hh, W_hr): out (rows x n) [+]= a (rows x k) * op(W),
 // op(W) = W^T when `transposed` (W: n x k) else W (W: k x n); out and a are row-major with row
 // strides ldo/lda. Pointers, not tensor views: at the sizes of one step, creating views and
@@ -45,10 +49,6 @@ int64_t pack_budget_bytes(int64_t gate_elements) {
 // long sequences, where the buffer is noise in the peak memory). Steps with fewer rows
 // (packed sequences) use the plain call. With a `device_gemm` (StepKernels::gemm: cuBLAS on
 // CUDA) it is one call of it with raw pointers; else, off the CPU, at::addmm/at::mm.
-// Who runs a StepWeight's CPU product: BLAS with the library's threads (the driver's step
-// loop), or the calling thread alone (one slice of a sequence kernel's parallel region).
-enum class StepThreads { kLibrary, kCallerOnly };
-
 template <typename T>
 class StepWeight {
  public:

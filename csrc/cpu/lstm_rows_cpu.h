@@ -21,8 +21,7 @@ using at::vec::Vectorized;
 // exp(x) in float32, under 1 ulp where the result is a normal float below 2.4e38 (checked
 // against double on every 0.0007 of [-104, 88.3]): n = round(x log2 e), r = x - n ln 2 in two
 // parts (Cody-Waite), exp(r) by Cephes's expf polynomial, times 2^n by vscalefps: 15
-// instructions, against about 20 for ATen's exp_u20 with the NaN blend it needs. The gate math runs
-// five exps per element and costs as much as a step's GEMM. The input is clamped to
+// instructions, against about 20 for exp_u20 with its NaN blend (below). The input is clamped to
 // [-103.97, 88.376] (min/max with x second, so NaN passes through): the result saturates at
 // 2.4e38 instead of overflowing, so 1 / (1 + exp(-x)) never meets infinity, and goes to 0 below.
 inline Vectorized<float> exp_avx512(const Vectorized<float>& value) {
@@ -50,12 +49,13 @@ struct CellMath<Vectorized<T>> {
     if constexpr (std::is_same_v<T, float>) {
 #if defined(CPU_CAPABILITY_AVX512)
       return exp_avx512(x);
-#endif
+#else
       // ATen's polynomial exp (about 2 ulp) instead of Sleef's (1 ulp): the gate math is
       // five exps per element, as costly as the step's GEMM at small sizes. It saturates
       // instead of overflowing (sigmoid and tanh still reach exactly 0 / +-1) and would map
       // NaN to a finite value, so NaN is passed through explicitly.
       return Vectorized<T>::blendv(x.exp_u20(), x, x.isnan());
+#endif
     } else {
       return x.exp();
     }

@@ -9,7 +9,7 @@
 // what is left, padded with zeros to whole vectors) as k rows of P contiguous values. A panel is
 // one contiguous block that the rows of a step reuse from L1: in the (k x n) layout its rows sat
 // n values apart, which at n = 256 mapped a 32 KiB panel onto a quarter of L1's sets, and each
-// row block re-read it from L2 (32 x 128 x 256: 135 -> 195 GFLOP/s on one core).
+// row block re-read it from L2 (32 x 128 x 256: 135 -> 180-190 GFLOP/s on one core).
 //
 // Every output value is the same sum in the same order (k ascending, one FMA per term) whatever
 // the blocking: the rows of a step get the same bits however they are split.
@@ -139,15 +139,14 @@ inline void small_gemm(int64_t rows, const T* a, int64_t lda, const T* packed, i
     small_gemm_panel<T, Shape::kPanelVectors>(rows, a, lda, packed + column * k, k, n, column,
                                               out, ldo, accumulate);
   }
-  const int64_t rest = (n_pad - column) / Shape::kWidth;  // the last panel's vectors
+  static_assert(Shape::kPanelVectors == 3, "the last panel below holds 0, 1 or 2 vectors");
+  const int64_t rest = (n_pad - column) / Shape::kWidth;
   const T* panel = packed + column * k;
-  if constexpr (Shape::kPanelVectors > 2) {
-    if (rest == 2) {
-      small_gemm_panel<T, 2>(rows, a, lda, panel, k, n, column, out, ldo, accumulate);
-      return;
-    }
+  if (rest == 2) {
+    small_gemm_panel<T, 2>(rows, a, lda, panel, k, n, column, out, ldo, accumulate);
+  } else if (rest == 1) {
+    small_gemm_panel<T, 1>(rows, a, lda, panel, k, n, column, out, ldo, accumulate);
   }
-  if (rest == 1) small_gemm_panel<T, 1>(rows, a, lda, panel, k, n, column, out, ldo, accumulate);
 }
 
 }  // namespace cpu
