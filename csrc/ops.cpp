@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cpu/flush_denormals.h"
+#include "cpu/library_gemm_cpu.h"
 #include "layer_options.h"
 #include "lstm_layer.h"
 #include "lstm_steps.h"
@@ -490,11 +491,11 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
       mixed_mm(gates, x2d, p.w_ih.t(), /*accumulate=*/bias.defined(), gemm_16bit);
     } else if (opts.layer_norm) {
       at::Tensor projected = products[0];
-      at::mm_out(projected, x2d, p.w_ih.t());
+      dense_mm(projected, x2d, p.w_ih.t(), /*accumulate=*/false);
     } else if (bias.defined() && !try_sequence) {
-      at::addmm_out(gates, bias, x2d, p.w_ih.t());
+      dense_addmm(gates, bias, x2d, p.w_ih.t());
     } else {
-      at::mm_out(gates, x2d, p.w_ih.t());
+      dense_mm(gates, x2d, p.w_ih.t(), /*accumulate=*/false);
     }
   }
   const int64_t out_stride = output.size(1);
@@ -749,7 +750,7 @@ at::Tensor recurrent_outputs(const at::Tensor& output, const at::Tensor& gates,
     if (opts.has_variants()) {
       const at::Tensor r =
           recompute_r_variants(gates[d], cells[d], c0[d], params[d], opts, layout, d == 1, H);
-      const at::Tensor fresh = params[d].w_hr.defined() ? at::mm(r, params[d].w_hr.t()) : r;
+      const at::Tensor fresh = params[d].w_hr.defined() ? dense_mm(r, params[d].w_hr.t()) : r;
       if (opts.zoneout_hidden == 0) {
         columns.copy_(fresh);
         continue;
@@ -777,7 +778,7 @@ at::Tensor recurrent_outputs(const at::Tensor& output, const at::Tensor& gates,
       const int64_t count = std::min(chunk, N - row);
       const at::Tensor r = recompute_r(gates[d], cells[d], row, count, H);
       columns.narrow(0, row, count)
-          .copy_(params[d].w_hr.defined() ? at::mm(r, params[d].w_hr.t()) : r);
+          .copy_(params[d].w_hr.defined() ? dense_mm(r, params[d].w_hr.t()) : r);
     }
   }
   return h_all;
@@ -789,10 +790,8 @@ void backward_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bo
                    MixedColumnMajorGemm gemm_16bit = nullptr) {
   if (a.scalar_type() != out.scalar_type()) {
     mixed_mm(out, a, b, accumulate, gemm_16bit);
-  } else if (accumulate) {
-    out.addmm_(a, b);
   } else {
-    at::mm_out(out, a, b);
+    dense_mm(out, a, b, accumulate);
   }
 }
 
@@ -1065,7 +1064,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
     grad_params.push_back(grad_w_ih);
     const at::Tensor& recurrent_grad = opts.layer_norm ? grad_recurrent_all : grad_projection;
     if (h_in_all.defined()) {
-      grad_params.push_back(at::mm(recurrent_grad.t(), h_in_all));
+      grad_params.push_back(dense_mm(recurrent_grad.t(), h_in_all));
     } else {
       grad_params.push_back(grad_recurrent_weight(layout, d, reverse, P, output2d, h0[d],
                                                   recurrent_grad, compute, gemm_16bit));
@@ -1092,14 +1091,15 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       // (N, H) copy: this path is also held to nn.LSTM's peak memory).
       at::Tensor grad_w_hr = at::zeros({P, H}, options);
       if (opts.has_variants()) {
-        grad_w_hr.addmm_(dh_all.t(), recompute_r_variants(gates_d, cells_d, c0_d, p, opts,
-                                                          layout, reverse, H));
+        dense_mm(grad_w_hr, dh_all.t(),
+                 recompute_r_variants(gates_d, cells_d, c0_d, p, opts, layout, reverse, H),
+                 /*accumulate=*/true);
       } else {
         const int64_t chunk = recompute_chunk_rows(H);
         for (int64_t row = 0; row < N; row += chunk) {
           const int64_t count = std::min(chunk, N - row);
-          grad_w_hr.addmm_(dh_all.narrow(0, row, count).t(),
-                           recompute_r(gates_d, cells_d, row, count, H));
+          dense_mm(grad_w_hr, dh_all.narrow(0, row, count).t(),
+                   recompute_r(gates_d, cells_d, row, count, H), /*accumulate=*/true);
         }
       }
       grad_params.push_back(grad_w_hr);

@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from . import functional, reference
 from .functional import (BACKENDS, available_backends, set_16bit_gemm, set_cpu_bf16_product,
-                         set_flush_denormals)
+                         set_cpu_gemm_library, set_flush_denormals)
 from .module import LSTM, convert, revert
 from . import gradflow
 from .gradflow import log_gradients, record_gradient_flow
@@ -17,4 +17,5 @@ __all__ = ["LSTM", "convert", "revert", "functional", "reference", "BACKENDS", "
            "gradflow", "record_gradient_flow", "log_gradients", "set_flush_denormals",
            "set_16bit_gemm",
            "set_cpu_bf16_product",
+           "set_cpu_gemm_library",
            "__version__"]

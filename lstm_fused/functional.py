@@ -16,7 +16,7 @@ from . import reference
 from .options import CLIP_MODES, LayerOptions
 
 __all__ = ["BACKENDS", "available_backends", "backend_unavailable_reason", "draw_masks", "lstm",
-           "set_flush_denormals", "set_16bit_gemm", "set_cpu_bf16_product"]
+           "set_flush_denormals", "set_16bit_gemm", "set_cpu_bf16_product", "set_cpu_gemm_library"]
 
 # Set on the first successful load of the compiled ops; kept as a module global so that
 # torch.compile sees a constant after the library has been loaded once (LSTM.__init__ with
@@ -95,6 +95,19 @@ def set_cpu_bf16_product(kind: str) -> str:
     start-up. `torch.ops.lstm_fused.cpu_bf16_product()` says which one runs now."""
     _load_fused()
     return torch.ops.lstm_fused.set_cpu_bf16_product(str(kind))
+
+
+def set_cpu_gemm_library(library: str) -> str:
+    """Which library runs the large float32 GEMMs of a layer on the CPU (the input projection
+    of all steps, and the backward's input and weight gradients): "auto" (the default: oneDNN
+    on CPUs other than Intel's that have AVX-512, where MKL runs its AVX2 kernels at half the
+    rate, else MKL), "mkl" or "onednn" (both from the running libtorch; "onednn" needs AVX-512
+    F/BW/VL/DQ). Like torch.mm, both compute in float32 unless
+    torch.set_float32_matmul_precision allows less. Returns the previous setting; the
+    environment variable LSTM_FUSED_CPU_GEMM sets it at start-up.
+    `torch.ops.lstm_fused.cpu_gemm_library()` says which one runs now."""
+    _load_fused()
+    return torch.ops.lstm_fused.set_cpu_gemm_library(str(library))
 
 
 def available_backends() -> list[str]:

@@ -9,9 +9,16 @@
 //   lstm_fused::cpu_bf16_product() -> str   "amx", "avx512" or "none"
 //   lstm_fused::set_cpu_bf16_product(str kind) -> str   "auto", "amx", "avx512" or "none";
 //                                                       returns the previous setting
+//
+// and which library runs the large float32 GEMMs (library_gemm_cpu.h):
+//
+//   lstm_fused::cpu_gemm_library() -> str   "mkl" or "onednn"
+//   lstm_fused::set_cpu_gemm_library(str library) -> str   "auto", "mkl" or "onednn";
+//                                                          returns the previous setting
 #include <torch/library.h>
 
 #include "bf16_product_cpu.h"
+#include "library_gemm_cpu.h"
 
 #include <string>
 
@@ -30,4 +37,10 @@ TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   });
   m.def("set_cpu_bf16_product(str kind) -> str",
         [](const std::string& kind) { return lstm_fused::cpu::set_bf16_product(kind); });
+  m.def("cpu_gemm_library() -> str", []() {
+    return std::string(lstm_fused::cpu::gemm_library_name(lstm_fused::cpu::gemm_library()));
+  });
+  m.def("set_cpu_gemm_library(str library) -> str", [](const std::string& library) {
+    return lstm_fused::cpu::set_gemm_library(library);
+  });
 }

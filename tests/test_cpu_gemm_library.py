@@ -1,0 +1,112 @@
+"""The library that runs a layer's large float32 GEMMs on the CPU (csrc/cpu/library_gemm_cpu.h):
+MKL through ATen, or oneDNN's matmul, both from the running libtorch. Every library this
+machine runs gives nn.LSTM's outputs and gradients on each GEMM of the driver: the input
+projection with and without biases, proj_size (W_hr), packed rows (dW_hh from gathered rows),
+bidirectional (dx accumulated over the directions), layer norm (the projection on its own)."""
+
+import pytest
+import torch
+from torch import nn
+
+import lstm_fused
+from lstm_fused import functional
+
+pytestmark = pytest.mark.skipif(functional.backend_unavailable_reason("fused") is not None,
+                                reason=str(functional.backend_unavailable_reason("fused")))
+
+
+def _libraries():
+    found = []
+    for library in ("mkl", "onednn"):
+        try:
+            previous = lstm_fused.set_cpu_gemm_library(library)
+        except RuntimeError:
+            continue
+        lstm_fused.set_cpu_gemm_library(previous)
+        found.append(library)
+    return found
+
+
+@pytest.fixture(params=["mkl", "onednn"])
+def library(request):
+    if request.param not in _libraries():
+        pytest.skip(f"this CPU or torch build does not run {request.param}'s float32 GEMM")
+    previous = lstm_fused.set_cpu_gemm_library(request.param)
+    assert torch.ops.lstm_fused.cpu_gemm_library() == request.param
+    yield request.param
+    lstm_fused.set_cpu_gemm_library(previous)
+
+
+def _vendor():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":")[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def test_auto_takes_onednn_exactly_off_intel_cpus_with_its_avx512():
+    previous = lstm_fused.set_cpu_gemm_library("auto")
+    try:
+        chosen = torch.ops.lstm_fused.cpu_gemm_library()
+        assert chosen in ("mkl", "onednn")
+        if "onednn" not in _libraries() or _vendor() == "GenuineIntel":
+            assert chosen == "mkl"
+        elif _vendor() is not None:
+            assert chosen == "onednn"
+    finally:
+        lstm_fused.set_cpu_gemm_library(previous)
+
+
+def test_an_unknown_library_is_a_clear_error_and_changes_nothing():
+    before = torch.ops.lstm_fused.cpu_gemm_library()
+    with pytest.raises(RuntimeError, match="one of 'auto', 'mkl', 'onednn'; got 'blis'"):
+        lstm_fused.set_cpu_gemm_library("blis")
+    assert torch.ops.lstm_fused.cpu_gemm_library() == before
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(bias=False),
+    dict(num_layers=2, bidirectional=True),
+    dict(proj_size=5),
+], ids=["plain", "no-bias", "L2-bi", "proj"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_each_library_gives_nn_lstm_outputs_and_gradients(library, kwargs, packed):
+    torch.manual_seed(0)
+    ref = nn.LSTM(11, 24, **kwargs)
+    ours = lstm_fused.LSTM(11, 24, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(9, 6, 11)
+    lengths = [9, 7, 7, 4, 2, 1]
+    results = []
+    for module in (ref, ours):
+        leaf = x.clone().requires_grad_()
+        inp = nn.utils.rnn.pack_padded_sequence(leaf, lengths) if packed else leaf
+        out, (h, c) = module(inp)
+        out = nn.utils.rnn.pad_packed_sequence(out)[0] if packed else out
+        loss = out.square().sum() + h.sum() + c.sum()
+        grads = torch.autograd.grad(loss, [leaf, *module.parameters()])
+        results.append([out, h, c, *grads])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_each_library_runs_the_layer_norm_variants_projection(library):
+    torch.manual_seed(0)
+    a = lstm_fused.LSTM(7, 16, layer_norm=True)
+    x = torch.randn(5, 3, 7, requires_grad=True)
+    out, _ = a(x)
+    grads = torch.autograd.grad(out.sum(), [x, *a.parameters()])
+    previous = lstm_fused.set_cpu_gemm_library("mkl")
+    try:
+        out_mkl, _ = a(x)
+        grads_mkl = torch.autograd.grad(out_mkl.sum(), [x, *a.parameters()])
+    finally:
+        lstm_fused.set_cpu_gemm_library(previous)
+    torch.testing.assert_close(out, out_mkl, rtol=1e-5, atol=1e-6)
+    for g, g_mkl in zip(grads, grads_mkl):
+        torch.testing.assert_close(g, g_mkl, rtol=1e-5, atol=1e-5)
