@@ -4,6 +4,10 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <mutex>
+#include <string>
+#include <vector>
 
 namespace lstm_fused {
 
@@ -20,5 +24,38 @@ inline bool env_flag(const char* name, bool fallback) {
   }
   return fallback;
 }
+
+// A run-time choice among fixed names (the CPU's bf16 product, its GEMM library): the first
+// name unless the environment variable holds another of them, then changed by a setter op.
+// Thread-safe; the caller checks a new value is one of the names.
+class EnvChoice {
+ public:
+  EnvChoice(const char* env_name, std::initializer_list<const char*> names)
+      : names_(names.begin(), names.end()), value_(names_.front()) {
+    const char* env = std::getenv(env_name);
+    if (env != nullptr && is_name(env)) value_ = env;
+  }
+  bool is_name(const std::string& value) const {
+    for (const std::string& name : names_) {
+      if (name == value) return true;
+    }
+    return false;
+  }
+  std::string get() const {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    return value_;
+  }
+  std::string exchange(const std::string& value) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    std::string previous = value_;
+    value_ = value;
+    return previous;
+  }
+
+ private:
+  std::vector<std::string> names_;
+  std::string value_;
+  mutable std::mutex mutex_;
+};
 
 }  // namespace lstm_fused

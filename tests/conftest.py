@@ -42,6 +42,20 @@ def _backend_params():
 BACKEND_PARAMS = _backend_params()
 
 
+def accepted_settings(setter, values):
+    """The values of a run-time setting (lstm_fused.set_cpu_bf16_product,
+    set_cpu_gemm_library, ...) that this machine accepts; the setting is left as it was."""
+    found = []
+    for value in values:
+        try:
+            previous = setter(value)
+        except RuntimeError:
+            continue
+        setter(previous)
+        found.append(value)
+    return found
+
+
 def requires_cuda(f):
     """Marked `cuda` (bench/gpu_check.sh selects these with -m cuda) and skipped when no GPU
     is visible. Every test that needs a GPU carries the marker."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lstm_fused
+from conftest import accepted_settings
 from lstm_fused import functional
 from lstm_fused.options import LayerOptions
 
@@ -43,15 +44,7 @@ def mode_16bit():
 def _products():
     """The bfloat16 product kinds of the CPU sequence kernels this machine runs
     (lstm_fused.set_cpu_bf16_product); "none" is MKL's GEMM step by step."""
-    kinds = []
-    for kind in ("amx", "avx512", "none"):
-        try:
-            previous = lstm_fused.set_cpu_bf16_product(kind)
-        except RuntimeError:
-            continue
-        lstm_fused.set_cpu_bf16_product(previous)
-        kinds.append(kind)
-    return kinds
+    return accepted_settings(lstm_fused.set_cpu_bf16_product, ("amx", "avx512", "none"))
 
 
 @pytest.fixture(params=["amx", "avx512", "none"])

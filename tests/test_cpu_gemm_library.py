@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import lstm_fused
+from conftest import accepted_settings
 from lstm_fused import functional
 
 pytestmark = pytest.mark.skipif(functional.backend_unavailable_reason("fused") is not None,
@@ -16,15 +17,7 @@ pytestmark = pytest.mark.skipif(functional.backend_unavailable_reason("fused") i
 
 
 def _libraries():
-    found = []
-    for library in ("mkl", "onednn"):
-        try:
-            previous = lstm_fused.set_cpu_gemm_library(library)
-        except RuntimeError:
-            continue
-        lstm_fused.set_cpu_gemm_library(previous)
-        found.append(library)
-    return found
+    return accepted_settings(lstm_fused.set_cpu_gemm_library, ("mkl", "onednn"))
 
 
 @pytest.fixture(params=["mkl", "onednn"])

@@ -5,6 +5,8 @@
 // and cpuid decides at run time which one runs.
 #include "bf16_product_cpu.h"
 
+#include "../env_switch.h"
+
 #include <c10/util/Exception.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -12,7 +14,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <mutex>
 #include <string>
 
 #define LSTM_FUSED_TARGET_AMX __attribute__((target("avx512f,amx-tile,amx-bf16")))
@@ -53,15 +54,10 @@ const Support& support() {
 }
 
 // The setting: "auto", "amx", "avx512" or "none".
-std::string& setting() {
-  static std::string value = [] {
-    const char* env = std::getenv("LSTM_FUSED_BF16_PRODUCT");
-    const std::string v = env ? env : "auto";
-    return (v == "amx" || v == "avx512" || v == "none") ? v : std::string("auto");
-  }();
-  return value;
+EnvChoice& setting() {
+  static EnvChoice choice("LSTM_FUSED_BF16_PRODUCT", {"auto", "amx", "avx512", "none"});
+  return choice;
 }
-std::mutex setting_mutex;
 
 #if defined(CPU_CAPABILITY_AVX512)
 
@@ -203,11 +199,7 @@ LSTM_FUSED_TARGET_AVX512_BF16 void dot_multiply(int64_t rows, int64_t n_pad, int
 
 Bf16Product bf16_product_kind() {
   const Support& cpu = support();
-  std::string chosen;
-  {
-    const std::lock_guard<std::mutex> lock(setting_mutex);
-    chosen = setting();
-  }
+  const std::string chosen = setting().get();
   if (chosen == "none") return Bf16Product::kNone;
   if ((chosen == "auto" || chosen == "amx") && cpu.amx) return Bf16Product::kAmx;
   // vdpbf16ps pays on Zen 4 (twice its fp32 FMA rate), not on Intel's cores with AMX, where it
@@ -229,10 +221,7 @@ std::string set_bf16_product(const std::string& kind) {
   TORCH_CHECK(kind != "avx512" || cpu.avx512_bf16,
               "lstm_fused: this CPU (or the SIMD level of the loaded library) has no "
               "AVX512_BF16");
-  const std::lock_guard<std::mutex> lock(setting_mutex);
-  std::string previous = setting();
-  setting() = kind;
-  return previous;
+  return setting().exchange(kind);
 }
 
 const char* bf16_product_name(Bf16Product kind) {

@@ -1,10 +1,10 @@
 #include "library_gemm_cpu.h"
 
+#include "../env_switch.h"
+
 #include <ATen/Config.h>
 #include <c10/util/Exception.h>
 
-#include <cstdlib>
-#include <mutex>
 
 namespace at {
 namespace native {
@@ -42,25 +42,16 @@ const Support& support() {
   return s;
 }
 
-std::string& setting() {
-  static std::string value = [] {
-    const char* env = std::getenv("LSTM_FUSED_CPU_GEMM");
-    const std::string v = env ? env : "auto";
-    return (v == "mkl" || v == "onednn") ? v : std::string("auto");
-  }();
-  return value;
+EnvChoice& setting() {
+  static EnvChoice choice("LSTM_FUSED_CPU_GEMM", {"auto", "mkl", "onednn"});
+  return choice;
 }
-std::mutex setting_mutex;
 
 }  // namespace
 
 GemmLibrary gemm_library() {
   const Support& cpu = support();
-  std::string chosen;
-  {
-    const std::lock_guard<std::mutex> lock(setting_mutex);
-    chosen = setting();
-  }
+  const std::string chosen = setting().get();
   if (!cpu.onednn || chosen == "mkl") return GemmLibrary::kMkl;
   if (chosen == "onednn" || !cpu.intel) return GemmLibrary::kOneDnn;
   return GemmLibrary::kMkl;
@@ -71,16 +62,13 @@ const char* gemm_library_name(GemmLibrary library) {
 }
 
 std::string set_gemm_library(const std::string& library) {
-  TORCH_CHECK(library == "auto" || library == "mkl" || library == "onednn",
+  TORCH_CHECK(setting().is_name(library),
               "lstm_fused: the CPU GEMM library must be one of 'auto', 'mkl', 'onednn'; got '",
               library, "'");
   TORCH_CHECK(library != "onednn" || support().onednn,
               "lstm_fused: oneDNN's float32 matmul needs a torch built with oneDNN and a CPU "
               "with AVX-512 (F, BW, VL, DQ)");
-  const std::lock_guard<std::mutex> lock(setting_mutex);
-  std::string previous = setting();
-  setting() = library;
-  return previous;
+  return setting().exchange(library);
 }
 
 void onednn_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
