@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "cpu/blas_symbols.h"
+#include "cpu/library_gemm_cpu.h"
 #include "cpu/small_gemm_cpu.h"
 #include "lstm_steps.h"
 
@@ -47,7 +48,9 @@ enum class StepThreads { kLibrary, kCallerOnly };
 // product's time). MKL's packed buffer is at least ~7.5 MiB whatever W's size, so W is packed
 // only when that fits `pack_budget_bytes` (the driver allows a quarter of the saved gates:
 // long sequences, where the buffer is noise in the peak memory). Steps with fewer rows
-// (packed sequences) use the plain call. With a `device_gemm` (StepKernels::gemm: cuBLAS on
+// (packed sequences) use the plain call. Where MKL lacks its AVX-512 kernels (AMD CPUs:
+// cpu::gemm_library() is oneDNN) large weights take oneDNN's matmul instead, or our loop in a
+// sequence kernel's slice. With a `device_gemm` (StepKernels::gemm: cuBLAS on
 // CUDA) it is one call of it with raw pointers; else, off the CPU, at::addmm/at::mm.
 template <typename T>
 class StepWeight {
@@ -67,14 +70,24 @@ class StepWeight {
     blas_ = weight.device().is_cpu() && Blas<T>::gemm() != nullptr && max_rows <= kIntMax &&
             n_ <= kIntMax && k_ <= kIntMax && weight.stride(0) <= kIntMax &&
             weight.stride(1) == 1;
+    // Where MKL runs only its AVX2 kernels (cpu::gemm_library() is oneDNN), a float32 slice
+    // takes the loop at any size, and the step loop's larger weights take oneDNN.
+    const bool without_mkl = std::is_same_v<T, float> && weight.device().is_cpu() &&
+                             cpu::gemm_library() == cpu::GemmLibrary::kOneDnn;
     const int64_t small_limit =
-        threads == StepThreads::kCallerOnly ? kSmallWeightElementsOneThread : kSmallWeightElements;
+        threads == StepThreads::kCallerOnly
+            ? (without_mkl ? std::numeric_limits<int64_t>::max() : kSmallWeightElementsOneThread)
+            : kSmallWeightElements;
     if (weight.device().is_cpu() && n_ * k_ <= small_limit && max_rows > 0) {
       // Small weights: our own register-blocked loop over op(W) packed into column panels.
       prepared_ = at::empty({cpu::SmallGemmShape<T>::packed_size(k_, n_)}, weight.options());
       const at::Tensor w = transposed ? weight.t() : weight;  // (k x n)
       cpu::pack_panels<T>(w.data_ptr<T>(), w.stride(0), w.stride(1), k_, n_,
                           prepared_.data_ptr<T>());
+      return;
+    }
+    if (without_mkl) {
+      onednn_ = true;
       return;
     }
     if constexpr (std::is_same_v<T, float>) {
@@ -115,7 +128,7 @@ class StepWeight {
                    weight_.stride(0), a, lda, beta, out, ldo);
       return;
     }
-    if (blas_) {
+    if (blas_ && !onednn_) {
       const int m = n_, n = static_cast<int>(rows), k = k_;
       const int ldw = static_cast<int>(weight_.stride(0)), lda_ = static_cast<int>(lda),
                 ldo_ = static_cast<int>(ldo);
@@ -127,7 +140,9 @@ class StepWeight {
     at::Tensor out_view = at::from_blob(out, {rows, n_}, {ldo, 1}, options);
     const at::Tensor a_view = at::from_blob(const_cast<T*>(a), {rows, k_}, {lda, 1}, options);
     const at::Tensor rhs = transposed_ ? weight_.t() : weight_;
-    if (accumulate) {
+    if (onednn_ && (ldo == n_ || rows == 1)) {
+      cpu::onednn_mm(out_view, a_view, rhs, accumulate);
+    } else if (accumulate) {
       out_view.addmm_(a_view, rhs);
     } else {
       at::mm_out(out_view, a_view, rhs);
@@ -147,6 +162,7 @@ class StepWeight {
   static constexpr int64_t kSmallWeightElements = int64_t(1) << 17;
   static constexpr int64_t kSmallWeightElementsOneThread = int64_t(1) << 19;
   bool blas_ = false;
+  bool onednn_ = false;  // the product by cpu::onednn_mm on views (large float32 weights)
   int n_ = 0, k_ = 0;
   at::Tensor packed_;
   at::Tensor prepared_;  // op(W) in cpu::pack_panels's layout, for cpu::small_gemm
