@@ -56,6 +56,31 @@ def accepted_settings(setter, values):
     return found
 
 
+def cpu_gemm_libraries():
+    """The libraries this machine runs a layer's large float32 GEMMs on
+    (lstm_fused.set_cpu_gemm_library)."""
+    return accepted_settings(lstm_fused.set_cpu_gemm_library, ("mkl", "onednn"))
+
+
+def setting_for_a_test(value, setter, current, accepted, missing):
+    """A fixture's body: the run-time setting at `value` for one test, then back (the test
+    skipped with `missing` where this machine does not accept the value)."""
+    if value not in accepted:
+        pytest.skip(missing)
+    previous = setter(value)
+    assert current() == value
+    yield value
+    setter(previous)
+
+
+@pytest.fixture(params=["mkl", "onednn"])
+def cpu_gemm_library(request):
+    """Each CPU GEMM library in turn (skipped where the machine lacks it)."""
+    yield from setting_for_a_test(
+        request.param, lstm_fused.set_cpu_gemm_library, torch.ops.lstm_fused.cpu_gemm_library,
+        cpu_gemm_libraries(), f"this CPU or torch build does not run {request.param}'s GEMM")
+
+
 def requires_cuda(f):
     """Marked `cuda` (bench/gpu_check.sh selects these with -m cuda) and skipped when no GPU
     is visible. Every test that needs a GPU carries the marker."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lstm_fused
-from conftest import accepted_settings
+from conftest import accepted_settings, setting_for_a_test
 from lstm_fused import functional
 from lstm_fused.options import LayerOptions
 
@@ -49,12 +49,9 @@ def _products():
 
 @pytest.fixture(params=["amx", "avx512", "none"])
 def bf16_product(request, mode_16bit):
-    if request.param not in _products():
-        pytest.skip(f"this CPU does not run the {request.param} bf16 product")
-    previous = lstm_fused.set_cpu_bf16_product(request.param)
-    assert torch.ops.lstm_fused.cpu_bf16_product() == request.param
-    yield request.param
-    lstm_fused.set_cpu_bf16_product(previous)
+    yield from setting_for_a_test(
+        request.param, lstm_fused.set_cpu_bf16_product, torch.ops.lstm_fused.cpu_bf16_product,
+        _products(), f"this CPU does not run the {request.param} bf16 product")
 
 
 def _round(v, dtype):
@@ -185,7 +182,9 @@ def _assert_is_its_oracle(layer, dtype, counts=lambda: []):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_16bit_mode_is_its_oracle(bf16_product, dtype, case):
+def test_16bit_mode_is_its_oracle(bf16_product, cpu_gemm_library, dtype, case):
+    """Where MKL lacks the CPU's AVX-512 kernels ("onednn") the large GEMMs run on the
+    sequence kernels' bf16 product (cpu::bf16_mm), else on MKL's bf16 GEMM."""
     _assert_is_its_oracle(make(dtype, **CASES[case]), dtype)
 
 

@@ -11,25 +11,11 @@ import torch
 from torch import nn
 
 import lstm_fused
-from conftest import accepted_settings
+from conftest import cpu_gemm_libraries
 from lstm_fused import functional
 
 pytestmark = pytest.mark.skipif(functional.backend_unavailable_reason("fused") is not None,
                                 reason=str(functional.backend_unavailable_reason("fused")))
-
-
-def _libraries():
-    return accepted_settings(lstm_fused.set_cpu_gemm_library, ("mkl", "onednn"))
-
-
-@pytest.fixture(params=["mkl", "onednn"])
-def library(request):
-    if request.param not in _libraries():
-        pytest.skip(f"this CPU or torch build does not run {request.param}'s float32 GEMM")
-    previous = lstm_fused.set_cpu_gemm_library(request.param)
-    assert torch.ops.lstm_fused.cpu_gemm_library() == request.param
-    yield request.param
-    lstm_fused.set_cpu_gemm_library(previous)
 
 
 def _vendor():
@@ -48,7 +34,7 @@ def test_auto_takes_onednn_exactly_off_intel_cpus_with_its_avx512():
     try:
         chosen = torch.ops.lstm_fused.cpu_gemm_library()
         assert chosen in ("mkl", "onednn")
-        if "onednn" not in _libraries() or _vendor() == "GenuineIntel":
+        if "onednn" not in cpu_gemm_libraries() or _vendor() == "GenuineIntel":
             assert chosen == "mkl"
         elif _vendor() is not None:
             assert chosen == "onednn"
@@ -70,7 +56,7 @@ def test_an_unknown_library_is_a_clear_error_and_changes_nothing():
     dict(proj_size=5),
 ], ids=["plain", "no-bias", "L2-bi", "proj"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_each_library_gives_nn_lstm_outputs_and_gradients(library, kwargs, packed):
+def test_each_library_gives_nn_lstm_outputs_and_gradients(cpu_gemm_library, kwargs, packed):
     torch.manual_seed(0)
     ref = nn.LSTM(11, 24, **kwargs)
     ours = lstm_fused.LSTM(11, 24, **kwargs)
@@ -90,7 +76,7 @@ def test_each_library_gives_nn_lstm_outputs_and_gradients(library, kwargs, packe
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
-def test_each_library_gives_nn_lstm_results_with_a_large_recurrent_weight(library):
+def test_each_library_gives_nn_lstm_results_with_a_large_recurrent_weight(cpu_gemm_library):
     """H=600: W_hh is 5.5 MiB, above the limits of the small-GEMM loop (step_weight.h) where MKL
     has its AVX-512 kernels; without them a sequence kernel's slice keeps the loop."""
     torch.manual_seed(0)
@@ -108,7 +94,7 @@ def test_each_library_gives_nn_lstm_results_with_a_large_recurrent_weight(librar
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
-def test_each_library_runs_the_layer_norm_variant(library):
+def test_each_library_runs_the_layer_norm_variant(cpu_gemm_library):
     """The variant takes the driver's step loop; at H=192 its W_hh (576 KiB) is above that
     loop's small-GEMM limit, so the step product is BLAS's, or oneDNN's without MKL's AVX-512.
     Oracle: the same module in float64 (nn.LSTM has no layer norm)."""

@@ -7,6 +7,7 @@
 
 #include "../env_switch.h"
 
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -261,6 +262,76 @@ void Bf16Weight::multiply(int64_t rows, float* out, int64_t ldo, const uint16_t*
   TORCH_INTERNAL_ASSERT(false, "lstm_fused: no bf16 product below the AVX-512 library");
   (void)out, (void)ldo, (void)a, (void)lda;
 #endif
+}
+
+namespace {
+
+// bf16_mm with out at element strides (out[i * o_row + j * o_col]), B packed.
+void bf16_mm_packing_b(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t a_row,
+                       int64_t a_col, const uint16_t* b, int64_t b_row, int64_t b_col,
+                       float* out, int64_t o_row, int64_t o_col, bool accumulate,
+                       Bf16Product kind) {
+  const Bf16Weight weight(n, k, kind,
+                          [&](int64_t col, int64_t d) { return b[d * b_row + col * b_col]; });
+  const int64_t k_pad = weight.padded_depth(), n_pad = weight.padded_cols();
+  constexpr int64_t kChunk = 64;  // rows per task: a multiple of the AMX tile's 16
+  static_assert(kChunk % Bf16Weight::kRowBlock == 0, "whole row blocks per chunk");
+  at::parallel_for(0, (m + kChunk - 1) / kChunk, 1, [&](int64_t first, int64_t last) {
+    // the padding columns of a stay zero; its rows past `rows` in the last chunk only reach
+    // the buffer's rows past `rows`, which are not read
+    const AlignedBuffer<uint16_t> a_rows = aligned_zeros<uint16_t>(kChunk * k_pad);
+    const AlignedBuffer<float> products = aligned_zeros<float>(kChunk * n_pad);
+    for (int64_t chunk = first; chunk < last; ++chunk) {
+      const int64_t row0 = chunk * kChunk, rows = std::min(kChunk, m - row0);
+      if (a_col == 1) {
+        for (int64_t i = 0; i < rows; ++i) {
+          std::memcpy(a_rows.get() + i * k_pad, a + (row0 + i) * a_row, k * sizeof(uint16_t));
+        }
+      } else {
+        // along the depth outside, the chunk's rows inside: with A's columns contiguous
+        // (a_row 1) each read is 64 neighbouring values
+        for (int64_t d = 0; d < k; ++d) {
+          const uint16_t* src = a + row0 * a_row + d * a_col;
+          for (int64_t i = 0; i < rows; ++i) a_rows[i * k_pad + d] = src[i * a_row];
+        }
+      }
+      weight.multiply(rows, products.get(), n_pad, a_rows.get(), k_pad);
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* src = products.get() + i * n_pad;
+        float* dst = out + (row0 + i) * o_row;
+        if (o_col == 1 && accumulate) {
+          for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
+        } else if (o_col == 1) {
+          std::memcpy(dst, src, n * sizeof(float));
+        } else if (accumulate) {
+          for (int64_t j = 0; j < n; ++j) dst[j * o_col] += src[j];
+        } else {
+          for (int64_t j = 0; j < n; ++j) dst[j * o_col] = src[j];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void bf16_mm(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t a_row, int64_t a_col,
+             const uint16_t* b, int64_t b_row, int64_t b_col, float* out, int64_t ldo,
+             bool accumulate, Bf16Product kind) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < m; ++i) std::memset(out + i * ldo, 0, n * sizeof(float));
+    }
+    return;
+  }
+  // Pack the smaller operand: with n > m (the bias gradient, ones (1 x N) times dG (N x 4H))
+  // as out^T = B^T A^T, A^T packed.
+  if (n > m) {
+    bf16_mm_packing_b(n, m, k, b, b_col, b_row, a, a_col, a_row, out, 1, ldo, accumulate, kind);
+  } else {
+    bf16_mm_packing_b(m, n, k, a, a_row, a_col, b, b_row, b_col, out, ldo, 1, accumulate, kind);
+  }
 }
 
 }  // namespace cpu

@@ -81,6 +81,16 @@ class Bf16Weight {
   AlignedBuffer<uint32_t> packed_;
 };
 
+// out (m x n, fp32, row stride ldo) [+]= A B, A (m x k) and B (k x n) bfloat16 bits at any
+// element strides (a[i * a_row + d * a_col], b[d * b_row + j * b_col]): a large GEMM on this
+// product, with the library's threads. The smaller of A and B is packed once (a Bf16Weight of
+// B^T, or of A for out^T = B^T A^T); each thread copies 64 rows of the other at a time into a
+// padded buffer and multiplies them into a buffer of its own, then writes or adds to out. For the 16-bit mode's large GEMMs where MKL's
+// bf16 GEMM lacks the CPU's dot products (mixed_gemm.h).
+void bf16_mm(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t a_row, int64_t a_col,
+             const uint16_t* b, int64_t b_row, int64_t b_col, float* out, int64_t ldo,
+             bool accumulate, Bf16Product kind);
+
 // One block of 16 rows of W at a time, along the depth: the reads stay within 16 rows of
 // W_hh (or run along 16 neighbouring values of its columns), and the writes are sequential (a
 // whole W_hh row per step of n thrashed the TLB: at H1024 packing took 8 ms per call).
