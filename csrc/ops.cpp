@@ -1235,6 +1235,20 @@ const DeviceKernels& kernels_of_device(const c10::Device& device) {
 TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   m.def("set_16bit_gemm(bool enabled) -> bool",
         [](bool enabled) { return gemm_16bit_state().exchange(enabled); });
+  // The CPU GEMM a layer's large products run on, for the bench's large-GEMM rate: float32
+  // and float64 by dense_mm (cpu::gemm_library()), 16-bit operands into a float32 result by
+  // the 16-bit mode's mixed_mm.
+  m.def("cpu_mm(Tensor a, Tensor b) -> Tensor", [](const at::Tensor& a, const at::Tensor& b) {
+    TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && a.dim() == 2 && b.dim() == 2 &&
+                    a.size(1) == b.size(0) && a.scalar_type() == b.scalar_type(),
+                "lstm_fused.cpu_mm: needs two CPU matrices of one dtype, (m x k) and (k x n)");
+    if (a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf) {
+      at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kFloat));
+      mixed_mm(out, a, b, /*accumulate=*/false);
+      return out;
+    }
+    return dense_mm(a, b);
+  });
   m.def("gemm_operands_16bit(Tensor input, float[] options) -> bool",
         [](const at::Tensor& input, c10::ArrayRef<double> options) {
           return gemm_operands_16bit(input, LayerOptions::from_list(options),

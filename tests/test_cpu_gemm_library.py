@@ -112,3 +112,20 @@ def test_each_library_runs_the_layer_norm_variant(cpu_gemm_library):
         # the rounding of large ones (both libraries measured ~1e-6 of it)
         torch.testing.assert_close(value.double(), exact, rtol=0,
                                    atol=1e-5 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpu_mm_is_the_product_of_each_library(cpu_gemm_library, dtype):
+    """torch.ops.lstm_fused.cpu_mm (the bench's large-GEMM rate): the layers' GEMM, with a
+    float32 result for bfloat16 operands."""
+    torch.manual_seed(0)
+    a, b = torch.randn(70, 33).to(dtype), torch.randn(33, 41).to(dtype)
+    out = torch.ops.lstm_fused.cpu_mm(a, b)
+    exact = a.double() @ b.double()
+    assert out.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_mm_of_mismatched_matrices_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="two CPU matrices of one dtype"):
+        torch.ops.lstm_fused.cpu_mm(torch.randn(3, 4), torch.randn(5, 2))

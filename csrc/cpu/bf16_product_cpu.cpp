@@ -249,6 +249,31 @@ void Bf16Weight::check_kind(Bf16Product kind) {
   TORCH_INTERNAL_ASSERT(kind != Bf16Product::kNone, "Bf16Weight: no bf16 product to pack for");
 }
 
+Bf16Weight::Bf16Weight(int64_t n_rows, int64_t k, Bf16Product kind)
+    : kind_(kind), n_(n_rows), k_(k), n_pad_(round_up(n_rows, kColBlock)),
+      k_pad_(depth_padding(k)), packed_(aligned_zeros<uint32_t>(n_pad_ * k_pad_ / 2)) {
+  check_kind(kind);
+}
+
+Bf16Weight::Bf16Weight(FromTransposed, const uint16_t* w, int64_t n_rows, int64_t k,
+                       int64_t depth_stride, Bf16Product kind)
+    : Bf16Weight(n_rows, k, kind) {
+  pack([&](uint32_t* out, int64_t first, int64_t columns, int64_t depth) {
+    const uint16_t* low = w + depth * depth_stride + first;
+    if (columns == kColBlock && depth + 1 < k) {
+      const uint16_t* high = low + depth_stride;
+      for (int64_t c = 0; c < kColBlock; ++c) {
+        out[c] = static_cast<uint32_t>(low[c]) | (static_cast<uint32_t>(high[c]) << 16);
+      }
+    } else {
+      for (int64_t c = 0; c < columns; ++c) {
+        const uint32_t high = depth + 1 < k ? low[c + depth_stride] : 0;
+        out[c] = static_cast<uint32_t>(low[c]) | (high << 16);
+      }
+    }
+  });
+}
+
 void Bf16Weight::multiply(int64_t rows, float* out, int64_t ldo, const uint16_t* a,
                           int64_t lda) const {
   if (rows == 0 || n_ == 0) return;
@@ -271,8 +296,11 @@ void bf16_mm_packing_b(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64
                        int64_t a_col, const uint16_t* b, int64_t b_row, int64_t b_col,
                        float* out, int64_t o_row, int64_t o_col, bool accumulate,
                        Bf16Product kind) {
-  const Bf16Weight weight(n, k, kind,
-                          [&](int64_t col, int64_t d) { return b[d * b_row + col * b_col]; });
+  const Bf16Weight weight =
+      b_col == 1 ? Bf16Weight(Bf16Weight::FromTransposed{}, b, n, k, b_row, kind)
+                 : Bf16Weight(n, k, kind, [&](int64_t col, int64_t d) {
+                     return b[d * b_row + col * b_col];
+                   });
   const int64_t k_pad = weight.padded_depth(), n_pad = weight.padded_cols();
   constexpr int64_t kChunk = 64;  // rows per task: a multiple of the AMX tile's 16
   static_assert(kChunk % Bf16Weight::kRowBlock == 0, "whole row blocks per chunk");
@@ -325,9 +353,15 @@ void bf16_mm(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t a_row, 
     }
     return;
   }
-  // Pack the smaller operand: with n > m (the bias gradient, ones (1 x N) times dG (N x 4H))
-  // as out^T = B^T A^T, A^T packed.
-  if (n > m) {
+  // Which operand to pack: the one that moves fewer values one at a time. Packing B with its
+  // rows contiguous (b_col 1) and copying rows of A (a_col 1) run 16 or more values at a
+  // time, the other cases one (taken as 8 times the cost). The weight gradients
+  // dG^T (4H x N) x (N x I) then run as out^T = x^T dG, dG packed; the input projection, dx
+  // and the bias gradient (ones (1 x N) times dG) as they are.
+  const auto cost = [](int64_t a_values, int64_t a_col, int64_t b_values, int64_t b_col) {
+    return a_values * (a_col == 1 ? 1 : 8) + b_values * (b_col == 1 ? 1 : 8);
+  };
+  if (cost(n * k, b_row, m * k, a_row) < cost(m * k, a_col, n * k, b_col)) {
     bf16_mm_packing_b(n, m, k, b, b_col, b_row, a, a_col, a_row, out, 1, ldo, accumulate, kind);
   } else {
     bf16_mm_packing_b(m, n, k, a, a_row, a_col, b, b_row, b_col, out, ldo, 1, accumulate, kind);

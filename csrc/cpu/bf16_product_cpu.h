@@ -59,6 +59,12 @@ class Bf16Weight {
       : Bf16Weight(static_cast<int64_t>(rows.size()), k, kind,
                    [&](int64_t n, int64_t d) { return rows[n][d * depth_stride]; }) {}
 
+  // W[n][d] = w[d * depth_stride + n] for n < n_rows, d < k: W^T row-major (dG, (N x 4H), in
+  // the weight gradients' products). 16 neighbouring values at a time, vectorised.
+  struct FromTransposed {};
+  Bf16Weight(FromTransposed, const uint16_t* w, int64_t n_rows, int64_t k, int64_t depth_stride,
+             Bf16Product kind);
+
   static int64_t round_up(int64_t value, int64_t block) {
     return (value + block - 1) / block * block;
   }
@@ -72,6 +78,11 @@ class Bf16Weight {
   void multiply(int64_t rows, float* out, int64_t ldo, const uint16_t* a, int64_t lda) const;
 
  private:
+  // Zeroed storage for W (n_rows x k); pack() fills it, fill(out, first, columns, depth)
+  // writing the pairs of W[first .. first + columns)[depth, depth + 1] at out.
+  Bf16Weight(int64_t n_rows, int64_t k, Bf16Product kind);
+  template <typename Fill>
+  void pack(const Fill& fill);
   static void check_kind(Bf16Product kind);  // not kNone
   Bf16Product kind_;
   int64_t n_, k_, n_pad_, k_pad_;
@@ -83,9 +94,10 @@ class Bf16Weight {
 
 // out (m x n, fp32, row stride ldo) [+]= A B, A (m x k) and B (k x n) bfloat16 bits at any
 // element strides (a[i * a_row + d * a_col], b[d * b_row + j * b_col]): a large GEMM on this
-// product, with the library's threads. The smaller of A and B is packed once (a Bf16Weight of
-// B^T, or of A for out^T = B^T A^T); each thread copies 64 rows of the other at a time into a
-// padded buffer and multiplies them into a buffer of its own, then writes or adds to out. For the 16-bit mode's large GEMMs where MKL's
+// product, with the library's threads. One operand is packed once (a Bf16Weight of B^T, or of
+// A for out^T = B^T A^T: whichever moves fewer values one at a time, see bf16_mm); each thread
+// copies 64 rows of the other at a time into a padded buffer and multiplies them into a
+// buffer of its own, then writes or adds to out. For the 16-bit mode's large GEMMs where MKL's
 // bf16 GEMM lacks the CPU's dot products (mixed_gemm.h).
 void bf16_mm(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t a_row, int64_t a_col,
              const uint16_t* b, int64_t b_row, int64_t b_col, float* out, int64_t ldo,
@@ -94,24 +106,29 @@ void bf16_mm(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t a_row, 
 // One block of 16 rows of W at a time, along the depth: the reads stay within 16 rows of
 // W_hh (or run along 16 neighbouring values of its columns), and the writes are sequential (a
 // whole W_hh row per step of n thrashed the TLB: at H1024 packing took 8 ms per call).
-template <typename Value>
-Bf16Weight::Bf16Weight(int64_t n_rows, int64_t k, Bf16Product kind, const Value& value)
-    : kind_(kind), n_(n_rows), k_(k), n_pad_(round_up(n_rows, kColBlock)),
-      k_pad_(depth_padding(k)), packed_(aligned_zeros<uint32_t>(n_pad_ * k_pad_ / 2)) {
-  check_kind(kind);
+template <typename Fill>
+void Bf16Weight::pack(const Fill& fill) {
   const int64_t block_stride = k_pad_ / 2 * kColBlock;
   for (int64_t block = 0; block * kColBlock < n_; ++block) {
     uint32_t* out = packed_.get() + block * block_stride;
     const int64_t first = block * kColBlock;
     const int64_t columns = n_ - first < kColBlock ? n_ - first : kColBlock;
-    for (int64_t depth = 0; depth < k; depth += 2, out += kColBlock) {
-      for (int64_t c = 0; c < columns; ++c) {
-        const uint32_t low = value(first + c, depth);
-        const uint32_t high = depth + 1 < k ? value(first + c, depth + 1) : 0;
-        out[c] = low | (high << 16);
-      }
+    for (int64_t depth = 0; depth < k_; depth += 2, out += kColBlock) {
+      fill(out, first, columns, depth);
     }
   }
+}
+
+template <typename Value>
+Bf16Weight::Bf16Weight(int64_t n_rows, int64_t k, Bf16Product kind, const Value& value)
+    : Bf16Weight(n_rows, k, kind) {
+  pack([&](uint32_t* out, int64_t first, int64_t columns, int64_t depth) {
+    for (int64_t c = 0; c < columns; ++c) {
+      const uint32_t low = value(first + c, depth);
+      const uint32_t high = depth + 1 < k ? value(first + c, depth + 1) : 0;
+      out[c] = low | (high << 16);
+    }
+  });
 }
 
 }  // namespace cpu
