@@ -140,13 +140,7 @@ class StepWeight {
     at::Tensor out_view = at::from_blob(out, {rows, n_}, {ldo, 1}, options);
     const at::Tensor a_view = at::from_blob(const_cast<T*>(a), {rows, k_}, {lda, 1}, options);
     const at::Tensor rhs = transposed_ ? weight_.t() : weight_;
-    if (onednn_ && (ldo == n_ || rows == 1)) {
-      cpu::onednn_mm(out_view, a_view, rhs, accumulate);
-    } else if (accumulate) {
-      out_view.addmm_(a_view, rhs);
-    } else {
-      at::mm_out(out_view, a_view, rhs);
-    }
+    dense_mm(out_view, a_view, rhs, accumulate);
   }
 
  private:
@@ -162,7 +156,7 @@ class StepWeight {
   static constexpr int64_t kSmallWeightElements = int64_t(1) << 17;
   static constexpr int64_t kSmallWeightElementsOneThread = int64_t(1) << 19;
   bool blas_ = false;
-  bool onednn_ = false;  // the product by cpu::onednn_mm on views (large float32 weights)
+  bool onednn_ = false;  // views and dense_mm (oneDNN) instead of BLAS: large float32 weights
   int n_ = 0, k_ = 0;
   at::Tensor packed_;
   at::Tensor prepared_;  // op(W) in cpu::pack_panels's layout, for cpu::small_gemm

@@ -5,7 +5,6 @@
 #include <ATen/Config.h>
 #include <c10/util/Exception.h>
 
-
 namespace at {
 namespace native {
 // oneDNN's matmul behind ATen's bf16 / reduced-precision fp32 mm: result = beta result +
