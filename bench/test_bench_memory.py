@@ -1,6 +1,6 @@
-"""Peak memory of one training step (forward + backward, gradients allocated) of
-lstm_fused.LSTM against torch.nn.LSTM on the CPU benchmark grid of lstm_fused.benchmarking,
-plus a long sequence; on CUDA the GPU grid.
+"""Peak memory of one training step (forward + backward, gradients allocated) and of one
+inference call (a forward under no_grad) of lstm_fused.LSTM against torch.nn.LSTM on the CPU
+benchmark grid of lstm_fused.benchmarking, plus a long sequence; on CUDA the GPU grid.
 
     python -m pytest bench/test_bench_memory.py -s
 
@@ -45,10 +45,11 @@ KNOWN_ABOVE = {
         "GEMMs at the end, plus an (N, P) copy of h[t-1]",
 }
 CPU_CASES = tuple(
-    pytest.param(case, id=case.name, marks=[pytest.mark.xfail(reason=KNOWN_ABOVE[case.name],
-                                                              strict=False)]
-                 if case.name in KNOWN_ABOVE else [])
-    for case in (*benchmarking.CPU_GRID, benchmarking.BenchCase(T=20000, B=1, H=64)))
+    pytest.param(case, mode, id=f"{case.name}-{mode}",
+                 marks=[pytest.mark.xfail(reason=KNOWN_ABOVE[case.name], strict=False)]
+                 if case.name in KNOWN_ABOVE and mode == "forward+backward" else [])
+    for case in (*benchmarking.CPU_GRID, benchmarking.BenchCase(T=20000, B=1, H=64))
+    for mode in benchmarking.MODES if mode in case.modes)
 
 _RESIDENT_PROBE = """
 import json, sys, torch
@@ -61,9 +62,9 @@ def status(key):
                 return int(line.split()[1]) * 1024
 
 case = benchmarking.BenchCase(**json.loads(sys.argv[1]))
-impl = sys.argv[2]
+impl, mode = sys.argv[2], sys.argv[3]
 torch.set_num_threads(1)
-step = benchmarking.make_workloads(case, "forward+backward", impls=(impl,))[impl]
+step = benchmarking.make_workloads(case, mode, impls=(impl,))[impl]
 step()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # VmHWM := VmRSS
@@ -73,16 +74,18 @@ print(status("VmHWM") - base)
 """
 
 
-def resident_peak_bytes(case: benchmarking.BenchCase, impl: str) -> int:
+def resident_peak_bytes(case: benchmarking.BenchCase, impl: str,
+                        mode: str = "forward+backward") -> int:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     run = subprocess.run(
-        [sys.executable, "-c", _RESIDENT_PROBE, json.dumps(dataclasses.asdict(case)), impl],
+        [sys.executable, "-c", _RESIDENT_PROBE, json.dumps(dataclasses.asdict(case)), impl,
+         mode],
         env=env, capture_output=True, text=True, timeout=600, check=True)
     return int(run.stdout.strip().splitlines()[-1])
 
 
-def _allocated_peak_bytes(case, device):
-    workloads = benchmarking.make_workloads(case, "forward+backward", device)
+def _allocated_peak_bytes(case, device, mode="forward+backward"):
+    workloads = benchmarking.make_workloads(case, mode, device)
     peaks = {}
     for impl, step in workloads.items():
         step()  # warm-up: one-time allocations (packed weights caches, oneDNN primitives)
@@ -91,14 +94,14 @@ def _allocated_peak_bytes(case, device):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
-@pytest.mark.parametrize("case", CPU_CASES)
-def test_peak_memory_cpu(case, record_property):
-    allocated = _allocated_peak_bytes(case, "cpu")
-    resident = {impl: resident_peak_bytes(case, impl) for impl in benchmarking.IMPLS}
+@pytest.mark.parametrize("case, mode", CPU_CASES)
+def test_peak_memory_cpu(case, mode, record_property):
+    allocated = _allocated_peak_bytes(case, "cpu", mode)
+    resident = {impl: resident_peak_bytes(case, impl, mode) for impl in benchmarking.IMPLS}
     for impl in benchmarking.IMPLS:
         record_property(f"{impl} allocated", allocated[impl])
         record_property(f"{impl} resident", resident[impl])
-    print(f"\n{case.name:32s} allocated MiB: nn.LSTM {allocated['nn.LSTM'] / MIB:7.2f}, "
+    print(f"\n{case.name:32s} {mode:16s} allocated MiB: nn.LSTM {allocated['nn.LSTM'] / MIB:7.2f}, "
           f"ours {allocated['lstm_fused'] / MIB:7.2f} | resident MiB: nn.LSTM "
           f"{resident['nn.LSTM'] / MIB:7.2f}, ours {resident['lstm_fused'] / MIB:7.2f}")
     assert resident["lstm_fused"] <= resident["nn.LSTM"]

@@ -16,6 +16,8 @@
 //   9 training        0 or 1: with zoneout, masks hold 0/1 masks (D, N, H) for c (when
 //                     zoneout_cell > 0) and (D, N, P) for h (when zoneout_hidden > 0);
 //                     without, the states mix with the expectation zoneout_*
+//  10 inference       0 or 1: the caller needs no backward: layer_forward keeps no per-step
+//                     state and returns gates, cells and products empty, (0,) each
 //
 // A new option appends a slot (and a field); the list has exactly kSlots entries.
 #pragma once
@@ -42,6 +44,7 @@ struct LayerOptions {
     kZoneoutCell,
     kZoneoutHidden,
     kTraining,
+    kInference,
     kSlots,
   };
 
@@ -55,6 +58,7 @@ struct LayerOptions {
   double zoneout_cell = 0.0;
   double zoneout_hidden = 0.0;
   bool training = false;
+  bool inference = false;
 
   int64_t directions() const { return bidirectional ? 2 : 1; }
   // The clip mode the kernels run: off unless a clip value is set.
@@ -74,7 +78,7 @@ struct LayerOptions {
   static LayerOptions from_list(c10::ArrayRef<double> values) {
     TORCH_CHECK(values.size() == kSlots, "lstm_fused: options must have ", kSlots,
                 " entries (has_biases, has_proj, bidirectional, bptt_clip, bptt_clip_mode, "
-                "layer_norm, recurrent_dropout, zoneout_cell, zoneout_hidden, training; "
+                "layer_norm, recurrent_dropout, zoneout_cell, zoneout_hidden, training, inference; "
                 "lstm_fused.options.LayerOptions.to_list()), got ",
                 values.size());
     LayerOptions o;
@@ -95,6 +99,7 @@ struct LayerOptions {
     o.zoneout_cell = probability(values, kZoneoutCell, "zoneout_cell");
     o.zoneout_hidden = probability(values, kZoneoutHidden, "zoneout_hidden");
     o.training = flag(values, kTraining, "training");
+    o.inference = flag(values, kInference, "inference");
     return o;
   }
 

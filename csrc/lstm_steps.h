@@ -50,7 +50,9 @@ struct ForwardStepArgs {
                          //            layer norm not read: `projection`, `recurrent` apart);
                          //            out: activated gates i, f, g, o (saved for backward)
   T* cell_state;         // [rows, H]  in: c[t-1], out: c[t]
-  T* cells;              // [rows, H]  out: c[t] (the saved copy)
+  T* cells;              // [rows, H]  out: c[t] (the saved copy). Null (plain cell, kernels
+                         //            with StepKernels::forward_unsaved): inference, neither
+                         //            c[t] nor the activated gates are written back
   T* hidden_state;       // [rows, H]  out: r[t] = o*tanh(c[t]) (h[t], or the projection's
                          //            input); with kCellZoneoutHidden in: h[t-1], out: h[t]
   T* output;             // [rows, >=H] out, row stride output_stride: also h[t]; may be null
@@ -179,12 +181,15 @@ struct SequenceShape {
 template <typename T>
 struct ForwardSequenceArgs : SequenceShape {
   T* gates;                    // [N, 4H] in: input projection x W_ih^T; out: activations
+                               // (not written when cells is null; null itself when also
+                               // out only: input_bf16)
   const T* bias;               // [4H] b_ih + b_hh, added to the pre-activations; may be null
   const T* w_hh;               // [4H, H]
   const T* h0;                 // [B, H]
   T* hidden_state;             // [B, H] out: h_n
   T* cell_state;               // [B, H] in: c0, out: c_n
-  T* cells;                    // [N, H] out: c[t]
+  T* cells;                    // [N, H] out: c[t]; null (StepKernels::forward_unsaved):
+                               // inference, nothing kept for a backward
   T* output;                   // [N, >=H] out: h[t], row stride output_stride
   int64_t output_stride;
   // The 16-bit GEMM mode (a bfloat16 layer on the CPU; ops.cpp gemm_operands_16bit): W_hh and
@@ -274,6 +279,10 @@ struct StepKernels {
   // h[t] and dG[t] in 16 bits too: ForwardStepArgs::hidden_16bit, BackwardStepArgs::
   // dgates_16bit). Null: the CPU's own (MKL), or fp32 GEMMs on converted copies.
   MixedColumnMajorGemm gemm_16bit = nullptr;
+  // The plain cell's forward kernels (step and sequence) take cells == nullptr: an inference
+  // call, whose activated gates and c[t] nobody reads, keeps neither. False: the driver gives
+  // them scratch to write.
+  bool forward_unsaved = false;
 };
 
 struct DeviceKernels {

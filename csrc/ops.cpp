@@ -480,6 +480,17 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
                             sequence_kernels_on(kernels, layout) &&
                             (!low || x2d.scalar_type() == at::kBFloat16);
   const at::Tensor bias = p.b_ih.defined() ? p.b_ih + p.b_hh : at::Tensor();
+  // Inference (LayerOptions::inference: gates and cells undefined): this direction's work
+  // buffers, freed with it. The gates hold the input projection (the 16-bit mode's sequence
+  // kernel computes it itself and needs none, unless it declines); c[t] is not kept where the
+  // kernels allow it (StepKernels::forward_unsaved, the plain cell).
+  const auto options = p.w_hh.options().dtype(c10::CppTypeToScalarType<T>::value);
+  const auto gates_buffer = [&] { return at::empty({N, 4 * H}, options); };
+  if (!gates.defined() && !(low && try_sequence)) gates = gates_buffer();
+  if (!cells.defined() && (opts.has_variants() || !kernels.forward_unsaved)) {
+    cells = at::empty({N, H}, options);
+  }
+  T* const cells_data = cells.defined() ? cells.data_ptr<T>() : nullptr;
   // All steps' input projections at once. A sequence kernel adds the biases in its gate math
   // (saving a pass over the (N, 4H) gates); the step kernels get them folded in here. With
   // layer norm: x W_ih^T into products[0] (saved for the backward), normalised with the
@@ -502,7 +513,7 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
   if (try_sequence) {
     ForwardSequenceArgs<T> args;
     static_cast<SequenceShape&>(args) = layout.shape(H, reverse);
-    args.gates = gates.data_ptr<T>();
+    args.gates = gates.defined() ? gates.data_ptr<T>() : nullptr;
     args.bias = bias.defined() ? bias.data_ptr<T>() : nullptr;
     const at::Tensor w_hh = p.w_hh.contiguous(), h0_bf16 = low ? h0_16bit.contiguous() : h0_16bit;
     const at::Tensor w_ih = low ? p.w_ih.contiguous() : at::Tensor();
@@ -521,12 +532,14 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     args.h0 = h_state.data_ptr<T>();
     args.hidden_state = h_state.data_ptr<T>();
     args.cell_state = c_state.data_ptr<T>();
-    args.cells = cells.data_ptr<T>();
+    args.cells = cells_data;
     args.output = output.data_ptr<T>() + d * P;
     args.output_stride = out_stride;
     if (kernels.forward_sequence(args)) return;
+    if (!gates.defined()) gates = gates_buffer();
     if (low && N > 0) {
       // declined the fused projection (or the mode): the projection as one GEMM, and again
+      args.gates = gates.data_ptr<T>();
       mixed_mm(gates, x2d, p.w_ih.t(), /*accumulate=*/false, gemm_16bit);
       args.input_bf16 = nullptr;
       args.w_ih_bf16 = nullptr;
@@ -535,7 +548,6 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     // declined: the step kernels need the biases in the gates
     if (bias.defined() && N > 0) gates.add_(bias);
   }
-  const auto options = gates.options();
   at::Tensor r_buffer = has_proj ? at::empty({layout.batch, H}, options) : at::Tensor();
   // layer norm: the steps' recurrent products, kept apart from the gates (and saved)
   T* const recurrent_data = opts.layer_norm ? products[1].data_ptr<T>() : nullptr;
@@ -587,7 +599,7 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     args.hidden = H;
     args.gates = step_gates;
     args.cell_state = c_state.data_ptr<T>();
-    args.cells = cells.data_ptr<T>() + offset * H;
+    args.cells = cells_data ? cells_data + offset * H : nullptr;
     args.hidden_state = has_proj ? r_data : hidden_data;
     args.output = has_proj ? nullptr : output.data_ptr<T>() + offset * out_stride + d * P;
     args.output_stride = out_stride;
@@ -640,20 +652,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   std::vector<DirectionParams> dir_params = split_params(params, opts, compute, low);
   std::vector<DirectionMasks> dir_masks = split_masks(masks, opts, compute);
   at::Tensor output = at::empty({N, D * P}, options);
-  at::Tensor gates = at::empty({D, N, 4 * H}, options);
-  at::Tensor cells = at::empty({D, N, H}, options);
+  // What the backward reads, unless this is an inference call (then each direction makes its
+  // own work buffers, and the three come back empty).
+  const bool keep = !opts.inference;
+  at::Tensor gates = keep ? at::empty({D, N, 4 * H}, options) : at::empty({0}, options);
+  at::Tensor cells = keep ? at::empty({D, N, H}, options) : at::empty({0}, options);
   // layer norm's backward reads the products it normalised (recomputing them would cost two
   // GEMMs of the input projection's size)
-  at::Tensor products = opts.layer_norm ? at::empty({D, 2, N, 4 * H}, options)
-                                        : at::empty({0}, options);
+  at::Tensor products = opts.layer_norm && keep ? at::empty({D, 2, N, 4 * H}, options)
+                                                : at::empty({0}, options);
   at::Tensor hy = hx.to(compute, /*non_blocking=*/false, /*copy=*/true).contiguous();
   at::Tensor cy = cx.to(compute, /*non_blocking=*/false, /*copy=*/true).contiguous();
   const StepKernels<T>& step_kernels = kernels_for<T>(kernels);
   for (int64_t d = 0; d < D; ++d) {
+    const at::Tensor direction_products =
+        !opts.layer_norm ? products
+        : keep           ? products[d]
+                         : at::empty({2, N, 4 * H}, options);  // work buffers of layer norm
     forward_direction<T>(layout, sz, d, /*reverse=*/d == 1, dir_params[d], dir_masks[d], opts,
-                         x2d, hy[d], cy[d], gates[d], cells[d],
-                         opts.layer_norm ? products[d] : products, output, step_kernels,
-                         low ? hx[d] : at::Tensor());
+                         x2d, hy[d], cy[d], keep ? gates[d] : at::Tensor(),
+                         keep ? cells[d] : at::Tensor(), direction_products, output,
+                         step_kernels, low ? hx[d] : at::Tensor());
   }
   at::Tensor output_shaped = input.dim() == 3
                                  ? output.view({layout.steps, layout.batch, D * P})

@@ -152,9 +152,12 @@ def _layer_forward_fake(input, hx, cx, params, batch_sizes, flow_probe, options,
         output = input.new_empty((input.shape[0], input.shape[1], directions * out_size))
     else:
         output = input.new_empty((rows, directions * out_size))
-    gates = input.new_empty((directions, rows, 4 * hidden), dtype=acc)
-    cells = input.new_empty((directions, rows, hidden), dtype=acc)
-    products = input.new_empty(_products_shape(opts, directions, rows, hidden), dtype=acc)
+    if opts.inference:  # nothing kept for a backward
+        gates, cells, products = (input.new_empty((0,), dtype=acc) for _ in range(3))
+    else:
+        gates = input.new_empty((directions, rows, 4 * hidden), dtype=acc)
+        cells = input.new_empty((directions, rows, hidden), dtype=acc)
+        products = input.new_empty(_products_shape(opts, directions, rows, hidden), dtype=acc)
     return output, hx.new_empty(hx.shape), cx.new_empty(cx.shape), gates, cells, products
 
 
@@ -528,19 +531,34 @@ def _forward_mode_layer(input, hx, cx, params, batch_sizes, flow_probe, options,
     return out, hy, cy, gates.detach(), cells.detach(), products.detach()
 
 
+# the slot of LayerOptions.inference in the ops' options list
+INFERENCE_SLOT = [f.name for f in dataclasses.fields(LayerOptions)].index("inference")
+
+
+def saving_options(options):
+    """`options` with inference off: the call keeps what its backward reads."""
+    if not options[INFERENCE_SLOT]:
+        return options
+    options = list(options)
+    options[INFERENCE_SLOT] = 0.0
+    return options
+
+
 def _layer_forward_autograd(keyset, input, hx, cx, params, batch_sizes, flow_probe, options,
                             masks):
     """The op's Autograd kernel: under forward-mode AD the reference layer, when a gradient
     is needed _LayerForwardFunction (at the torch.func level being dispatched, if any), else
-    the op below autograd."""
+    the op below autograd. Where it records the call for a backward, the call keeps what the
+    backward reads whatever LayerOptions.inference says (the caller cannot always tell)."""
     if _has_tangents((input, hx, cx, *params)):
+        options = saving_options(options)
         return _forward_mode_layer(input, hx, cx, params, batch_sizes, flow_probe, options,
                                    masks)
     if torch.is_grad_enabled() and torch._C._any_requires_grad(input, hx, cx, flow_probe,
                                                                *params):
         with enable_single_level_autograd_function():
             return _LayerForwardFunction.apply(input, hx, cx, batch_sizes, flow_probe,
-                                               options, masks, *params)
+                                               saving_options(options), masks, *params)
     with torch._C._AutoDispatchBelowAutograd():
         return _LAYER_FORWARD.redispatch(keyset & torch._C._after_autograd_keyset, input, hx, cx,
                                         params, batch_sizes, flow_probe, options, masks)

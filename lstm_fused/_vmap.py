@@ -102,7 +102,10 @@ def _layer_forward_vmap(info, in_dims, input, hx, cx, params, batch_sizes, flow_
     out, out_dim = _unfold(out, 0 if packed else 1, size)
     # (D, B*V, .) states and (D, N*V, .) gates/cells: element v of row r at r*V + v
     (hy, hy_dim), (cy, cy_dim) = _unfold(hy, 1, size), _unfold(cy, 1, size)
-    (gates, gates_dim), (cells, cells_dim) = _unfold(gates, 1, size), _unfold(cells, 1, size)
+    # (inference: empty (0,), the same for every element)
+    (gates, gates_dim), (cells, cells_dim) = (
+        (_unfold(gates, 1, size), _unfold(cells, 1, size)) if gates.dim() == 3
+        else ((gates, None), (cells, None)))
     # layer norm's (D, 2, N*V, 4H) products likewise; without layer norm an empty (0,), the
     # same for every element
     products, products_dim = (_unfold(products, 2, size) if products.dim() == 4

@@ -37,8 +37,12 @@ def _fused_layer(input, hx, cx, params, batch_sizes=None, flow_probe=None,
                  options: LayerOptions = LayerOptions(), masks=()):
     if _fused_ops is None:
         _load_fused()
+    # gates and cells are dropped here: the op need not keep them (LayerOptions.inference),
+    # unless its autograd kernel records the call for a backward
+    values = options.to_list()
+    values[_fused_ops.INFERENCE_SLOT] = 1.0
     out = torch.ops.lstm_fused.layer_forward(input, hx, cx, list(params), batch_sizes,
-                                             flow_probe, options.to_list(), list(masks))
+                                             flow_probe, values, list(masks))
     return out[0], out[1], out[2]
 
 

@@ -43,6 +43,12 @@ class LayerOptions:
     `training`, `masks` holds a 0/1 mask (D, N, H) for c (when zoneout_cell > 0) and (D, N, P)
     for h (when zoneout_hidden > 0), 1 keeping the previous state; without, the cell mixes
     the previous and the new state with the expectation zoneout_* (eval mode).
+
+    inference: the caller needs no backward of this call. layer_forward then keeps no
+    per-step state (the activated gates and c[t] are what the backward reads: (N, 5H) values
+    per direction in the compute dtype) and returns gates, cells and products empty, (0,) each.
+    functional.lstm sets it on every call; the op's autograd kernel clears it again when it
+    records the call for a backward, so it only takes effect where no gradient is needed.
     """
 
     has_biases: bool = True
@@ -55,6 +61,7 @@ class LayerOptions:
     zoneout_cell: float = 0.0
     zoneout_hidden: float = 0.0
     training: bool = False
+    inference: bool = False
 
     def __post_init__(self):
         clip = self.bptt_clip

@@ -94,6 +94,37 @@ def backend(request):
     return request.param
 
 
+def random_layer(dtype=torch.float64, device="cpu", T=5, B=4, I=3, H=6, proj=0, bias=True,
+                 bidirectional=False, lengths=None, seed=0, scale=0.5, requires_grad=True):
+    """The raw arguments of one layer op, drawn from a seeded generator: input (padded, or
+    packed by `lengths`), hx, cx and the flat parameters; `steps` holds the rows of each time
+    step, `D` the directions. The same draws on every device."""
+    gen = torch.Generator().manual_seed(seed)
+    D = 2 if bidirectional else 1
+    P = proj or H
+
+    def rand(*shape, scale=1.0):
+        t = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+        return t.to(dtype=dtype, device=device).requires_grad_(requires_grad)
+
+    params = []
+    for _ in range(D):
+        params += [rand(4 * H, I, scale=scale), rand(4 * H, P, scale=scale)]
+        if bias:
+            params += [rand(4 * H), rand(4 * H)]
+        if proj:
+            params.append(rand(P, H, scale=scale))
+    if lengths is None:
+        batch_sizes, x, steps = None, rand(T, B, I), [B] * T
+    else:
+        B = len(lengths)
+        steps = [sum(1 for n in lengths if n > t) for t in range(max(lengths))]
+        batch_sizes, x = torch.tensor(steps), rand(sum(steps), I)
+    return dict(input=x, hx=rand(D, B, P), cx=rand(D, B, H), params=params,
+                batch_sizes=batch_sizes, steps=steps, D=D, proj=bool(proj), bias=bias,
+                bidirectional=bidirectional)
+
+
 def make_pair(backend="reference", dtype=torch.float64, device="cpu", seed=0, **cfg):
     """(nn.LSTM, lstm_fused.LSTM) with the same config and identical weights.
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 import lstm_fused
 from lstm_fused import functional
 from lstm_fused.options import LayerOptions
-from conftest import assert_same_structure, make_input, make_pair, run_and_grad
+from conftest import assert_same_structure, make_input, make_pair, random_layer, run_and_grad
 
 
 def _cuda_unavailable_reason():
@@ -338,36 +338,14 @@ def test_gradcheck_op_float64(lengths):
 
 # --- clipping and telemetry: the single-block reduction kernels ----------------------------
 
-def _layer(device, dtype, T=7, B=5, I=6, H=32, proj=0, bidirectional=False, lengths=None,
-           seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    D = 2 if bidirectional else 1
-    P = proj or H
-
-    def rand(*shape, scale=1.0):
-        t = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
-        return t.to(dtype=dtype, device=device).requires_grad_()
-
-    params = []
-    for _ in range(D):
-        params += [rand(4 * H, I, scale=0.5), rand(4 * H, P, scale=0.5), rand(4 * H), rand(4 * H)]
-        if proj:
-            params.append(rand(P, H, scale=0.5))
-    if lengths is None:
-        batch_sizes, x = None, rand(T, B, I)
-    else:
-        B = len(lengths)
-        batch_sizes = torch.tensor([sum(1 for n in lengths if n > t) for t in range(max(lengths))])
-        x = rand(int(batch_sizes.sum()), I)
-    steps = x.shape[0] if batch_sizes is None else len(batch_sizes)
-    return dict(input=x, hx=rand(D, B, P), cx=rand(D, B, H), params=params, proj=bool(proj),
-                bidirectional=bidirectional, batch_sizes=batch_sizes, D=D, steps=steps)
+def _layer(device, dtype, T=7, B=5, I=6, H=32, **shape):
+    return random_layer(dtype, device, T=T, B=B, I=I, H=H, **shape)
 
 
 def _layer_grads(layer, clip, mode, probe=True, seed=1):
     probe_t = None
     if probe:
-        probe_t = torch.zeros(layer["D"], layer["steps"], 3, dtype=layer["input"].dtype,
+        probe_t = torch.zeros(layer["D"], len(layer["steps"]), 3, dtype=layer["input"].dtype,
                               device=layer["input"].device, requires_grad=True)
     outs = functional.BACKENDS["fused"](
         layer["input"], layer["hx"], layer["cx"], layer["params"], layer["batch_sizes"], probe_t,

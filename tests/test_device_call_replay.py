@@ -18,6 +18,7 @@ import torch
 
 from lstm_fused import functional
 from lstm_fused.options import LayerOptions
+from conftest import random_layer
 
 pytestmark = pytest.mark.skipif(functional.backend_unavailable_reason("fused") is not None,
                                 reason=str(functional.backend_unavailable_reason("fused")))
@@ -30,34 +31,6 @@ def replay():
     old = OPS.set_cpu_device_call_replay(True)
     yield
     OPS.set_cpu_device_call_replay(old)
-
-
-def _layer(dtype, T=5, B=4, I=3, H=6, proj=0, bias=True, bidirectional=False, lengths=None,
-           seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    D = 2 if bidirectional else 1
-    P = proj or H
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype) \
-            .requires_grad_()
-
-    params = []
-    for _ in range(D):
-        params += [rand(4 * H, I, scale=0.5), rand(4 * H, P, scale=0.5)]
-        if bias:
-            params += [rand(4 * H), rand(4 * H)]
-        if proj:
-            params.append(rand(P, H, scale=0.5))
-    if lengths is None:
-        batch_sizes, x, steps = None, rand(T, B, I), [B] * T
-    else:
-        B = len(lengths)
-        steps = [sum(1 for n in lengths if n > t) for t in range(max(lengths))]
-        batch_sizes, x = torch.tensor(steps), rand(sum(steps), I)
-    return dict(input=x, hx=rand(D, B, P), cx=rand(D, B, H), params=params,
-                batch_sizes=batch_sizes, steps=steps, D=D, proj=bool(proj), bias=bias,
-                bidirectional=bidirectional)
 
 
 CASES = {
@@ -74,7 +47,7 @@ CLIPS = {"off": (0.0, 0), "value": (0.05, 1), "norm": (0.3, 2)}
 @pytest.mark.parametrize("clip", list(CLIPS))
 @pytest.mark.parametrize("case", list(CASES))
 def test_replayed_device_calls_match_the_reference(replay, dtype, case, clip):
-    layer = _layer(dtype, **CASES[case])
+    layer = random_layer(dtype, **CASES[case])
     bptt_clip, mode = CLIPS[clip]
     options = LayerOptions(has_biases=layer["bias"], has_proj=layer["proj"],
                            bidirectional=layer["bidirectional"], bptt_clip=bptt_clip,
@@ -104,7 +77,7 @@ def test_replayed_device_calls_match_the_reference(replay, dtype, case, clip):
 
 def test_replay_is_off_by_default_and_restores():
     assert OPS.set_cpu_device_call_replay(False) is False
-    layer = _layer(torch.float64)
+    layer = random_layer(torch.float64)
     before = OPS.cpu_device_call_replay_counts()
     functional.BACKENDS["fused"](layer["input"], layer["hx"], layer["cx"], layer["params"])
     assert OPS.cpu_device_call_replay_counts() == before

@@ -380,7 +380,9 @@ def test_the_reported_overflows_are_refused():
     with pytest.raises(RuntimeError, match="flow_probe must have shape"):
         _forward(dict(args, flow_probe=torch.zeros(1, 4, 3, dtype=torch.float64)))
     with pytest.raises(RuntimeError, match="bptt_clip_mode must be"):
-        _forward(dict(args, options=[1.0, 0.0, 0.0, 0.5, 7.0] + [0.0] * 5))
+        bad_mode = args["options"].to_list()
+        bad_mode[4] = 7.0  # bptt_clip_mode
+        _forward(dict(args, options=bad_mode))
 
 
 def test_fake_kernels_refuse_what_the_kernels_refuse():

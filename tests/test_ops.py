@@ -324,6 +324,8 @@ def test_options_argument_is_checked_and_agrees_with_python():
         with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
             LayerOptions.from_list(values)
     with pytest.raises(RuntimeError, match="options.has_proj must be 0 or 1"):
-        _ops.layer_forward(*base, [1.0, 0.5] + [0.0] * 8, [])
+        _ops.layer_forward(*base, [1.0, 0.5] + [0.0] * (len(fields.split(", ")) - 2), [])
+    with pytest.raises(RuntimeError, match="options.inference must be 0 or 1"):
+        _ops.layer_forward(*base, LayerOptions().to_list()[:-1] + [0.5], [])
     assert LayerOptions.from_list(LayerOptions(True, True, True, 0.5, 2).to_list()) == \
         LayerOptions(True, True, True, 0.5, 2)

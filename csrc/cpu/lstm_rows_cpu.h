@@ -188,8 +188,10 @@ inline void for_each_vector(int64_t begin, int64_t end, const Body& body) {
 // slice's four gate blocks at q * recurrent_stride) -> activated gates (in place), c (cell
 // in/out, saved copy), r = o*tanh(c) into hidden and output when given. Without kReadGates
 // the pre-activations are bias + recurrent alone (the recurrent product held the input's
-// part too) and `gates` is only written.
-template <typename T, bool kReadGates = true>
+// part too) and `gates` is only written. Without kSave (inference) neither the activated
+// gates nor the saved copy of c are written (`saved_cell` is not used; nor, without
+// kReadGates, `gates`).
+template <typename T, bool kReadGates = true, bool kSave = true>
 inline void forward_row(T* gates, int64_t H, const T* bias, const T* recurrent,
                         int64_t recurrent_stride, T* cell, T* saved_cell, T* hidden, T* output,
                         int64_t j0, int64_t j1) {
@@ -204,12 +206,14 @@ inline void forward_row(T* gates, int64_t H, const T* bias, const T* recurrent,
     GateValues<V> act = activate_gates(pre[0], pre[1], pre[2], pre[3]);
     V cell_new = next_cell(act, lane.load(cell + j));
     V hidden_new = cell_output(act, cell_new);
-    lane.store(act.i, gates + j);
-    lane.store(act.f, gates + H + j);
-    lane.store(act.g, gates + 2 * H + j);
-    lane.store(act.o, gates + 3 * H + j);
+    if constexpr (kSave) {
+      lane.store(act.i, gates + j);
+      lane.store(act.f, gates + H + j);
+      lane.store(act.g, gates + 2 * H + j);
+      lane.store(act.o, gates + 3 * H + j);
+      lane.store(cell_new, saved_cell + j);
+    }
     lane.store(cell_new, cell + j);
-    lane.store(cell_new, saved_cell + j);
     if (hidden) lane.store(hidden_new, hidden + j);
     if (output) lane.store(hidden_new, output + j);
   });

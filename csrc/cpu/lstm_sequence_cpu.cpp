@@ -171,9 +171,16 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
                               a.h0 + continuing * H, H, /*accumulate=*/false);
         }
         for (int64_t r = 0; r < rows; ++r) {
-          forward_row<T>(a.gates + (offset + r) * 4 * H, H, a.bias, rec + r * 4 * width, width,
-                         a.cell_state + r * H, a.cells + (offset + r) * H, nullptr,
-                         a.output + (offset + r) * ld, j0, j1);
+          T* const gates_row = a.gates + (offset + r) * 4 * H;
+          T* const h_row = a.output + (offset + r) * ld;
+          if (a.cells != nullptr) {
+            forward_row<T>(gates_row, H, a.bias, rec + r * 4 * width, width,
+                           a.cell_state + r * H, a.cells + (offset + r) * H, nullptr, h_row, j0,
+                           j1);
+          } else {  // inference: nothing kept for a backward
+            forward_row<T, true, false>(gates_row, H, a.bias, rec + r * 4 * width, width,
+                                        a.cell_state + r * H, nullptr, nullptr, h_row, j0, j1);
+          }
         }
       }
 #pragma omp barrier
@@ -212,6 +219,7 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
   }
   // x[t] is part of each product's operands only when fused.
   const int64_t I = a.input_bf16 != nullptr ? a.input_size : 0;
+  const bool save = a.cells != nullptr;  // else inference: no gates or c[t] kept
   const int64_t padded_rows = Bf16Weight::round_up(B, Bf16Weight::kRowBlock);
   const int64_t depth = Bf16Weight::depth_padding(I + H);  // a row: x[t] (I), h[t-1] (H)
   AlignedBuffer<uint16_t> operands = aligned_zeros<uint16_t>(2 * padded_rows * depth);
@@ -260,16 +268,24 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
         weights[k]->multiply(rows, product, ldp, current, depth);
         for (int64_t r = 0; r < rows; ++r) {
           float* h_row = a.output + (offset + r) * ld;
-          float* gates_row = a.gates + (offset + r) * 4 * H;
+          // out only (and null in inference) when the product held x[t] W_ih^T
+          float* gates_row = a.gates != nullptr ? a.gates + (offset + r) * 4 * H : nullptr;
           float* cell_row = a.cell_state + r * H;
-          float* saved_cell = a.cells + (offset + r) * H;
-          if (I > 0) {  // the product held x[t] W_ih^T: `gates` is out only
-            forward_row<float, /*kReadGates=*/false>(gates_row, H, a.bias, product + r * ldp,
-                                                     width, cell_row, saved_cell, nullptr,
-                                                     h_row, j0, j1);
+          float* saved_cell = save ? a.cells + (offset + r) * H : nullptr;
+          const float* recurrent = product + r * ldp;
+          if (I > 0 && save) {
+            forward_row<float, /*kReadGates=*/false>(gates_row, H, a.bias, recurrent, width,
+                                                     cell_row, saved_cell, nullptr, h_row, j0,
+                                                     j1);
+          } else if (I > 0) {
+            forward_row<float, false, /*kSave=*/false>(gates_row, H, a.bias, recurrent, width,
+                                                       cell_row, nullptr, nullptr, h_row, j0, j1);
+          } else if (save) {
+            forward_row<float>(gates_row, H, a.bias, recurrent, width, cell_row, saved_cell,
+                               nullptr, h_row, j0, j1);
           } else {
-            forward_row<float>(gates_row, H, a.bias, product + r * ldp, width, cell_row,
-                               saved_cell, nullptr, h_row, j0, j1);
+            forward_row<float, true, false>(gates_row, H, a.bias, recurrent, width, cell_row,
+                                            nullptr, nullptr, h_row, j0, j1);
           }
           at::vec::convert(h_row + j0,
                            reinterpret_cast<c10::BFloat16*>(next + r * depth + I) + j0, width);

@@ -61,9 +61,15 @@ void forward_step_impl(const ForwardStepArgs<T>& args) {
   // work (at B32 H128 one thread took ~11 us per step, two ~6)
   parallel_for(0, args.rows, row_grain(16 * H), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      forward_row<T>(args.gates + r * 4 * H, H, nullptr, nullptr, 0, args.cell_state + r * H,
-                     args.cells + r * H, args.hidden_state + r * H,
-                     args.output ? args.output + r * args.output_stride : nullptr, 0, H);
+      T* const output = args.output ? args.output + r * args.output_stride : nullptr;
+      if (args.cells != nullptr) {
+        forward_row<T>(args.gates + r * 4 * H, H, nullptr, nullptr, 0, args.cell_state + r * H,
+                       args.cells + r * H, args.hidden_state + r * H, output, 0, H);
+      } else {  // inference: nothing kept for a backward
+        forward_row<T, true, false>(args.gates + r * 4 * H, H, nullptr, nullptr, 0,
+                                    args.cell_state + r * H, nullptr, args.hidden_state + r * H,
+                                    output, 0, H);
+      }
       if (args.hidden_16bit != nullptr) {
         round_rows_16bit(args.format_16bit, args.hidden_16bit, args.hidden_state, H, r, r + 1);
       }
@@ -437,6 +443,8 @@ StepKernels<T> step_kernels(bool replay) {
     k.forward_sequence = &forward_sequence<T>;
     k.backward_sequence = &backward_sequence<T>;
     k.backward_sequence_flow = true;
+    // (the replay stands in for CUDA's kernels, which write c[t] always)
+    k.forward_unsaved = true;
   }
   return k;
 }

@@ -1,0 +1,188 @@
+"""Inference calls (LayerOptions.inference): the forward keeps nothing for a backward.
+
+functional.lstm marks every call `inference`; the op then returns gates, cells and products
+empty and writes neither the activated gates nor c[t] (csrc/ops.cpp forward_direction). Its
+autograd kernel clears the mark where it records the call for a backward, so training is
+unchanged. Checked here: the same outputs, bit for bit, as a call that keeps them (every
+path: the per-step and sequence kernels, bfloat16's 16-bit mode, the cell variants, the
+device-call replay that stands in for CUDA), the empty outputs and their fake-kernel twins,
+the gradient when a caller marks a training call, and the memory it saves.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+import lstm_fused
+from lstm_fused import _ops
+from lstm_fused.benchmarking import peak_memory_bytes
+from lstm_fused.options import LayerOptions
+from conftest import random_layer
+
+OPS = torch.ops.lstm_fused
+
+
+def _layer(dtype=torch.float32, **shape):
+    layer = random_layer(dtype, scale=0.3, requires_grad=False, **shape)
+    options = LayerOptions(has_biases=layer["bias"], has_proj=layer["proj"],
+                           bidirectional=layer["bidirectional"])
+    return ([layer[k] for k in ("input", "hx", "cx", "params", "batch_sizes")]), options
+
+
+def _both(args, options):
+    """The op's results when it keeps what the backward reads and when it does not."""
+    x, hx, cx, params, batch_sizes = args
+    with torch.no_grad():
+        kept = _ops.layer_forward(x, hx, cx, params, batch_sizes, None, options.to_list(), [])
+        unsaved = _ops.layer_forward(x, hx, cx, params, batch_sizes, None,
+                                     dataclasses.replace(options, inference=True).to_list(), [])
+    return kept, unsaved
+
+
+def _assert_inference_matches(args, options):
+    kept, unsaved = _both(args, options)
+    D, N, H = kept[3].shape[0], kept[3].shape[1], kept[3].shape[2] // 4
+    assert kept[4].shape == (D, N, H)
+    for a, b in zip(kept[:3], unsaved[:3]):
+        assert torch.equal(a, b)  # the same kernels, fewer stores
+    for t in unsaved[3:]:
+        assert t.shape == (0,)
+
+
+CASES = {
+    "per-step": dict(T=5, B=3, I=3, H=6),
+    "sequence": dict(T=12, B=16, I=32, H=64),
+    "sequence-bi-packed": dict(I=16, H=64, bidirectional=True, lengths=[9, 9, 7, 4, 4, 1] * 3),
+    "no-bias": dict(T=7, B=8, I=8, H=32, bias=False),
+    "proj": dict(T=6, B=4, I=5, H=8, proj=3, bidirectional=True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inference_call_gives_the_same_outputs(case, dtype):
+    _assert_inference_matches(*_layer(dtype=dtype, **CASES[case]))
+
+
+@pytest.mark.parametrize("case", ["per-step", "sequence", "proj"])
+def test_inference_on_the_device_call_replay(case):
+    """The replay stands in for CUDA, whose kernels write c[t] always: the driver gives them
+    scratch (StepKernels::forward_unsaved false)."""
+    previous = OPS.set_cpu_device_call_replay(True)
+    try:
+        _assert_inference_matches(*_layer(**CASES[case]))
+    finally:
+        OPS.set_cpu_device_call_replay(previous)
+
+
+@pytest.mark.parametrize("shape", [dict(T=10, B=8, I=24, H=32),
+                                   # [W_ih, W_hh] of a slice beyond half the L2: the sequence
+                                   # kernel declines the fused projection, the driver makes the
+                                   # gates buffer after all
+                                   dict(T=3, B=2, I=512, H=512)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_inference_in_16_bits(shape, dtype):
+    previous = lstm_fused.set_16bit_gemm(True)
+    try:
+        _assert_inference_matches(*_layer(dtype=dtype, **shape))
+    finally:
+        lstm_fused.set_16bit_gemm(previous)
+
+
+@pytest.mark.parametrize("variants", [dict(layer_norm=True), dict(zoneout=(0.2, 0.1)),
+                                      dict(layer_norm=True, zoneout=0.3)])
+def test_inference_with_cell_variants(variants):
+    """Eval-mode variants under no_grad (the op marked inference, with work buffers for the
+    variant kernels) against the same module recording a graph."""
+    torch.manual_seed(0)
+    m = lstm_fused.LSTM(5, 8, num_layers=2, bidirectional=True, **variants).eval()
+    x = torch.randn(6, 3, 5)
+    with torch.no_grad():
+        out, (h, c) = m(x)
+    out_g, (h_g, c_g) = m(x.requires_grad_())
+    for a, b in ((out, out_g), (h, h_g), (c, c_g)):
+        assert torch.equal(a, b.detach())
+
+
+def test_fake_kernel_agrees():
+    args, options = _layer(T=3, B=2, I=3, H=4, lengths=[3, 2, 2], bidirectional=True)
+    x, hx, cx, params, batch_sizes = args
+    torch.library.opcheck(OPS.layer_forward.default,
+                          (x, hx, cx, params, batch_sizes, None,
+                           dataclasses.replace(options, inference=True).to_list(), []))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (x, hx, cx)]
+        fake_params = [mode.from_tensor(p) for p in params]
+        result = OPS.layer_forward(*fake, fake_params, mode.from_tensor(batch_sizes), None,
+                                   dataclasses.replace(options, inference=True).to_list(), [])
+    assert [tuple(t.shape) for t in result[3:]] == [(0,), (0,), (0,)]
+
+
+def test_a_training_call_marked_inference_still_has_its_backward():
+    """The autograd kernel clears the mark where it records the call: the gradient is the
+    one of an unmarked call."""
+    args, options = _layer(dtype=torch.float64, T=4, B=3, I=3, H=5, bidirectional=True)
+    x, hx, cx, params, batch_sizes = args
+    leaves = [t.clone().requires_grad_() for t in (x, hx, cx, *params)]
+    grads = []
+    for opts in (options, dataclasses.replace(options, inference=True)):
+        out = _ops.layer_forward(leaves[0], leaves[1], leaves[2], leaves[3:], None, None,
+                                 opts.to_list(), [])
+        assert out[3].shape != (0,)
+        grads.append(torch.autograd.grad(out[0].sum() + out[2].sum(), leaves))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    assert torch.autograd.gradcheck(
+        lambda *t: lstm_fused.functional.BACKENDS["fused"](t[0], t[1], t[2], list(t[3:]), None,
+                                                           None, options)[0],
+        [t.detach().requires_grad_() for t in leaves])
+
+
+def test_backward_refuses_what_an_inference_call_returned():
+    args, options = _layer()
+    x, hx, cx, params, batch_sizes = args
+    _, unsaved = _both(args, options)
+    out, hy, cy, gates, cells, products = unsaved
+    with pytest.raises(RuntimeError, match="gates must have shape"):
+        _ops.layer_backward(out, None, None, x, hx, cx, params, out, gates, cells, products,
+                            batch_sizes, False, options.to_list(), [])
+
+
+def _fused_16bit():
+    """Whether bfloat16 layers run the CPU sequence kernel of the 16-bit mode here."""
+    return (OPS.gemm_operands_16bit(torch.zeros(1, 1, 1, dtype=torch.bfloat16),
+                                    LayerOptions().to_list())
+            and OPS.cpu_bf16_product() != "none")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_keeps_no_per_step_state(dtype):
+    """Under no_grad the layer allocates no (N, H) cells, nor, where the input projection
+    needs no buffer, the (N, 4H) activations: its peak is at least their size below that of
+    a call that keeps them."""
+    torch.manual_seed(0)
+    T, B, H = 40, 16, 64
+    m = lstm_fused.LSTM(H, H).to(dtype)
+    x = torch.randn(T, B, H, dtype=dtype)
+    previous = lstm_fused.set_16bit_gemm(True)
+    try:
+        def inference():
+            with torch.no_grad():
+                m(x)
+
+        def kept():
+            with torch.no_grad():
+                m.flatten_parameters()
+                OPS.layer_forward(x, torch.zeros(1, B, H, dtype=dtype),
+                                  torch.zeros(1, B, H, dtype=dtype),
+                                  [p for p in m._flat_weights], None, None,
+                                  LayerOptions().to_list(), [])
+
+        # fp32 cells; in bfloat16's 16-bit mode the sequence kernel computes the input
+        # projection itself, so the fp32 gates go as well (float32 still needs them for it)
+        saved_bytes = T * B * H * 4 * (5 if dtype == torch.bfloat16 and _fused_16bit() else 1)
+        assert peak_memory_bytes(inference) <= peak_memory_bytes(kept) - saved_bytes
+    finally:
+        lstm_fused.set_16bit_gemm(previous)
