@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "bits16.h"
 #include "lstm_cell.h"
@@ -178,6 +179,32 @@ struct SequenceShape {
   }
 };
 
+// Consecutive processing positions [first, end) of a direction whose rows [row0, row0 + rows)
+// of x are one chunk of the input projection (a step's rows are contiguous, and so are those
+// of consecutive steps in either direction).
+struct StepChunk {
+  int64_t first, end, row0, rows;
+};
+
+// The chunks of at most max_rows rows each (at least one step each); one chunk of all steps
+// when max_rows is 0.
+inline std::vector<StepChunk> step_chunks(const SequenceShape& a, int64_t max_rows) {
+  std::vector<StepChunk> chunks;
+  for (int64_t s = 0; s < a.steps;) {
+    StepChunk chunk{s, s, 0, 0};
+    while (chunk.end < a.steps &&
+           (chunk.end == s || max_rows == 0 ||
+            chunk.rows + a.batch_sizes[a.time(chunk.end)] <= max_rows)) {
+      chunk.rows += a.batch_sizes[a.time(chunk.end)];
+      ++chunk.end;
+    }
+    chunk.row0 = std::min(a.offsets[a.time(chunk.first)], a.offsets[a.time(chunk.end - 1)]);
+    chunks.push_back(chunk);
+    s = chunk.end;
+  }
+  return chunks;
+}
+
 template <typename T>
 struct ForwardSequenceArgs : SequenceShape {
   T* gates;                    // [N, 4H] in: input projection x W_ih^T; out: activations
@@ -204,6 +231,12 @@ struct ForwardSequenceArgs : SequenceShape {
   const uint16_t* input_bf16 = nullptr;  // [N, input_size] x
   const uint16_t* w_ih_bf16 = nullptr;   // [4H, input_size]
   int64_t input_size = 0;
+  // Inference (gates and cells null; StepKernels::forward_unsaved): x and W_ih in place of the
+  // projection, which the kernel computes a chunk of steps at a time into a buffer of the
+  // chunk's size, so that no (N, 4H) array exists. Kernels without it decline (nothing
+  // written), and the driver calls again with the projection in `gates`.
+  const T* input = nullptr;  // [N, input_size] x
+  const T* w_ih = nullptr;   // [4H, input_size]
 };
 
 template <typename T>
@@ -283,6 +316,10 @@ struct StepKernels {
   // call, whose activated gates and c[t] nobody reads, keeps neither. False: the driver gives
   // them scratch to write.
   bool forward_unsaved = false;
+  // With forward_unsaved: the driver's step loop computes an inference call's input projection
+  // this many bytes of it at a time (at least a step's), in place of all steps' at once. 0:
+  // at once (a device where one large GEMM beats the memory it saves).
+  int64_t inference_chunk_bytes = 0;
 };
 
 struct DeviceKernels {

@@ -481,34 +481,53 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
                             (!low || x2d.scalar_type() == at::kBFloat16);
   const at::Tensor bias = p.b_ih.defined() ? p.b_ih + p.b_hh : at::Tensor();
   // Inference (LayerOptions::inference: gates and cells undefined): this direction's work
-  // buffers, freed with it. The gates hold the input projection (the 16-bit mode's sequence
-  // kernel computes it itself and needs none, unless it declines); c[t] is not kept where the
-  // kernels allow it (StepKernels::forward_unsaved, the plain cell).
+  // buffers, freed with it. c[t] is not kept where the kernels allow it (StepKernels::
+  // forward_unsaved, the plain cell), and then no (N, 4H) input projection either: the
+  // sequence kernel computes it itself, a chunk of steps at a time (ForwardSequenceArgs::input,
+  // input_bf16), and the step loop a chunk at a time into a buffer of the chunk's size
+  // (StepKernels::inference_chunk_bytes; not with layer norm, whose products are whole).
+  const bool inference = !gates.defined();
   const auto options = p.w_hh.options().dtype(c10::CppTypeToScalarType<T>::value);
-  const auto gates_buffer = [&] { return at::empty({N, 4 * H}, options); };
-  if (!gates.defined() && !(low && try_sequence)) gates = gates_buffer();
-  if (!cells.defined() && (opts.has_variants() || !kernels.forward_unsaved)) {
-    cells = at::empty({N, H}, options);
-  }
+  const bool unsaved = inference && kernels.forward_unsaved && !opts.has_variants();
+  const int64_t chunk_rows =
+      inference && kernels.forward_unsaved && kernels.inference_chunk_bytes > 0 &&
+              !opts.layer_norm
+          ? std::max<int64_t>(layout.batch,
+                              kernels.inference_chunk_bytes / (4 * H * int64_t(sizeof(T))))
+          : 0;
+  const bool project_inside = try_sequence && (low || unsaved);
+  if (!cells.defined() && !unsaved) cells = at::empty({N, H}, options);
   T* const cells_data = cells.defined() ? cells.data_ptr<T>() : nullptr;
-  // All steps' input projections at once. A sequence kernel adds the biases in its gate math
-  // (saving a pass over the (N, 4H) gates); the step kernels get them folded in here. With
-  // layer norm: x W_ih^T into products[0] (saved for the backward), normalised with the
+  // The input projection of rows [row0, row0 + count) into `into` (count, 4H), the biases
+  // added unless a sequence kernel adds them in its gate math (saving a pass over the gates).
+  // With layer norm: x W_ih^T into products[0] (saved for the backward), normalised with the
   // biases added by the step kernel.
-  // (the 16-bit mode's sequence kernel computes the input projection itself, step by step)
-  if (N > 0 && !(low && try_sequence)) {
+  const auto project = [&](at::Tensor into, int64_t row0, int64_t count) {
+    if (count == 0) return;
+    const at::Tensor x_rows = x2d.narrow(0, row0, count);
     if (low) {
-      if (bias.defined()) gates.copy_(bias.expand_as(gates));
-      mixed_mm(gates, x2d, p.w_ih.t(), /*accumulate=*/bias.defined(), gemm_16bit);
+      if (bias.defined() && !try_sequence) into.copy_(bias.expand_as(into));
+      mixed_mm(into, x_rows, p.w_ih.t(), /*accumulate=*/bias.defined() && !try_sequence,
+               gemm_16bit);
     } else if (opts.layer_norm) {
       at::Tensor projected = products[0];
-      dense_mm(projected, x2d, p.w_ih.t(), /*accumulate=*/false);
+      dense_mm(projected, x_rows, p.w_ih.t(), /*accumulate=*/false);
     } else if (bias.defined() && !try_sequence) {
-      dense_addmm(gates, bias, x2d, p.w_ih.t());
+      dense_addmm(into, bias, x_rows, p.w_ih.t());
     } else {
-      dense_mm(gates, x2d, p.w_ih.t(), /*accumulate=*/false);
+      dense_mm(into, x_rows, p.w_ih.t(), /*accumulate=*/false);
     }
+  };
+  // the step loop projects a chunk of steps at a time (else `gates` holds every row's)
+  const bool project_chunks = !project_inside && chunk_rows > 0;
+  if (!project_inside) {
+    if (!gates.defined()) {
+      gates = at::empty({project_chunks ? std::min(N, chunk_rows) : N, 4 * H}, options);
+    }
+    if (!project_chunks) project(gates, 0, N);
   }
+  const std::vector<StepChunk> chunks =
+      step_chunks(layout.shape(H, reverse), project_chunks ? chunk_rows : 0);
   const int64_t out_stride = output.size(1);
   if (try_sequence) {
     ForwardSequenceArgs<T> args;
@@ -516,7 +535,8 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     args.gates = gates.defined() ? gates.data_ptr<T>() : nullptr;
     args.bias = bias.defined() ? bias.data_ptr<T>() : nullptr;
     const at::Tensor w_hh = p.w_hh.contiguous(), h0_bf16 = low ? h0_16bit.contiguous() : h0_16bit;
-    const at::Tensor w_ih = low ? p.w_ih.contiguous() : at::Tensor();
+    const at::Tensor w_ih = project_inside ? p.w_ih.contiguous() : at::Tensor();
+    args.input_size = sz.input_size;
     if (low) {
       TORCH_INTERNAL_ASSERT(w_hh.scalar_type() == at::kBFloat16 &&
                             x2d.scalar_type() == at::kBFloat16 && x2d.is_contiguous());
@@ -525,9 +545,12 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
       args.h0_bf16 = static_cast<const uint16_t*>(h0_bf16.const_data_ptr());
       args.input_bf16 = static_cast<const uint16_t*>(x2d.const_data_ptr());
       args.w_ih_bf16 = static_cast<const uint16_t*>(w_ih.const_data_ptr());
-      args.input_size = sz.input_size;
     } else {
       args.w_hh = w_hh.data_ptr<T>();
+      if (project_inside) {
+        args.input = x2d.data_ptr<T>();
+        args.w_ih = w_ih.data_ptr<T>();
+      }
     }
     args.h0 = h_state.data_ptr<T>();
     args.hidden_state = h_state.data_ptr<T>();
@@ -536,13 +559,15 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     args.output = output.data_ptr<T>() + d * P;
     args.output_stride = out_stride;
     if (kernels.forward_sequence(args)) return;
-    if (!gates.defined()) gates = gates_buffer();
-    if (low && N > 0) {
-      // declined the fused projection (or the mode): the projection as one GEMM, and again
+    if (project_inside) {
+      // declined the projection inside (or the mode): the projection as one GEMM, and again
+      if (!gates.defined()) gates = at::empty({N, 4 * H}, options);
+      project(gates, 0, N);
       args.gates = gates.data_ptr<T>();
-      mixed_mm(gates, x2d, p.w_ih.t(), /*accumulate=*/false, gemm_16bit);
       args.input_bf16 = nullptr;
       args.w_ih_bf16 = nullptr;
+      args.input = nullptr;
+      args.w_ih = nullptr;
       if (kernels.forward_sequence(args)) return;
     }
     // declined: the step kernels need the biases in the gates
@@ -556,7 +581,7 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
   // zoneout of h with a projection: the projection's output h~ before the mix
   const bool mix_projected = has_proj && opts.zoneout_hidden > 0;
   at::Tensor projected = mix_projected ? at::empty({layout.batch, P}, options) : at::Tensor();
-  const int64_t pack_budget = pack_budget_bytes<T>(gates.numel());
+  const int64_t pack_budget = pack_budget_bytes<T>(N * 4 * H);
   const std::optional<StepWeight<T>> recurrent =
       low ? std::nullopt
           : std::make_optional<StepWeight<T>>(p.w_hh, /*transposed=*/true, layout.batch,
@@ -579,11 +604,18 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
   if (opts.layer_norm && bias.defined()) variants.bias = bias.data_ptr<T>();
   T* const projection_data = opts.layer_norm ? products[0].data_ptr<T>() : nullptr;
   const SequenceShape walk = layout.shape(H, reverse);
+  std::size_t next_chunk = 0;
+  int64_t chunk_row0 = 0;  // the first row whose projection `gates` holds
   for (int64_t s = 0; s < layout.steps; ++s) {
+    if (next_chunk < chunks.size() && s == chunks[next_chunk].first) {
+      const StepChunk& chunk = chunks[next_chunk++];
+      chunk_row0 = chunk.row0;
+      if (project_chunks) project(gates.narrow(0, 0, chunk.rows), chunk.row0, chunk.rows);
+    }
     const int64_t t = walk.time(s);
     const int64_t rows = layout.rows(t), offset = layout.offsets[t];
     if (rows == 0) continue;
-    T* const step_gates = gates_data + offset * 4 * H;
+    T* const step_gates = gates_data + (offset - chunk_row0) * 4 * H;
     const T* const h_in = masked_data ? masked_data : hidden_data;
     T* const step_recurrent = recurrent_data ? recurrent_data + offset * 4 * H : nullptr;
     if (low) {

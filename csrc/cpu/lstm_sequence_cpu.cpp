@@ -130,23 +130,51 @@ at::TensorOptions options_of() {
   return at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
 }
 
+// Rows of x per chunk of the projection inside the kernel (ForwardSequenceArgs::input): the
+// widest slice's buffer of x W_ih^T, [rows, 4 width], about a quarter of the core's L2 (there
+// it stays, with the slice's W_hh and W_ih, while the steps read it), or as large as the
+// slice's W_ih where that is larger (W_ih is read once per chunk); at least a step's rows.
+template <typename T>
+int64_t projection_chunk_rows(const ForwardSequenceArgs<T>& a, int64_t widest) {
+  const int64_t row_bytes = 4 * widest * static_cast<int64_t>(sizeof(T));
+  const int64_t bytes = std::max(l2_cache_bytes() / 4, row_bytes * a.input_size);
+  return std::min(a.offsets_end(), std::max(a.batch, bytes / row_bytes));
+}
+
 template <typename T>
 bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
   if (Blas<T>::gemm() == nullptr) return false;
-  const int64_t H = a.hidden, B = a.batch, ld = a.output_stride;
+  // inference with the projection inside: x[t] W_ih^T of a slice's units into its buffer,
+  // a chunk of steps at a time, and the step's recurrent product added to it
+  const bool project = a.input != nullptr;
+  if (project && (a.w_ih == nullptr || a.input_size == 0 || a.cells != nullptr)) return false;
+  const int64_t H = a.hidden, B = a.batch, I = a.input_size, ld = a.output_stride;
   const std::vector<int64_t> bounds = slice_bounds<T>(H, B, at::get_num_threads());
   const int64_t slices = static_cast<int64_t>(bounds.size()) - 1;
+  int64_t widest = 0;
+  for (int64_t k = 0; k < slices; ++k) widest = std::max(widest, bounds[k + 1] - bounds[k]);
+  const int64_t chunk_rows = project ? projection_chunk_rows(a, widest) : 0;
+  const std::vector<StepChunk> chunks = step_chunks(a, chunk_rows);
   // MKL's packed buffers (see StepWeight), shared out between the slices.
   const int64_t pack_budget = pack_budget_bytes<T>(a.offsets_end() * 4 * H) / slices;
   const at::Tensor w_hh =
       at::from_blob(const_cast<T*>(a.w_hh), {4, H, H}, options_of<T>());
-  std::vector<StepWeight<T>> weights;
-  std::vector<at::Tensor> recurrent;  // per slice: [B, 4 * width] h[t-1] W_hh^T of its units
+  const at::Tensor w_ih =
+      project ? at::from_blob(const_cast<T*>(a.w_ih), {4, H, I}, options_of<T>()) : at::Tensor();
+  std::vector<StepWeight<T>> weights, input_weights;
+  // per slice: [B, 4 * width] h[t-1] W_hh^T of its units; with `project`, [chunk_rows,
+  // 4 * width] x W_ih^T of the chunk's rows, to which each step adds h[t-1] W_hh^T
+  std::vector<at::Tensor> recurrent;
   for (int64_t k = 0; k < slices; ++k) {
     const int64_t width = bounds[k + 1] - bounds[k];
     weights.emplace_back(w_hh.narrow(1, bounds[k], width).reshape({4 * width, H}).contiguous(),
                          /*transposed=*/true, B, pack_budget, nullptr, StepThreads::kCallerOnly);
-    recurrent.push_back(at::empty({B, 4 * width}, options_of<T>()));
+    if (project) {
+      input_weights.emplace_back(
+          w_ih.narrow(1, bounds[k], width).reshape({4 * width, I}).contiguous(),
+          /*transposed=*/true, chunk_rows, pack_budget, nullptr, StepThreads::kCallerOnly);
+    }
+    recurrent.push_back(at::empty({project ? chunk_rows : B, 4 * width}, options_of<T>()));
   }
   const std::vector<int64_t> last_step = last_steps(a);
 #pragma omp parallel num_threads(slices)
@@ -154,36 +182,46 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
     const SequentialBlas sequential;
     const FlushDenormals flush;  // this thread's MXCSR, restored at the region's end
     const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
-    for (int64_t s = 0; s < a.steps; ++s) {
-      const int64_t t = a.time(s);
-      const int64_t rows = a.batch_sizes[t], offset = a.offsets[t];
-      const int64_t prev = a.previous(t), continuing = a.continuing_rows(t);
-      for (int64_t k = thread; k < slices; k += team) {
-        const int64_t j0 = bounds[k], j1 = bounds[k + 1], width = j1 - j0;
-        T* rec = recurrent[k].data_ptr<T>();
-        // Rows that continue a sequence read h[t-1]; rows that start here read h0.
-        if (continuing > 0) {
-          weights[k].multiply(continuing, rec, 4 * width, a.output + a.offsets[prev] * ld, ld,
-                              /*accumulate=*/false);
-        }
-        if (rows > continuing) {
-          weights[k].multiply(rows - continuing, rec + continuing * 4 * width, 4 * width,
-                              a.h0 + continuing * H, H, /*accumulate=*/false);
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          T* const gates_row = a.gates + (offset + r) * 4 * H;
-          T* const h_row = a.output + (offset + r) * ld;
-          if (a.cells != nullptr) {
-            forward_row<T>(gates_row, H, a.bias, rec + r * 4 * width, width,
-                           a.cell_state + r * H, a.cells + (offset + r) * H, nullptr, h_row, j0,
-                           j1);
-          } else {  // inference: nothing kept for a backward
-            forward_row<T, true, false>(gates_row, H, a.bias, rec + r * 4 * width, width,
-                                        a.cell_state + r * H, nullptr, nullptr, h_row, j0, j1);
+    for (const StepChunk& chunk : chunks) {
+      for (int64_t k = thread; project && k < slices; k += team) {
+        input_weights[k].multiply(chunk.rows, recurrent[k].data_ptr<T>(),
+                                  4 * (bounds[k + 1] - bounds[k]), a.input + chunk.row0 * I, I,
+                                  /*accumulate=*/false);
+      }
+      for (int64_t s = chunk.first; s < chunk.end; ++s) {
+        const int64_t t = a.time(s);
+        const int64_t rows = a.batch_sizes[t], offset = a.offsets[t];
+        const int64_t prev = a.previous(t), continuing = a.continuing_rows(t);
+        for (int64_t k = thread; k < slices; k += team) {
+          const int64_t j0 = bounds[k], j1 = bounds[k + 1], width = j1 - j0;
+          T* rec = recurrent[k].data_ptr<T>() + (project ? (offset - chunk.row0) * 4 * width : 0);
+          // Rows that continue a sequence read h[t-1]; rows that start here read h0.
+          if (continuing > 0) {
+            weights[k].multiply(continuing, rec, 4 * width, a.output + a.offsets[prev] * ld, ld,
+                                /*accumulate=*/project);
+          }
+          if (rows > continuing) {
+            weights[k].multiply(rows - continuing, rec + continuing * 4 * width, 4 * width,
+                                a.h0 + continuing * H, H, /*accumulate=*/project);
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            T* const gates_row = project ? nullptr : a.gates + (offset + r) * 4 * H;
+            T* const h_row = a.output + (offset + r) * ld;
+            T* const cell_row = a.cell_state + r * H;
+            if (project) {  // the pre-activations are all in `rec`
+              forward_row<T, false, false>(nullptr, H, a.bias, rec + r * 4 * width, width,
+                                           cell_row, nullptr, nullptr, h_row, j0, j1);
+            } else if (a.cells != nullptr) {
+              forward_row<T>(gates_row, H, a.bias, rec + r * 4 * width, width, cell_row,
+                             a.cells + (offset + r) * H, nullptr, h_row, j0, j1);
+            } else {  // inference: nothing kept for a backward
+              forward_row<T, true, false>(gates_row, H, a.bias, rec + r * 4 * width, width,
+                                          cell_row, nullptr, nullptr, h_row, j0, j1);
+            }
           }
         }
-      }
 #pragma omp barrier
+      }
     }
     for (int64_t k = thread; k < slices; k += team) {
       copy_final_hidden(a, last_step, bounds[k], bounds[k + 1]);

@@ -426,6 +426,10 @@ void reference_copy_rows(T* dst, int64_t ldd, const T* src, int64_t lds, int64_t
   for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ldd, src + r * lds, cols * sizeof(T));
 }
 
+// An inference call's input projection in the step loop, a chunk at a time: about a core's
+// L2, so that a chunk is read back from cache by its steps, and a few GEMM calls per sequence.
+constexpr int64_t kInferenceChunkBytes = int64_t(1) << 20;
+
 template <typename T>
 StepKernels<T> step_kernels(bool replay) {
   StepKernels<T> k;
@@ -445,6 +449,7 @@ StepKernels<T> step_kernels(bool replay) {
     k.backward_sequence_flow = true;
     // (the replay stands in for CUDA's kernels, which write c[t] always)
     k.forward_unsaved = true;
+    k.inference_chunk_bytes = kInferenceChunkBytes;
   }
   return k;
 }

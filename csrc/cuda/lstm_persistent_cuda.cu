@@ -129,7 +129,8 @@ bool run_sequence(const Args& a, Kernel kernel, bool backward, Fill fill) {
 }
 
 bool persistent_forward_sequence(const ForwardSequenceArgs<float>& a) {
-  if (a.w_hh_bf16 != nullptr) return false;  // the 16-bit GEMM mode is the CPU's only
+  // the 16-bit GEMM mode and the projection inside the kernel are the CPU's only
+  if (a.w_hh_bf16 != nullptr || a.input != nullptr) return false;
   return run_sequence<ForwardParams>(a, persistent_forward_kernel, /*backward=*/false,
                                      fill_forward_params);
 }
