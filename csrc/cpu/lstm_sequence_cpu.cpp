@@ -154,6 +154,9 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
   int64_t widest = 0;
   for (int64_t k = 0; k < slices; ++k) widest = std::max(widest, bounds[k + 1] - bounds[k]);
   const int64_t chunk_rows = project ? projection_chunk_rows(a, widest) : 0;
+  // All rows in one chunk: the buffer would be as large as the driver's (N, 4H) projection,
+  // and packing W_ih's slices here costs more than that GEMM at a few rows (one token).
+  if (project && chunk_rows >= a.offsets_end()) return false;
   const std::vector<StepChunk> chunks = step_chunks(a, chunk_rows);
   // MKL's packed buffers (see StepWeight), shared out between the slices.
   const int64_t pack_budget = pack_budget_bytes<T>(a.offsets_end() * 4 * H) / slices;
