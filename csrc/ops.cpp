@@ -526,12 +526,12 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     }
     if (!project_chunks) project(gates, 0, N);
   }
-  const std::vector<StepChunk> chunks =
-      step_chunks(layout.shape(H, reverse), project_chunks ? chunk_rows : 0);
+  const SequenceShape walk = layout.shape(H, reverse);
+  const std::vector<StepChunk> chunks = step_chunks(walk, project_chunks ? chunk_rows : 0);
   const int64_t out_stride = output.size(1);
   if (try_sequence) {
     ForwardSequenceArgs<T> args;
-    static_cast<SequenceShape&>(args) = layout.shape(H, reverse);
+    static_cast<SequenceShape&>(args) = walk;
     args.gates = gates.defined() ? gates.data_ptr<T>() : nullptr;
     args.bias = bias.defined() ? bias.data_ptr<T>() : nullptr;
     const at::Tensor w_hh = p.w_hh.contiguous(), h0_bf16 = low ? h0_16bit.contiguous() : h0_16bit;
@@ -603,7 +603,6 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
   StepVariants<T> variants = variants_of<T>(opts, p);
   if (opts.layer_norm && bias.defined()) variants.bias = bias.data_ptr<T>();
   T* const projection_data = opts.layer_norm ? products[0].data_ptr<T>() : nullptr;
-  const SequenceShape walk = layout.shape(H, reverse);
   std::size_t next_chunk = 0;
   int64_t chunk_row0 = 0;  // the first row whose projection `gates` holds
   for (int64_t s = 0; s < layout.steps; ++s) {
