@@ -36,8 +36,6 @@ pytestmark = pytest.mark.skipif(backend_unavailable_reason("fused") is not None,
 MIB = 2**20
 # Shapes where our resident peak is above nn.LSTM's today, and why (xfail, not strict).
 FWD, TRAIN = "forward", "forward+backward"
-_BF16_OUTPUT = ("the 16-bit layer's output is computed in float32, (N, H), and converted at "
-                "the end: 1.5x the output's bytes")
 KNOWN_ABOVE = {
     ("T100-B32-H128-P64-float32", TRAIN):
         "MKL's packed copies of W_hh and W_hr (StepWeight in csrc/ops.cpp) cost at least "
@@ -46,15 +44,10 @@ KNOWN_ABOVE = {
         "nn.LSTM's float64 path is a per-step autograd graph that frees each step's saved "
         "tensors as the backward passes it; our backward holds dG (N, 4H) for the weight "
         "GEMMs at the end, plus an (N, P) copy of h[t-1]",
-    ("T100-B32-H128-bfloat16", FWD): _BF16_OUTPUT,
-    ("T100-B32-H128-float32-autocast-bfloat16", FWD): _BF16_OUTPUT,
-    ("T100-B32-H128-float16", FWD): _BF16_OUTPUT + ", plus the chunk of fp32 projections",
-    ("T50-B64-H512-bfloat16", FWD):
-        "a slice's [W_ih, W_hh] is over half an L2, so the bf16 sequence kernel declines the "
-        "projection inside it and the driver computes all steps' projections at once, (N, 4H) "
-        "in fp32 (the fp32 kernel's chunks are not built for the bf16 one yet)",
-    ("T50-B64-H512-float32-autocast-bfloat16", FWD):
-        "as T50-B64-H512-bfloat16: the (N, 4H) fp32 projection of the declined bf16 kernel",
+    ("T100-B32-H128-float16", FWD):
+        "float16 runs the fp32 sequence kernel on an fp32 copy of x, (N, I), and its output "
+        "is computed in fp32, (N, H), and converted at the end (bfloat16's kernel writes its "
+        "output in 16 bits)",
     ("T100-B32-H128-float16", TRAIN):
         "float16 runs the fp32 step loop on 16-bit operands: fp32 gates, cells and dG of all "
         "steps, against nn.LSTM's float16 buffers",

@@ -217,7 +217,8 @@ struct ForwardSequenceArgs : SequenceShape {
   T* cell_state;               // [B, H] in: c0, out: c_n
   T* cells;                    // [N, H] out: c[t]; null (StepKernels::forward_unsaved):
                                // inference, nothing kept for a backward
-  T* output;                   // [N, >=H] out: h[t], row stride output_stride
+  T* output;                   // [N, >=H] out: h[t], row stride output_stride (or null:
+                               // output_bf16)
   int64_t output_stride;
   // The 16-bit GEMM mode (a bfloat16 layer on the CPU; ops.cpp gemm_operands_16bit): W_hh and
   // h0 as bfloat16 bits in place of w_hh, and h[t] rounded to bfloat16 before it multiplies
@@ -225,12 +226,17 @@ struct ForwardSequenceArgs : SequenceShape {
   // the recurrent product ([x[t], h[t-1]] [W_ih, W_hh]^T), and `gates` is out only; it may
   // decline that (returning false, nothing written) when the projection is better done as one
   // large GEMM, and the driver then calls again with the projection in `gates` and input_bf16
-  // null. Kernels without the mode decline it.
+  // null (in inference the CPU's computes it a chunk of steps at a time instead, see
+  // lstm_sequence_cpu.cpp). Kernels without the mode decline it.
   const uint16_t* w_hh_bf16 = nullptr;  // [4H, H]
   const uint16_t* h0_bf16 = nullptr;    // [B, H]
   const uint16_t* input_bf16 = nullptr;  // [N, input_size] x
   const uint16_t* w_ih_bf16 = nullptr;   // [4H, input_size]
   int64_t input_size = 0;
+  // With the mode: h[t] in bfloat16 here (row stride output_stride) in place of `output`
+  // (then null), the layer's output as the driver returns it, so that no fp32 (N, H) copy is
+  // made and converted. h_n (hidden_state) stays fp32.
+  uint16_t* output_bf16 = nullptr;
   // Inference (gates and cells null; StepKernels::forward_unsaved): x and W_ih in place of the
   // projection, which the kernel computes a chunk of steps at a time into a buffer of the
   // chunk's size, so that no (N, 4H) array exists. Kernels without it decline (nothing

@@ -528,7 +528,10 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
   }
   const SequenceShape walk = layout.shape(H, reverse);
   const std::vector<StepChunk> chunks = step_chunks(walk, project_chunks ? chunk_rows : 0);
-  const int64_t out_stride = output.size(1);
+  // A bfloat16 output (the 16-bit mode of a bfloat16 layer, forward_impl): the sequence kernel
+  // writes it (ForwardSequenceArgs::output_bf16); where it declines, the step loop writes this
+  // direction's fp32 rows into a buffer of its own, converted into the output at the end.
+  const at::Tensor output_bf16 = output.scalar_type() == at::kBFloat16 ? output : at::Tensor();
   if (try_sequence) {
     ForwardSequenceArgs<T> args;
     static_cast<SequenceShape&>(args) = walk;
@@ -556,8 +559,13 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     args.hidden_state = h_state.data_ptr<T>();
     args.cell_state = c_state.data_ptr<T>();
     args.cells = cells_data;
-    args.output = output.data_ptr<T>() + d * P;
-    args.output_stride = out_stride;
+    if (output_bf16.defined()) {
+      args.output = nullptr;
+      args.output_bf16 = static_cast<uint16_t*>(output_bf16.data_ptr()) + d * P;
+    } else {
+      args.output = output.data_ptr<T>() + d * P;
+    }
+    args.output_stride = output.size(1);
     if (kernels.forward_sequence(args)) return;
     if (project_inside) {
       // declined the projection inside (or the mode): the projection as one GEMM, and again
@@ -573,6 +581,8 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     // declined: the step kernels need the biases in the gates
     if (bias.defined() && N > 0) gates.add_(bias);
   }
+  if (output_bf16.defined()) output = at::empty({N, P}, options);
+  const int64_t out_stride = output.size(1), out_column = output_bf16.defined() ? 0 : d * P;
   at::Tensor r_buffer = has_proj ? at::empty({layout.batch, H}, options) : at::Tensor();
   // layer norm: the steps' recurrent products, kept apart from the gates (and saved)
   T* const recurrent_data = opts.layer_norm ? products[1].data_ptr<T>() : nullptr;
@@ -632,7 +642,7 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     args.cell_state = c_state.data_ptr<T>();
     args.cells = cells_data ? cells_data + offset * H : nullptr;
     args.hidden_state = has_proj ? r_data : hidden_data;
-    args.output = has_proj ? nullptr : output.data_ptr<T>() + offset * out_stride + d * P;
+    args.output = has_proj ? nullptr : output.data_ptr<T>() + offset * out_stride + out_column;
     args.output_stride = out_stride;
     args.variant = variants;
     args.variant.zoneout_cell_mask = rows_at<T>(m.zone_cell, offset, H);
@@ -663,10 +673,11 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
         at::mul_out(masked_rows, h_state.narrow(0, 0, rows), m.dropout.narrow(0, 0, rows));
       }
       copy_rows<T>(kernels, output.device(),
-                   output.data_ptr<T>() + offset * out_stride + d * P,
+                   output.data_ptr<T>() + offset * out_stride + out_column,
                    out_stride, hidden_data, P, rows, P);
     }
   }
+  if (output_bf16.defined()) direction_columns(output_bf16, d, P).copy_(output);
 }
 
 template <typename T>
@@ -682,7 +693,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       input.reshape({N, sz.input_size}).to(low ? input.scalar_type() : compute).contiguous();
   std::vector<DirectionParams> dir_params = split_params(params, opts, compute, low);
   std::vector<DirectionMasks> dir_masks = split_masks(masks, opts, compute);
-  at::Tensor output = at::empty({N, D * P}, options);
+  // bfloat16's 16-bit mode writes h[t] in bfloat16 (forward_direction); else the output is
+  // computed in the compute type and converted at the end
+  at::Tensor output = at::empty(
+      {N, D * P}, low && input.scalar_type() == at::kBFloat16 ? options.dtype(at::kBFloat16)
+                                                             : options);
   // What the backward reads, unless this is an inference call (then each direction makes its
   // own work buffers, and the three come back empty).
   const bool keep = !opts.inference;

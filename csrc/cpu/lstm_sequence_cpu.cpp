@@ -133,11 +133,14 @@ at::TensorOptions options_of() {
 // Rows of x per chunk of the projection inside the kernel (ForwardSequenceArgs::input): the
 // widest slice's buffer of x W_ih^T, [rows, 4 width], about a quarter of the core's L2 (there
 // it stays, with the slice's W_hh and W_ih, while the steps read it), or as large as the
-// slice's W_ih where that is larger (W_ih is read once per chunk); at least a step's rows.
+// slice's W_ih where that is larger (W_ih is read once per chunk; weight_bytes per value of
+// it: 2 for bfloat16's); at least a step's rows.
 template <typename T>
-int64_t projection_chunk_rows(const ForwardSequenceArgs<T>& a, int64_t widest) {
+int64_t projection_chunk_rows(const ForwardSequenceArgs<T>& a, int64_t widest,
+                              int64_t weight_bytes = sizeof(T)) {
   const int64_t row_bytes = 4 * widest * static_cast<int64_t>(sizeof(T));
-  const int64_t bytes = std::max(l2_cache_bytes() / 4, row_bytes * a.input_size);
+  const int64_t bytes =
+      std::max(l2_cache_bytes() / 4, 4 * widest * weight_bytes * a.input_size);
   return std::min(a.offsets_end(), std::max(a.batch, bytes / row_bytes));
 }
 
@@ -235,32 +238,44 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
 
 // The forward of a bfloat16 layer in the 16-bit GEMM mode (ForwardSequenceArgs::w_hh_bf16):
 // the same slices, each computing its units' pre-activations of a step in one product on bf16
-// operands (bf16_product_cpu.h): [x[t], h[t-1]] [W_ih, W_hh]^T, so the input projection never
-// goes through memory as an (N, 4H) fp32 array. The operand rows come from a bf16 buffer that
-// the threads fill for the next step as they go: x[t+1] (rows split between them) and h[t]
-// (each thread its units). Two buffers alternate, so a step's products read one while its gate
-// math fills the other. Both start with h0: in the reverse direction of packed input a row
-// that starts late finds h0 there (rows never stop and restart).
+// operands (bf16_product_cpu.h). The input projection (input_bf16) never goes through memory
+// as an (N, 4H) fp32 array; it takes one of two forms:
+// - fused, while [W_ih, W_hh] of the widest slice stays in half the core's L2: each step's
+//   product is [x[t], h[t-1]] [W_ih, W_hh]^T (T100 B32 H128: 0.85x -> 1.0x of nn.LSTM in
+//   inference);
+// - in chunks, in inference beyond that (where W_ih would stream from L3 at every step: T50
+//   B64 H512, 2 MiB per slice, 0.89x -> 0.8x): as forward_sequence_impl's, each slice
+//   multiplies a chunk of steps' rows of x by its W_ih into a buffer of its own
+//   (projection_chunk_rows), the biases added, and each step's h[t-1] W_hh^T is added to it.
+// A training call beyond that declines (nothing written): the driver then calls again with the
+// projection in `gates`, which the backward keeps anyway, as one large GEMM.
+// The operand rows of the step's product come from a bf16 buffer that the threads fill for the
+// next step as they go: x[t+1] (fused; rows split between them) and h[t] (each thread its
+// units). Two buffers alternate, so a step's products read one while its gate math fills the
+// other. Both start with h0: in the reverse direction of packed input a row that starts late
+// finds h0 there (rows never stop and restart).
 bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
   const Bf16Product kind = bf16_product_kind();
   if (kind == Bf16Product::kNone) return false;
   const int64_t H = a.hidden, B = a.batch, ld = a.output_stride;
   const std::vector<int64_t> bounds = slice_bounds<float>(H, B, at::get_num_threads());
   const int64_t slices = static_cast<int64_t>(bounds.size()) - 1;
-  if (a.input_bf16 != nullptr) {
-    // The fused projection reads a slice's W_ih at every step: worth it while [W_ih, W_hh]
-    // of the widest slice stays in half the core's L2 (T100 B32 H128: 0.85x -> 1.0x of
-    // nn.LSTM in inference); beyond, W_ih would stream from L3 at every step (T50 B64 H512:
-    // 2 MiB per slice, 0.89x -> 0.8x) and MKL's one large GEMM is better: decline, and the
-    // driver calls again with the projection in `gates`.
-    int64_t widest = 0;
-    for (int64_t k = 0; k < slices; ++k) widest = std::max(widest, bounds[k + 1] - bounds[k]);
-    const int64_t slice_bytes = 4 * widest * (a.input_size + H) * 2;
-    if (a.w_ih_bf16 == nullptr || slice_bytes > l2_cache_bytes() / 2) return false;
-  }
-  // x[t] is part of each product's operands only when fused.
-  const int64_t I = a.input_bf16 != nullptr ? a.input_size : 0;
+  int64_t widest = 0;
+  for (int64_t k = 0; k < slices; ++k) widest = std::max(widest, bounds[k + 1] - bounds[k]);
   const bool save = a.cells != nullptr;  // else inference: no gates or c[t] kept
+  bool fused = false, chunked = false;
+  if (a.input_bf16 != nullptr) {
+    if (a.w_ih_bf16 == nullptr) return false;
+    fused = 4 * widest * (a.input_size + H) * 2 <= l2_cache_bytes() / 2;
+    chunked = !fused && !save && a.input_size > 0;
+    if (!fused && !chunked) return false;
+  }
+  const int64_t chunk_rows = chunked ? projection_chunk_rows(a, widest, /*weight_bytes=*/2) : 0;
+  // All rows in one chunk: no smaller than the driver's projection (see forward_sequence_impl).
+  if (chunked && chunk_rows >= a.offsets_end()) return false;
+  const std::vector<StepChunk> chunks = step_chunks(a, chunk_rows);
+  // x[t] is part of each product's operands only when fused.
+  const int64_t I = fused ? a.input_size : 0;
   const int64_t padded_rows = Bf16Weight::round_up(B, Bf16Weight::kRowBlock);
   const int64_t depth = Bf16Weight::depth_padding(I + H);  // a row: x[t] (I), h[t-1] (H)
   AlignedBuffer<uint16_t> operands = aligned_zeros<uint16_t>(2 * padded_rows * depth);
@@ -277,11 +292,20 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
       std::memcpy(buffer + r * depth, a.input_bf16 + (a.offsets[t] + r) * I, I * 2);
   };
   if (a.steps > 0 && I > 0) copy_input(0, 0, 1);
+  // In chunks: a chunk's rows of x, padded for the product (shared, each thread copies some).
+  const int64_t input_depth = Bf16Weight::depth_padding(a.input_size);
+  AlignedBuffer<uint16_t> chunk_input =
+      chunked ? aligned_zeros<uint16_t>(Bf16Weight::round_up(chunk_rows, Bf16Weight::kRowBlock) *
+                                        input_depth)
+              : AlignedBuffer<uint16_t>();
   // Per slice, made by the thread that owns it (in parallel, and into that core's cache):
-  // rows q H + j of [W_ih, W_hh] for its units j, and the product's output
-  // [padded_rows, padded_cols].
-  std::vector<std::unique_ptr<Bf16Weight>> weights(slices);
-  std::vector<AlignedBuffer<float>> products(slices);
+  // rows q H + j of [W_ih, W_hh] for its units j (of W_hh, and W_ih apart, when in chunks),
+  // the step product's output [padded_rows, padded_cols], and in chunks the projection's.
+  std::vector<std::unique_ptr<Bf16Weight>> weights(slices), input_weights(slices);
+  std::vector<AlignedBuffer<float>> products(slices), projections(slices);
+  // With output_bf16: h[t] of the row being computed in fp32, [H] (the slice's units used),
+  // before its roundings to bf16 (the next product's operand and the output)
+  std::vector<AlignedBuffer<float>> hidden_rows(slices);
   const std::vector<int64_t> last_step = last_steps(a);
 #pragma omp parallel num_threads(slices)
   {
@@ -289,52 +313,101 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
     const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
     for (int64_t k = thread; k < slices; k += team) {
       const int64_t j0 = bounds[k], width = bounds[k + 1] - j0;
+      // row n of the slice's W: gate q = n / width, unit j0 + n % width
+      const auto gate_row = [&, j0, width](int64_t n) { return n / width * H + j0 + n % width; };
       weights[k] = std::make_unique<Bf16Weight>(
           4 * width, I + H, kind, [&, I](int64_t n, int64_t d) {
-            const int64_t row = n / width * H + j0 + n % width;  // gate q = n / width
+            const int64_t row = gate_row(n);
             return d < I ? a.w_ih_bf16[row * I + d] : a.w_hh_bf16[row * H + d - I];
           });
       products[k] = aligned_zeros<float>(padded_rows * weights[k]->padded_cols());
+      if (a.output_bf16 != nullptr) hidden_rows[k] = aligned_zeros<float>(H);
+      if (chunked) {
+        input_weights[k] = std::make_unique<Bf16Weight>(
+            4 * width, a.input_size, kind,
+            [&](int64_t n, int64_t d) { return a.w_ih_bf16[gate_row(n) * a.input_size + d]; });
+        projections[k] = aligned_zeros<float>(
+            Bf16Weight::round_up(chunk_rows, Bf16Weight::kRowBlock) * weights[k]->padded_cols());
+      }
     }
-    for (int64_t s = 0; s < a.steps; ++s) {
-      const int64_t t = a.time(s);
-      const int64_t rows = a.batch_sizes[t], offset = a.offsets[t];
-      const uint16_t* current = operands.get() + (s % 2) * padded_rows * depth;
-      uint16_t* next = operands.get() + ((s + 1) % 2) * padded_rows * depth;
-      if (s + 1 < a.steps && I > 0) copy_input(s + 1, thread, team);
-      for (int64_t k = thread; k < slices; k += team) {
-        const int64_t j0 = bounds[k], j1 = bounds[k + 1], width = j1 - j0;
-        const int64_t ldp = weights[k]->padded_cols();
-        float* product = products[k].get();
-        weights[k]->multiply(rows, product, ldp, current, depth);
-        for (int64_t r = 0; r < rows; ++r) {
-          float* h_row = a.output + (offset + r) * ld;
-          // out only (and null in inference) when the product held x[t] W_ih^T
-          float* gates_row = a.gates != nullptr ? a.gates + (offset + r) * 4 * H : nullptr;
-          float* cell_row = a.cell_state + r * H;
-          float* saved_cell = save ? a.cells + (offset + r) * H : nullptr;
-          const float* recurrent = product + r * ldp;
-          if (I > 0 && save) {
-            forward_row<float, /*kReadGates=*/false>(gates_row, H, a.bias, recurrent, width,
-                                                     cell_row, saved_cell, nullptr, h_row, j0,
-                                                     j1);
-          } else if (I > 0) {
-            forward_row<float, false, /*kSave=*/false>(gates_row, H, a.bias, recurrent, width,
-                                                       cell_row, nullptr, nullptr, h_row, j0, j1);
-          } else if (save) {
-            forward_row<float>(gates_row, H, a.bias, recurrent, width, cell_row, saved_cell,
-                               nullptr, h_row, j0, j1);
-          } else {
-            forward_row<float, true, false>(gates_row, H, a.bias, recurrent, width, cell_row,
-                                            nullptr, nullptr, h_row, j0, j1);
-          }
-          at::vec::convert(h_row + j0,
-                           reinterpret_cast<c10::BFloat16*>(next + r * depth + I) + j0, width);
+    for (const StepChunk& chunk : chunks) {
+      if (chunked) {
+        for (int64_t r = thread; r < chunk.rows; r += team) {
+          std::memcpy(chunk_input.get() + r * input_depth,
+                      a.input_bf16 + (chunk.row0 + r) * a.input_size, a.input_size * 2);
+        }
+#pragma omp barrier
+        for (int64_t k = thread; k < slices; k += team) {
+          const int64_t j0 = bounds[k], width = bounds[k + 1] - j0;
+          const int64_t ldp = weights[k]->padded_cols();
+          float* projection = projections[k].get();
+          input_weights[k]->multiply(chunk.rows, projection, ldp, chunk_input.get(),
+                                     input_depth);
+          // the biases now, in the order the driver's projection adds them (bit for bit)
+          for (int64_t r = 0; a.bias != nullptr && r < chunk.rows; ++r)
+            for (int64_t q = 0; q < 4; ++q)
+              at::vec::map2<float>([](auto x, auto b) { return x + b; },
+                                   projection + r * ldp + q * width,
+                                   projection + r * ldp + q * width, a.bias + q * H + j0, width);
         }
       }
+      for (int64_t s = chunk.first; s < chunk.end; ++s) {
+        const int64_t t = a.time(s);
+        const int64_t rows = a.batch_sizes[t], offset = a.offsets[t];
+        const uint16_t* current = operands.get() + (s % 2) * padded_rows * depth;
+        uint16_t* next = operands.get() + ((s + 1) % 2) * padded_rows * depth;
+        if (s + 1 < a.steps && I > 0) copy_input(s + 1, thread, team);
+        for (int64_t k = thread; k < slices; k += team) {
+          const int64_t j0 = bounds[k], j1 = bounds[k + 1], width = j1 - j0;
+          const int64_t ldp = weights[k]->padded_cols();
+          float* product = products[k].get();
+          weights[k]->multiply(rows, product, ldp, current, depth);
+          for (int64_t r = 0; r < rows; ++r) {
+            float* h_row = a.output_bf16 != nullptr ? hidden_rows[k].get()
+                                                    : a.output + (offset + r) * ld;
+            // out only (and null in inference) when the product held x[t] W_ih^T
+            float* gates_row = a.gates != nullptr ? a.gates + (offset + r) * 4 * H : nullptr;
+            float* cell_row = a.cell_state + r * H;
+            float* saved_cell = save ? a.cells + (offset + r) * H : nullptr;
+            float* recurrent = product + r * ldp;
+            if (chunked) {  // every pre-activation in `recurrent`, the biases included
+              const float* projected =
+                  projections[k].get() + (offset - chunk.row0 + r) * ldp;
+              at::vec::map2<float>([](auto x, auto p) { return x + p; }, recurrent, recurrent,
+                                   projected, 4 * width);
+              forward_row<float, false, false>(nullptr, H, nullptr, recurrent, width, cell_row,
+                                               nullptr, nullptr, h_row, j0, j1);
+            } else if (I > 0 && save) {
+              forward_row<float, /*kReadGates=*/false>(gates_row, H, a.bias, recurrent, width,
+                                                       cell_row, saved_cell, nullptr, h_row,
+                                                       j0, j1);
+            } else if (I > 0) {
+              forward_row<float, false, /*kSave=*/false>(gates_row, H, a.bias, recurrent,
+                                                         width, cell_row, nullptr, nullptr,
+                                                         h_row, j0, j1);
+            } else if (save) {
+              forward_row<float>(gates_row, H, a.bias, recurrent, width, cell_row, saved_cell,
+                                 nullptr, h_row, j0, j1);
+            } else {
+              forward_row<float, true, false>(gates_row, H, a.bias, recurrent, width,
+                                              cell_row, nullptr, nullptr, h_row, j0, j1);
+            }
+            at::vec::convert(h_row + j0,
+                             reinterpret_cast<c10::BFloat16*>(next + r * depth + I) + j0,
+                             width);
+            if (a.output_bf16 != nullptr) {
+              std::memcpy(a.output_bf16 + (offset + r) * ld + j0, next + r * depth + I + j0,
+                          width * 2);
+              if (last_step[r] == t) {  // h_n (a.h0 is not read here: h0_bf16 is)
+                std::memcpy(a.hidden_state + r * H + j0, h_row + j0, width * sizeof(float));
+              }
+            }
+          }
+        }
 #pragma omp barrier
+      }
     }
-    for (int64_t k = thread; k < slices; k += team) {
+    for (int64_t k = thread; a.output_bf16 == nullptr && k < slices; k += team) {
       copy_final_hidden(a, last_step, bounds[k], bounds[k + 1]);
     }
   }
