@@ -488,10 +488,11 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
   // (StepKernels::inference_chunk_bytes; not with layer norm, whose products are whole).
   const bool inference = !gates.defined();
   const auto options = p.w_hh.options().dtype(c10::CppTypeToScalarType<T>::value);
-  const bool unsaved = inference && kernels.forward_unsaved && !opts.has_variants();
+  // an inference call on kernels that keep nothing (the CPU's)
+  const bool inference_unsaved = inference && kernels.forward_unsaved;
+  const bool unsaved = inference_unsaved && !opts.has_variants();
   const int64_t chunk_rows =
-      inference && kernels.forward_unsaved && kernels.inference_chunk_bytes > 0 &&
-              !opts.layer_norm
+      inference_unsaved && kernels.inference_chunk_bytes > 0 && !opts.layer_norm
           ? std::max<int64_t>(layout.batch,
                               kernels.inference_chunk_bytes / (4 * H * int64_t(sizeof(T))))
           : 0;
@@ -935,7 +936,9 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
                             : at::Tensor();
   T* const partials_data = partials.defined() ? partials.data_ptr<T>() : nullptr;
 
-  at::Tensor grad_input = at::empty({N, I}, options);
+  // dL/dx, made where its first GEMM writes it: not beside the weight gradients' GEMMs of
+  // the first direction (their packed operands), at the backward's peak
+  at::Tensor grad_input;
   std::vector<at::Tensor> grad_params;
   // dG of all steps; in the 16-bit mode only one step's in fp32 (the kernel's output), and
   // all of them rounded in dgates_16bit
@@ -1120,6 +1123,9 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
         recurrent->multiply(rows, dh_data, P, grad_product, 4 * H, /*accumulate=*/false);
       }
     }
+    // dy is read by the steps only: not held through the last direction's GEMMs (in the
+    // compute type it is a converted copy)
+    if (d == D - 1) dy = at::Tensor();
     // Weight, bias and input gradients as large GEMMs over all steps. dgates holds
     // dL/d(x W_ih^T) (with layer norm the step kernels put it there, after the norm's
     // backward); the recurrent product's gradient is dG, or dL/dR with layer norm.
@@ -1176,8 +1182,12 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       grad_params.push_back(ln_grad_sums.narrow(0, kGradCellGain * H, H).clone());
       grad_params.push_back(ln_grad_sums.narrow(0, kGradCellBias * H, H).clone());
     }
+    if (d == 0) grad_input = at::empty({N, I}, options);
     backward_gemm(grad_input, grad_projection, p.w_ih, /*accumulate=*/d > 0, gemm_16bit);
   }
+  // dG is read by nothing after the GEMMs: freed before the conversions below
+  dgates = at::Tensor();
+  dgates_16bit = at::Tensor();
   for (size_t k = 0; k < grad_params.size(); ++k) {
     grad_params[k] = grad_params[k].to(params[k].scalar_type());
   }

@@ -126,6 +126,19 @@ def test_cpu_mm_is_the_product_of_each_library(cpu_gemm_library, dtype):
     torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("b_transposed", [False, True], ids=["b-packed", "a-packed"])
+def test_bf16_mm_over_a_long_depth(cpu_gemm_library, b_transposed):
+    """The weight gradients' shape: a depth of every step's rows (k = N) far beyond the
+    outputs' rows, which bf16_mm takes in spans of about 1 MiB of packed operand each
+    (with B's columns contiguous it packs A instead and writes out transposed, as for dW)."""
+    torch.manual_seed(0)
+    m, k, n = 100, 6001, 300  # spans: 4 of B (304 columns), or 2 of A (112)
+    a = torch.randn(m, k).bfloat16()
+    b = torch.randn(n, k).bfloat16().t() if b_transposed else torch.randn(k, n).bfloat16()
+    out = torch.ops.lstm_fused.cpu_mm(a, b)
+    torch.testing.assert_close(out.double(), a.double() @ b.double(), rtol=1e-4, atol=1e-3)
+
+
 def test_cpu_mm_of_mismatched_matrices_is_a_clear_error():
     with pytest.raises(RuntimeError, match="two CPU matrices of one dtype"):
         torch.ops.lstm_fused.cpu_mm(torch.randn(3, 4), torch.randn(5, 2))

@@ -291,54 +291,101 @@ void Bf16Weight::multiply(int64_t rows, float* out, int64_t ldo, const uint16_t*
 
 namespace {
 
-// bf16_mm with out at element strides (out[i * o_row + j * o_col]), B packed.
+// Rows [row0, row0 + rows) of out (element strides o_row, o_col) = or += those of `src`
+// (row stride lds).
+void store_rows(const float* src, int64_t lds, int64_t row0, int64_t rows, int64_t n,
+                float* out, int64_t o_row, int64_t o_col, bool accumulate) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* from = src + i * lds;
+    float* dst = out + (row0 + i) * o_row;
+    if (o_col == 1 && accumulate) {
+      for (int64_t j = 0; j < n; ++j) dst[j] += from[j];
+    } else if (o_col == 1) {
+      std::memcpy(dst, from, n * sizeof(float));
+    } else if (accumulate) {
+      for (int64_t j = 0; j < n; ++j) dst[j * o_col] += from[j];
+    } else {
+      for (int64_t j = 0; j < n; ++j) dst[j * o_col] = from[j];
+    }
+  }
+}
+
+// bf16_mm with out at element strides (out[i * o_row + j * o_col]), B packed. A long depth
+// (the weight gradients': k = N, every step's rows) is taken in spans whose packed B stays
+// near 1 MiB, not packed whole: at T100 B32 H128 dG packed whole was 3.3 MB beside the
+// (N, 4H) bf16 dG itself. With more than one span each row chunk's sums collect in `sums`
+// (m x n fp32, the output's size, contiguous however out is strided) and go to out at the
+// end: so only where that is smaller than B packed whole (2 m < k).
 void bf16_mm_packing_b(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t a_row,
                        int64_t a_col, const uint16_t* b, int64_t b_row, int64_t b_col,
                        float* out, int64_t o_row, int64_t o_col, bool accumulate,
                        Bf16Product kind) {
-  const Bf16Weight weight =
-      b_col == 1 ? Bf16Weight(Bf16Weight::FromTransposed{}, b, n, k, b_row, kind)
-                 : Bf16Weight(n, k, kind, [&](int64_t col, int64_t d) {
-                     return b[d * b_row + col * b_col];
-                   });
-  const int64_t k_pad = weight.padded_depth(), n_pad = weight.padded_cols();
+  constexpr int64_t kSpanBytes = int64_t(1) << 20;
+  const int64_t n_pad = Bf16Weight::round_up(n, Bf16Weight::kColBlock);
+  const int64_t span =
+      2 * m < k ? std::max(Bf16Weight::kDepthBlock, kSpanBytes / (n_pad * 2) /
+                                                        Bf16Weight::kDepthBlock *
+                                                        Bf16Weight::kDepthBlock)
+                : k;
+  const int64_t spans = (k + span - 1) / span;
+  const AlignedBuffer<float> sums =
+      spans > 1 ? aligned_zeros<float>(m * n_pad) : AlignedBuffer<float>();
   constexpr int64_t kChunk = 64;  // rows per task: a multiple of the AMX tile's 16
   static_assert(kChunk % Bf16Weight::kRowBlock == 0, "whole row blocks per chunk");
-  at::parallel_for(0, (m + kChunk - 1) / kChunk, 1, [&](int64_t first, int64_t last) {
-    // the padding columns of a stay zero; its rows past `rows` in the last chunk only reach
-    // the buffer's rows past `rows`, which are not read
-    const AlignedBuffer<uint16_t> a_rows = aligned_zeros<uint16_t>(kChunk * k_pad);
-    const AlignedBuffer<float> products = aligned_zeros<float>(kChunk * n_pad);
-    for (int64_t chunk = first; chunk < last; ++chunk) {
-      const int64_t row0 = chunk * kChunk, rows = std::min(kChunk, m - row0);
-      if (a_col == 1) {
-        for (int64_t i = 0; i < rows; ++i) {
-          std::memcpy(a_rows.get() + i * k_pad, a + (row0 + i) * a_row, k * sizeof(uint16_t));
-        }
-      } else {
-        // along the depth outside, the chunk's rows inside: with A's columns contiguous
-        // (a_row 1) each read is 64 neighbouring values
-        for (int64_t d = 0; d < k; ++d) {
-          const uint16_t* src = a + row0 * a_row + d * a_col;
-          for (int64_t i = 0; i < rows; ++i) a_rows[i * k_pad + d] = src[i * a_row];
-        }
-      }
-      weight.multiply(rows, products.get(), n_pad, a_rows.get(), k_pad);
-      for (int64_t i = 0; i < rows; ++i) {
-        const float* src = products.get() + i * n_pad;
-        float* dst = out + (row0 + i) * o_row;
-        if (o_col == 1 && accumulate) {
-          for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
-        } else if (o_col == 1) {
-          std::memcpy(dst, src, n * sizeof(float));
-        } else if (accumulate) {
-          for (int64_t j = 0; j < n; ++j) dst[j * o_col] += src[j];
+  for (int64_t d0 = 0; d0 < k; d0 += span) {
+    const int64_t depth = std::min(span, k - d0);
+    const uint16_t* b_span = b + d0 * b_row;
+    const Bf16Weight weight =
+        b_col == 1
+            ? Bf16Weight(Bf16Weight::FromTransposed{}, b_span, n, depth, b_row, kind)
+            : Bf16Weight(n, depth, kind, [&](int64_t col, int64_t d) {
+                return b_span[d * b_row + col * b_col];
+              });
+    const int64_t k_pad = weight.padded_depth();
+    // a's copy one 64-byte line longer than its depth per row: a power-of-two row stride
+    // (a span of 1024) put its 64 rows in the same L1 sets, and the transposing copy below
+    // ran 5x slower
+    const int64_t lda = k_pad + Bf16Weight::kDepthBlock;
+    const uint16_t* a_span = a + d0 * a_col;
+    at::parallel_for(0, (m + kChunk - 1) / kChunk, 1, [&](int64_t first, int64_t last) {
+      // the padding columns of a stay zero; its rows past `rows` in the last chunk only
+      // reach the buffer's rows past `rows`, which are not read
+      const AlignedBuffer<uint16_t> a_rows = aligned_zeros<uint16_t>(kChunk * lda);
+      const AlignedBuffer<float> products = aligned_zeros<float>(kChunk * n_pad);
+      for (int64_t chunk = first; chunk < last; ++chunk) {
+        const int64_t row0 = chunk * kChunk, rows = std::min(kChunk, m - row0);
+        if (a_col == 1) {
+          for (int64_t i = 0; i < rows; ++i) {
+            std::memcpy(a_rows.get() + i * lda, a_span + (row0 + i) * a_row,
+                        depth * sizeof(uint16_t));
+          }
         } else {
-          for (int64_t j = 0; j < n; ++j) dst[j * o_col] = src[j];
+          // along the depth outside, the chunk's rows inside: with A's columns contiguous
+          // (a_row 1) each read is 64 neighbouring values
+          for (int64_t d = 0; d < depth; ++d) {
+            const uint16_t* src = a_span + row0 * a_row + d * a_col;
+            for (int64_t i = 0; i < rows; ++i) a_rows[i * lda + d] = src[i * a_row];
+          }
+        }
+        weight.multiply(rows, products.get(), n_pad, a_rows.get(), lda);
+        if (spans == 1) {
+          store_rows(products.get(), n_pad, row0, rows, n, out, o_row, o_col, accumulate);
+        } else {
+          store_rows(products.get(), n_pad, row0, rows, n, sums.get(), n_pad, 1,
+                     /*accumulate=*/d0 > 0);
         }
       }
-    }
-  });
+    });
+  }
+  if (spans > 1) {
+    at::parallel_for(0, (m + kChunk - 1) / kChunk, 1, [&](int64_t first, int64_t last) {
+      for (int64_t chunk = first; chunk < last; ++chunk) {
+        const int64_t row0 = chunk * kChunk, rows = std::min(kChunk, m - row0);
+        store_rows(sums.get() + row0 * n_pad, n_pad, row0, rows, n, out, o_row, o_col,
+                   accumulate);
+      }
+    });
+  }
 }
 
 }  // namespace
