@@ -44,10 +44,6 @@ KNOWN_ABOVE = {
         "nn.LSTM's float64 path is a per-step autograd graph that frees each step's saved "
         "tensors as the backward passes it; our backward holds dG (N, 4H) for the weight "
         "GEMMs at the end, plus an (N, P) copy of h[t-1]",
-    ("T100-B32-H128-float16", FWD):
-        "float16 runs the fp32 sequence kernel on an fp32 copy of x, (N, I), and its output "
-        "is computed in fp32, (N, H), and converted at the end (bfloat16's kernel writes its "
-        "output in 16 bits)",
     ("T100-B32-H128-float16", TRAIN):
         "float16 runs the fp32 step loop on 16-bit operands: fp32 gates, cells and dG of all "
         "steps, against nn.LSTM's float16 buffers",

@@ -218,7 +218,7 @@ struct ForwardSequenceArgs : SequenceShape {
   T* cells;                    // [N, H] out: c[t]; null (StepKernels::forward_unsaved):
                                // inference, nothing kept for a backward
   T* output;                   // [N, >=H] out: h[t], row stride output_stride (or null:
-                               // output_bf16)
+                               // output_16bit)
   int64_t output_stride;
   // The 16-bit GEMM mode (a bfloat16 layer on the CPU; ops.cpp gemm_operands_16bit): W_hh and
   // h0 as bfloat16 bits in place of w_hh, and h[t] rounded to bfloat16 before it multiplies
@@ -233,10 +233,13 @@ struct ForwardSequenceArgs : SequenceShape {
   const uint16_t* input_bf16 = nullptr;  // [N, input_size] x
   const uint16_t* w_ih_bf16 = nullptr;   // [4H, input_size]
   int64_t input_size = 0;
-  // With the mode: h[t] in bfloat16 here (row stride output_stride) in place of `output`
-  // (then null), the layer's output as the driver returns it, so that no fp32 (N, H) copy is
-  // made and converted. h_n (hidden_state) stays fp32.
-  uint16_t* output_bf16 = nullptr;
+  // A 16-bit layer (bfloat16 in the mode, or float16/bfloat16 on fp32 GEMMs; only where
+  // StepKernels::forward_sequence_output_16bit): h[t] rounded to output_format here (row
+  // stride output_stride) in place of `output` (then null), the layer's output as the driver
+  // returns it, so that no fp32 (N, H) copy is made and converted. h_n (hidden_state) stays
+  // fp32.
+  uint16_t* output_16bit = nullptr;
+  Bits16 output_format = Bits16::kBFloat16;
   // Inference (gates and cells null; StepKernels::forward_unsaved): x and W_ih in place of the
   // projection, which the kernel computes a chunk of steps at a time into a buffer of the
   // chunk's size, so that no (N, 4H) array exists. Kernels without it decline (nothing
@@ -326,6 +329,9 @@ struct StepKernels {
   // this many bytes of it at a time (at least a step's), in place of all steps' at once. 0:
   // at once (a device where one large GEMM beats the memory it saves).
   int64_t inference_chunk_bytes = 0;
+  // forward_sequence writes a 16-bit layer's output in 16 bits (ForwardSequenceArgs::
+  // output_16bit); the driver then allocates it so (ops.cpp forward_impl).
+  bool forward_sequence_output_16bit = false;
 };
 
 struct DeviceKernels {

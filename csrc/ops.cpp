@@ -529,10 +529,11 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
   }
   const SequenceShape walk = layout.shape(H, reverse);
   const std::vector<StepChunk> chunks = step_chunks(walk, project_chunks ? chunk_rows : 0);
-  // A bfloat16 output (the 16-bit mode of a bfloat16 layer, forward_impl): the sequence kernel
-  // writes it (ForwardSequenceArgs::output_bf16); where it declines, the step loop writes this
-  // direction's fp32 rows into a buffer of its own, converted into the output at the end.
-  const at::Tensor output_bf16 = output.scalar_type() == at::kBFloat16 ? output : at::Tensor();
+  // A 16-bit output (a 16-bit layer where the sequence kernel writes one, forward_impl): the
+  // kernel writes it (ForwardSequenceArgs::output_16bit); where it declines, the step loop
+  // writes this direction's fp32 rows into a buffer of its own, converted at the end.
+  const at::Tensor output_16bit =
+      output.scalar_type() != c10::CppTypeToScalarType<T>::value ? output : at::Tensor();
   if (try_sequence) {
     ForwardSequenceArgs<T> args;
     static_cast<SequenceShape&>(args) = walk;
@@ -560,9 +561,10 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     args.hidden_state = h_state.data_ptr<T>();
     args.cell_state = c_state.data_ptr<T>();
     args.cells = cells_data;
-    if (output_bf16.defined()) {
+    if (output_16bit.defined()) {
       args.output = nullptr;
-      args.output_bf16 = static_cast<uint16_t*>(output_bf16.data_ptr()) + d * P;
+      args.output_16bit = static_cast<uint16_t*>(output_16bit.data_ptr()) + d * P;
+      args.output_format = bits16_of(output_16bit.scalar_type());
     } else {
       args.output = output.data_ptr<T>() + d * P;
     }
@@ -582,8 +584,8 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     // declined: the step kernels need the biases in the gates
     if (bias.defined() && N > 0) gates.add_(bias);
   }
-  if (output_bf16.defined()) output = at::empty({N, P}, options);
-  const int64_t out_stride = output.size(1), out_column = output_bf16.defined() ? 0 : d * P;
+  if (output_16bit.defined()) output = at::empty({N, P}, options);
+  const int64_t out_stride = output.size(1), out_column = output_16bit.defined() ? 0 : d * P;
   at::Tensor r_buffer = has_proj ? at::empty({layout.batch, H}, options) : at::Tensor();
   // layer norm: the steps' recurrent products, kept apart from the gates (and saved)
   T* const recurrent_data = opts.layer_norm ? products[1].data_ptr<T>() : nullptr;
@@ -678,7 +680,7 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
                    out_stride, hidden_data, P, rows, P);
     }
   }
-  if (output_bf16.defined()) direction_columns(output_bf16, d, P).copy_(output);
+  if (output_16bit.defined()) direction_columns(output_16bit, d, P).copy_(output);
 }
 
 template <typename T>
@@ -694,11 +696,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       input.reshape({N, sz.input_size}).to(low ? input.scalar_type() : compute).contiguous();
   std::vector<DirectionParams> dir_params = split_params(params, opts, compute, low);
   std::vector<DirectionMasks> dir_masks = split_masks(masks, opts, compute);
-  // bfloat16's 16-bit mode writes h[t] in bfloat16 (forward_direction); else the output is
-  // computed in the compute type and converted at the end
-  at::Tensor output = at::empty(
-      {N, D * P}, low && input.scalar_type() == at::kBFloat16 ? options.dtype(at::kBFloat16)
-                                                             : options);
+  const StepKernels<T>& step_kernels = kernels_for<T>(kernels);
+  // A 16-bit layer's output in its dtype where the device's sequence kernel writes that
+  // (forward_direction); else computed in the compute type and converted at the end
+  const bool output_16bit = std::is_same_v<T, float> &&
+                            (input.scalar_type() == at::kBFloat16 ||
+                             input.scalar_type() == at::kHalf) &&
+                            step_kernels.forward_sequence_output_16bit;
+  at::Tensor output =
+      at::empty({N, D * P}, output_16bit ? options.dtype(input.scalar_type()) : options);
   // What the backward reads, unless this is an inference call (then each direction makes its
   // own work buffers, and the three come back empty).
   const bool keep = !opts.inference;
@@ -710,7 +716,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                 : at::empty({0}, options);
   at::Tensor hy = hx.to(compute, /*non_blocking=*/false, /*copy=*/true).contiguous();
   at::Tensor cy = cx.to(compute, /*non_blocking=*/false, /*copy=*/true).contiguous();
-  const StepKernels<T>& step_kernels = kernels_for<T>(kernels);
   for (int64_t d = 0; d < D; ++d) {
     const at::Tensor direction_products =
         !opts.layer_norm ? products

@@ -947,6 +947,35 @@ def test_cuda_device_mismatch_parity(backend):
     assert "Input and parameter tensors are not at the same device" in str(e)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_16bit_output_is_the_float32_output_rounded(dtype, grad):
+    """A 16-bit layer on fp32 GEMMs (float16; bfloat16 with the 16-bit mode off) computes in
+    fp32, and its sequence kernel writes h[t] in 16 bits directly (ForwardSequenceArgs::
+    output_16bit): the fp32 layer's values on the same weights, rounded, bit for bit; h_n and
+    c_n too. Packed rows of unequal lengths in both directions: rows of one step read their
+    h0 in the step where other slices finish their h_n (H 160 at B 6: two slices on two
+    threads)."""
+    previous = lstm_fused.set_16bit_gemm(False)
+    try:
+        torch.manual_seed(0)
+        m16 = lstm_fused.LSTM(24, 160, bidirectional=True, dtype=dtype)
+        m32 = copy.deepcopy(m16).float()
+        lengths = [30, 30, 17, 9, 1, 1]
+        x = torch.randn(30, 6, 24).to(dtype)
+        h0, c0 = torch.randn(2, 2, 6, 160).to(dtype)
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        packed32 = pack_padded_sequence(x.float(), lengths, enforce_sorted=False)
+        with torch.set_grad_enabled(grad):
+            o16, (h16, c16) = m16(packed, (h0, c0))
+            o32, (h32, c32) = m32(packed32, (h0.float(), c0.float()))
+        assert o16.data.dtype == h16.dtype == dtype
+        for a, b in ((o16.data, o32.data), (h16, h32), (c16, c32)):
+            assert torch.equal(a, b.to(dtype))
+    finally:
+        lstm_fused.set_16bit_gemm(previous)
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_16bit_close_to_float32(backend, dtype):

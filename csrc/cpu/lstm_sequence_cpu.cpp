@@ -91,6 +91,15 @@ void copy_final_hidden(const ForwardSequenceArgs<T>& a, const std::vector<int64_
   }
 }
 
+// n fp32 values rounded to 16 bits (ForwardSequenceArgs::output_16bit).
+inline void store_16bit(const float* values, uint16_t* out, int64_t n, Bits16 format) {
+  if (format == Bits16::kBFloat16) {
+    at::vec::convert(values, reinterpret_cast<c10::BFloat16*>(out), n);
+  } else {
+    at::vec::convert(values, reinterpret_cast<c10::Half*>(out), n);
+  }
+}
+
 // Row r of step t, hidden units [j0, j1): dh[t] = dh_next + dy, then dc[t] and dG[t] into
 // dgates_row (columns q H + j). With kSums, adds the row's sums of squares of dc[t] and dh[t]
 // to sums[0] and sums[1].
@@ -151,6 +160,10 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
   // a chunk of steps at a time, and the step's recurrent product added to it
   const bool project = a.input != nullptr;
   if (project && (a.w_ih == nullptr || a.input_size == 0 || a.cells != nullptr)) return false;
+  // a 16-bit output: h[t] rounded into it, and in fp32 into a ring of two steps' rows that the
+  // next step's product reads (in place of the output's rows)
+  const bool ring = a.output_16bit != nullptr;
+  if (ring && !std::is_same_v<T, float>) return false;
   const int64_t H = a.hidden, B = a.batch, I = a.input_size, ld = a.output_stride;
   const std::vector<int64_t> bounds = slice_bounds<T>(H, B, at::get_num_threads());
   const int64_t slices = static_cast<int64_t>(bounds.size()) - 1;
@@ -182,6 +195,11 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
     }
     recurrent.push_back(at::empty({project ? chunk_rows : B, 4 * width}, options_of<T>()));
   }
+  // [2, B, H], then [B, H] each row's h at its last step: h_n, copied to hidden_state at the
+  // end (hidden_state is h0, which a row's step may read while another slice writes its h_n)
+  const at::Tensor hidden_ring = ring ? at::empty({3, B, H}, options_of<T>()) : at::Tensor();
+  T* const ring_data = ring ? hidden_ring.data_ptr<T>() : nullptr;
+  T* const final_hidden = ring ? ring_data + 2 * B * H : nullptr;
   const std::vector<int64_t> last_step = last_steps(a);
 #pragma omp parallel num_threads(slices)
   {
@@ -203,7 +221,9 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
           T* rec = recurrent[k].data_ptr<T>() + (project ? (offset - chunk.row0) * 4 * width : 0);
           // Rows that continue a sequence read h[t-1]; rows that start here read h0.
           if (continuing > 0) {
-            weights[k].multiply(continuing, rec, 4 * width, a.output + a.offsets[prev] * ld, ld,
+            const T* h_prev =
+                ring ? ring_data + ((s + 1) % 2) * B * H : a.output + a.offsets[prev] * ld;
+            weights[k].multiply(continuing, rec, 4 * width, h_prev, ring ? H : ld,
                                 /*accumulate=*/project);
           }
           if (rows > continuing) {
@@ -212,7 +232,8 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
           }
           for (int64_t r = 0; r < rows; ++r) {
             T* const gates_row = project ? nullptr : a.gates + (offset + r) * 4 * H;
-            T* const h_row = a.output + (offset + r) * ld;
+            T* const h_row =
+                ring ? ring_data + ((s % 2) * B + r) * H : a.output + (offset + r) * ld;
             T* const cell_row = a.cell_state + r * H;
             if (project) {  // the pre-activations are all in `rec`
               forward_row<T, false, false>(nullptr, H, a.bias, rec + r * 4 * width, width,
@@ -224,13 +245,29 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
               forward_row<T, true, false>(gates_row, H, a.bias, rec + r * 4 * width, width,
                                           cell_row, nullptr, nullptr, h_row, j0, j1);
             }
+            if constexpr (std::is_same_v<T, float>) {
+              if (ring) {
+                store_16bit(h_row + j0, a.output_16bit + (offset + r) * ld + j0, width,
+                            a.output_format);
+                if (last_step[r] == t) {
+                  std::memcpy(final_hidden + r * H + j0, h_row + j0, width * sizeof(T));
+                }
+              }
+            }
           }
         }
 #pragma omp barrier
       }
     }
     for (int64_t k = thread; k < slices; k += team) {
-      copy_final_hidden(a, last_step, bounds[k], bounds[k + 1]);
+      if (!ring) {
+        copy_final_hidden(a, last_step, bounds[k], bounds[k + 1]);
+        continue;
+      }
+      for (int64_t r = 0; r < B; ++r) {
+        std::memcpy(a.hidden_state + r * H + bounds[k], final_hidden + r * H + bounds[k],
+                    (bounds[k + 1] - bounds[k]) * sizeof(T));
+      }
     }
   }
   return true;
@@ -257,6 +294,8 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
 bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
   const Bf16Product kind = bf16_product_kind();
   if (kind == Bf16Product::kNone) return false;
+  // (the output it writes is the operand it rounds for the next product)
+  if (a.output_16bit != nullptr && a.output_format != Bits16::kBFloat16) return false;
   const int64_t H = a.hidden, B = a.batch, ld = a.output_stride;
   const std::vector<int64_t> bounds = slice_bounds<float>(H, B, at::get_num_threads());
   const int64_t slices = static_cast<int64_t>(bounds.size()) - 1;
@@ -303,7 +342,7 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
   // the step product's output [padded_rows, padded_cols], and in chunks the projection's.
   std::vector<std::unique_ptr<Bf16Weight>> weights(slices), input_weights(slices);
   std::vector<AlignedBuffer<float>> products(slices), projections(slices);
-  // With output_bf16: h[t] of the row being computed in fp32, [H] (the slice's units used),
+  // With output_16bit: h[t] of the row being computed in fp32, [H] (the slice's units used),
   // before its roundings to bf16 (the next product's operand and the output)
   std::vector<AlignedBuffer<float>> hidden_rows(slices);
   const std::vector<int64_t> last_step = last_steps(a);
@@ -321,7 +360,7 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
             return d < I ? a.w_ih_bf16[row * I + d] : a.w_hh_bf16[row * H + d - I];
           });
       products[k] = aligned_zeros<float>(padded_rows * weights[k]->padded_cols());
-      if (a.output_bf16 != nullptr) hidden_rows[k] = aligned_zeros<float>(H);
+      if (a.output_16bit != nullptr) hidden_rows[k] = aligned_zeros<float>(H);
       if (chunked) {
         input_weights[k] = std::make_unique<Bf16Weight>(
             4 * width, a.input_size, kind,
@@ -363,7 +402,7 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
           float* product = products[k].get();
           weights[k]->multiply(rows, product, ldp, current, depth);
           for (int64_t r = 0; r < rows; ++r) {
-            float* h_row = a.output_bf16 != nullptr ? hidden_rows[k].get()
+            float* h_row = a.output_16bit != nullptr ? hidden_rows[k].get()
                                                     : a.output + (offset + r) * ld;
             // out only (and null in inference) when the product held x[t] W_ih^T
             float* gates_row = a.gates != nullptr ? a.gates + (offset + r) * 4 * H : nullptr;
@@ -395,8 +434,8 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
             at::vec::convert(h_row + j0,
                              reinterpret_cast<c10::BFloat16*>(next + r * depth + I) + j0,
                              width);
-            if (a.output_bf16 != nullptr) {
-              std::memcpy(a.output_bf16 + (offset + r) * ld + j0, next + r * depth + I + j0,
+            if (a.output_16bit != nullptr) {
+              std::memcpy(a.output_16bit + (offset + r) * ld + j0, next + r * depth + I + j0,
                           width * 2);
               if (last_step[r] == t) {  // h_n (a.h0 is not read here: h0_bf16 is)
                 std::memcpy(a.hidden_state + r * H + j0, h_row + j0, width * sizeof(float));
@@ -407,7 +446,7 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
 #pragma omp barrier
       }
     }
-    for (int64_t k = thread; a.output_bf16 == nullptr && k < slices; k += team) {
+    for (int64_t k = thread; a.output_16bit == nullptr && k < slices; k += team) {
       copy_final_hidden(a, last_step, bounds[k], bounds[k + 1]);
     }
   }

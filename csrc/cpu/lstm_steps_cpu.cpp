@@ -450,6 +450,7 @@ StepKernels<T> step_kernels(bool replay) {
     // (the replay stands in for CUDA's kernels, which write c[t] always)
     k.forward_unsaved = true;
     k.inference_chunk_bytes = kInferenceChunkBytes;
+    k.forward_sequence_output_16bit = true;
   }
   return k;
 }

@@ -129,8 +129,9 @@ bool run_sequence(const Args& a, Kernel kernel, bool backward, Fill fill) {
 }
 
 bool persistent_forward_sequence(const ForwardSequenceArgs<float>& a) {
-  // the 16-bit GEMM mode and the projection inside the kernel are the CPU's only
-  if (a.w_hh_bf16 != nullptr || a.input != nullptr) return false;
+  // the 16-bit GEMM mode, the projection inside the kernel and the 16-bit output are the
+  // CPU's only
+  if (a.w_hh_bf16 != nullptr || a.input != nullptr || a.output_16bit != nullptr) return false;
   return run_sequence<ForwardParams>(a, persistent_forward_kernel, /*backward=*/false,
                                      fill_forward_params);
 }
