@@ -14,6 +14,7 @@
 #include <memory>
 #include <vector>
 
+#include "../mixed_gemm.h"
 #include "../step_weight.h"
 #include "bf16_product_cpu.h"
 #include "flush_denormals.h"
@@ -88,15 +89,6 @@ void copy_final_hidden(const ForwardSequenceArgs<T>& a, const std::vector<int64_
   for (int64_t r = 0; r < a.batch; ++r) {
     const T* h = a.output + (a.offsets[last_step[r]] + r) * a.output_stride + j0;
     std::memcpy(a.hidden_state + r * a.hidden + j0, h, (j1 - j0) * sizeof(T));
-  }
-}
-
-// n fp32 values rounded to 16 bits (ForwardSequenceArgs::output_16bit).
-inline void store_16bit(const float* values, uint16_t* out, int64_t n, Bits16 format) {
-  if (format == Bits16::kBFloat16) {
-    at::vec::convert(values, reinterpret_cast<c10::BFloat16*>(out), n);
-  } else {
-    at::vec::convert(values, reinterpret_cast<c10::Half*>(out), n);
   }
 }
 
@@ -247,8 +239,9 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
             }
             if constexpr (std::is_same_v<T, float>) {
               if (ring) {
-                store_16bit(h_row + j0, a.output_16bit + (offset + r) * ld + j0, width,
-                            a.output_format);
+                round_rows(a.output_format == Bits16::kBFloat16 ? at::kBFloat16 : at::kHalf,
+                           a.output_16bit + (offset + r) * ld + j0, ld, h_row + j0, H, 1,
+                           width);
                 if (last_step[r] == t) {
                   std::memcpy(final_hidden + r * H + j0, h_row + j0, width * sizeof(T));
                 }
