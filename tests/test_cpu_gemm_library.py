@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lstm_fused
-from conftest import cpu_gemm_libraries
+from conftest import accepted_settings, cpu_gemm_libraries, setting_for_a_test
 from lstm_fused import functional
 
 pytestmark = pytest.mark.skipif(functional.backend_unavailable_reason("fused") is not None,
@@ -137,6 +137,34 @@ def test_bf16_mm_over_a_long_depth(cpu_gemm_library, b_transposed):
     b = torch.randn(n, k).bfloat16().t() if b_transposed else torch.randn(k, n).bfloat16()
     out = torch.ops.lstm_fused.cpu_mm(a, b)
     torch.testing.assert_close(out.double(), a.double() @ b.double(), rtol=1e-4, atol=1e-3)
+
+
+@pytest.fixture(params=["amx", "avx512", "none"])
+def bf16_product(request):
+    yield from setting_for_a_test(
+        request.param, lstm_fused.set_cpu_bf16_product, torch.ops.lstm_fused.cpu_bf16_product,
+        accepted_settings(lstm_fused.set_cpu_bf16_product, ("amx", "avx512", "none")),
+        f"this CPU does not run the {request.param} bf16 product")
+
+
+@pytest.mark.parametrize("m, k, n, a_transposed", [
+    (130, 1001, 70, True),   # dW's layout (A = dG^T): pairs of A's columns, an odd depth
+    (5, 64, 7, True),        # the same, one row block past the few-rows path
+    (1, 3200, 512, False),   # the bias gradient, ones (1 x N) dG: the few-rows path
+    (3, 77, 300, True),      # few rows of a transposed A
+    (90, 301, 2, True),      # few columns: out^T on the few-rows path
+], ids=["pairs", "pairs-small", "bias", "few-rows", "few-columns"])
+def test_bf16_mm_layouts(cpu_gemm_library, bf16_product, m, k, n, a_transposed):
+    """bf16_mm's paths for the backward's GEMMs: a transposed A read as pairs of its columns
+    (no transposing copy), and a few rows or columns of out summed without packing."""
+    torch.manual_seed(0)
+    a = torch.randn(k, m).bfloat16().t() if a_transposed else torch.randn(m, k).bfloat16()
+    b = torch.randn(k, n).bfloat16()
+    if m == 1:
+        a = torch.ones(1, k).bfloat16()
+    out = torch.ops.lstm_fused.cpu_mm(a, b)
+    exact = a.double() @ b.double()
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5 * k ** 0.5)
 
 
 def test_cpu_mm_of_mismatched_matrices_is_a_clear_error():

@@ -147,7 +147,17 @@ LSTM_FUSED_TARGET_AMX void amx_multiply(int64_t rows, int64_t n_pad, int64_t k_p
 
 // ---- AVX512_BF16: 4 rows x kCols zmm columns of accumulators -------------------------------
 
-template <int kCols>
+// The pair (a[i][2p], a[i][2p + 1]) of row i: from a row-major a (lda in values), or with
+// kPairMajor from pairs laid out along the depth (a32[p * lda + i], lda in pairs: a^T's rows
+// interleaved two by two, which a transposed operand gets without a transposing copy).
+template <bool kPairMajor>
+inline int32_t pair_of(const uint16_t* a, int64_t lda, int64_t i, int64_t p) {
+  int32_t pair;
+  std::memcpy(&pair, kPairMajor ? a + 2 * (p * lda + i) : a + i * lda + 2 * p, sizeof(pair));
+  return pair;
+}
+
+template <int kCols, bool kPairMajor>
 LSTM_FUSED_TARGET_AVX512_BF16 void dot_block(const uint16_t* a, int64_t lda,
                                              const uint32_t* panel, int64_t block_stride,
                                              int64_t pairs, float* out, int64_t ldo) {
@@ -161,9 +171,7 @@ LSTM_FUSED_TARGET_AVX512_BF16 void dot_block(const uint16_t* a, int64_t lda,
       w[j] = (__m512bh)_mm512_load_si512(panel + j * block_stride + p * 16);
     }
     for (int i = 0; i < kRows; ++i) {
-      int32_t pair;  // a[i][2p], a[i][2p + 1]
-      std::memcpy(&pair, a + i * lda + 2 * p, sizeof(pair));
-      const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(pair_of<kPairMajor>(a, lda, i, p));
       for (int j = 0; j < kCols; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], x, w[j]);
     }
   }
@@ -171,6 +179,7 @@ LSTM_FUSED_TARGET_AVX512_BF16 void dot_block(const uint16_t* a, int64_t lda,
     for (int j = 0; j < kCols; ++j) _mm512_storeu_ps(out + i * ldo + j * 16, acc[i][j]);
 }
 
+template <bool kPairMajor>
 LSTM_FUSED_TARGET_AVX512_BF16 void dot_multiply(int64_t rows, int64_t n_pad, int64_t k,
                                                 int64_t k_pad, const uint32_t* packed,
                                                 float* out, int64_t ldo, const uint16_t* a,
@@ -182,13 +191,21 @@ LSTM_FUSED_TARGET_AVX512_BF16 void dot_multiply(int64_t rows, int64_t n_pad, int
     const uint32_t* panel = packed + cb * block_stride;
     const int64_t cols = std::min<int64_t>(4, col_blocks - cb);
     for (int64_t r = 0; r < row_end; r += 4) {
-      const uint16_t* a_rows = a + r * lda;
+      const uint16_t* a_rows = kPairMajor ? a + 2 * r : a + r * lda;
       float* out_block = out + r * ldo + cb * 16;
       switch (cols) {
-        case 4: dot_block<4>(a_rows, lda, panel, block_stride, pairs, out_block, ldo); break;
-        case 3: dot_block<3>(a_rows, lda, panel, block_stride, pairs, out_block, ldo); break;
-        case 2: dot_block<2>(a_rows, lda, panel, block_stride, pairs, out_block, ldo); break;
-        default: dot_block<1>(a_rows, lda, panel, block_stride, pairs, out_block, ldo); break;
+        case 4:
+          dot_block<4, kPairMajor>(a_rows, lda, panel, block_stride, pairs, out_block, ldo);
+          break;
+        case 3:
+          dot_block<3, kPairMajor>(a_rows, lda, panel, block_stride, pairs, out_block, ldo);
+          break;
+        case 2:
+          dot_block<2, kPairMajor>(a_rows, lda, panel, block_stride, pairs, out_block, ldo);
+          break;
+        default:
+          dot_block<1, kPairMajor>(a_rows, lda, panel, block_stride, pairs, out_block, ldo);
+          break;
       }
     }
   }
@@ -256,9 +273,9 @@ Bf16Weight::Bf16Weight(int64_t n_rows, int64_t k, Bf16Product kind)
 }
 
 Bf16Weight::Bf16Weight(FromTransposed, const uint16_t* w, int64_t n_rows, int64_t k,
-                       int64_t depth_stride, Bf16Product kind)
+                       int64_t depth_stride, Bf16Product kind, bool parallel)
     : Bf16Weight(n_rows, k, kind) {
-  pack([&](uint32_t* out, int64_t first, int64_t columns, int64_t depth) {
+  const auto fill = [&](uint32_t* out, int64_t first, int64_t columns, int64_t depth) {
     const uint16_t* low = w + depth * depth_stride + first;
     if (columns == kColBlock && depth + 1 < k) {
       const uint16_t* high = low + depth_stride;
@@ -271,7 +288,34 @@ Bf16Weight::Bf16Weight(FromTransposed, const uint16_t* w, int64_t n_rows, int64_
         out[c] = static_cast<uint32_t>(low[c]) | (high << 16);
       }
     }
-  });
+  };
+  const int64_t blocks = n_pad_ / kColBlock;
+  if (parallel) {
+    at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+      pack_blocks(fill, first, last);
+    });
+  } else {
+    pack(fill);
+  }
+}
+
+Bf16Weight::Bf16Weight(const RowParts& rows, int64_t k, Bf16Product kind)
+    : Bf16Weight(static_cast<int64_t>(rows.first.size()), k, kind) {
+  TORCH_INTERNAL_ASSERT(rows.split <= k &&
+                        (rows.split == k || rows.second.size() == rows.first.size()));
+  // Row n copied whole (its tail past k stays zero: the padding pair), then its pairs written
+  // down column n % 16 of its block: a 64-byte stride within the block's k_pad * 32 bytes.
+  std::vector<uint32_t> pairs(k_pad_ / 2, 0);
+  uint16_t* values = reinterpret_cast<uint16_t*>(pairs.data());
+  const int64_t block_stride = k_pad_ / 2 * kColBlock, used = (k + 1) / 2;
+  for (int64_t n = 0; n < n_; ++n) {
+    if (rows.split > 0) std::memcpy(values, rows.first[n], rows.split * sizeof(uint16_t));
+    if (k > rows.split) {
+      std::memcpy(values + rows.split, rows.second[n], (k - rows.split) * sizeof(uint16_t));
+    }
+    uint32_t* out = packed_.get() + n / kColBlock * block_stride + n % kColBlock;
+    for (int64_t p = 0; p < used; ++p) out[p * kColBlock] = pairs[p];
+  }
 }
 
 void Bf16Weight::multiply(int64_t rows, float* out, int64_t ldo, const uint16_t* a,
@@ -281,11 +325,23 @@ void Bf16Weight::multiply(int64_t rows, float* out, int64_t ldo, const uint16_t*
   if (kind_ == Bf16Product::kAmx) {
     amx_multiply(rows, n_pad_, k_pad_, packed_.get(), out, ldo, a, lda);
   } else {
-    dot_multiply(rows, n_pad_, k_, k_pad_, packed_.get(), out, ldo, a, lda);
+    dot_multiply<false>(rows, n_pad_, k_, k_pad_, packed_.get(), out, ldo, a, lda);
   }
 #else
   TORCH_INTERNAL_ASSERT(false, "lstm_fused: no bf16 product below the AVX-512 library");
   (void)out, (void)ldo, (void)a, (void)lda;
+#endif
+}
+
+void Bf16Weight::multiply_pairs(int64_t rows, float* out, int64_t ldo, const uint32_t* a_pairs,
+                                int64_t ld) const {
+  TORCH_INTERNAL_ASSERT(multiplies_pairs() && ld >= round_up(rows, 4));
+  if (rows == 0 || n_ == 0) return;
+#if defined(CPU_CAPABILITY_AVX512)
+  dot_multiply<true>(rows, n_pad_, k_, k_pad_, packed_.get(), out, ldo,
+                     reinterpret_cast<const uint16_t*>(a_pairs), ld);
+#else
+  (void)out, (void)ldo, (void)a_pairs;
 #endif
 }
 
@@ -332,15 +388,21 @@ void bf16_mm_packing_b(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64
       spans > 1 ? aligned_zeros<float>(m * n_pad) : AlignedBuffer<float>();
   constexpr int64_t kChunk = 64;  // rows per task: a multiple of the AMX tile's 16
   static_assert(kChunk % Bf16Weight::kRowBlock == 0, "whole row blocks per chunk");
+  // a pair-major chunk's pairs apart: one 64-byte line more than its rows (not a power of two)
+  constexpr int64_t kPairStride = kChunk + 16;
   for (int64_t d0 = 0; d0 < k; d0 += span) {
     const int64_t depth = std::min(span, k - d0);
     const uint16_t* b_span = b + d0 * b_row;
     const Bf16Weight weight =
         b_col == 1
-            ? Bf16Weight(Bf16Weight::FromTransposed{}, b_span, n, depth, b_row, kind)
+            ? Bf16Weight(Bf16Weight::FromTransposed{}, b_span, n, depth, b_row, kind,
+                         /*parallel=*/true)
             : Bf16Weight(n, depth, kind, [&](int64_t col, int64_t d) {
                 return b_span[d * b_row + col * b_col];
               });
+    // A's columns contiguous (a_row 1, a transposed operand: dG^T): pairs of them
+    // interleaved, 64 neighbouring values at a time, in place of a copy that transposes
+    const bool pair_major = a_col != 1 && a_row == 1 && weight.multiplies_pairs();
     const int64_t k_pad = weight.padded_depth();
     // a's copy one 64-byte line longer than its depth per row: a power-of-two row stride
     // (a span of 1024) put its 64 rows in the same L1 sets, and the transposing copy below
@@ -350,11 +412,28 @@ void bf16_mm_packing_b(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64
     at::parallel_for(0, (m + kChunk - 1) / kChunk, 1, [&](int64_t first, int64_t last) {
       // the padding columns of a stay zero; its rows past `rows` in the last chunk only
       // reach the buffer's rows past `rows`, which are not read
-      const AlignedBuffer<uint16_t> a_rows = aligned_zeros<uint16_t>(kChunk * lda);
+      const AlignedBuffer<uint16_t> a_rows =
+          aligned_zeros<uint16_t>(pair_major ? 0 : kChunk * lda);
+      const AlignedBuffer<uint32_t> a_pairs =
+          aligned_zeros<uint32_t>(pair_major ? (depth + 1) / 2 * kPairStride : 0);
       const AlignedBuffer<float> products = aligned_zeros<float>(kChunk * n_pad);
       for (int64_t chunk = first; chunk < last; ++chunk) {
         const int64_t row0 = chunk * kChunk, rows = std::min(kChunk, m - row0);
-        if (a_col == 1) {
+        if (pair_major) {
+          for (int64_t p = 0; 2 * p < depth; ++p) {
+            const uint16_t* low = a_span + row0 + 2 * p * a_col;
+            uint32_t* pairs = a_pairs.get() + p * kPairStride;
+            if (2 * p + 1 < depth) {
+              const uint16_t* high = low + a_col;
+              for (int64_t i = 0; i < rows; ++i) {
+                pairs[i] = static_cast<uint32_t>(low[i]) | (static_cast<uint32_t>(high[i]) << 16);
+              }
+            } else {
+              for (int64_t i = 0; i < rows; ++i) pairs[i] = low[i];
+            }
+          }
+          weight.multiply_pairs(rows, products.get(), n_pad, a_pairs.get(), kPairStride);
+        } else if (a_col == 1) {
           for (int64_t i = 0; i < rows; ++i) {
             std::memcpy(a_rows.get() + i * lda, a_span + (row0 + i) * a_row,
                         depth * sizeof(uint16_t));
@@ -367,7 +446,7 @@ void bf16_mm_packing_b(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64
             for (int64_t i = 0; i < rows; ++i) a_rows[i * lda + d] = src[i * a_row];
           }
         }
-        weight.multiply(rows, products.get(), n_pad, a_rows.get(), lda);
+        if (!pair_major) weight.multiply(rows, products.get(), n_pad, a_rows.get(), lda);
         if (spans == 1) {
           store_rows(products.get(), n_pad, row0, rows, n, out, o_row, o_col, accumulate);
         } else {
@@ -388,6 +467,63 @@ void bf16_mm_packing_b(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+
+// bf16 bits to fp32: the bits above 16 zeros.
+inline float bf16_value(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof(value));
+  return value;
+}
+
+// 16 bf16 values from `bits` (the first `count`, the rest 0) as fp32.
+inline __m512 bf16_vector(const uint16_t* bits, __mmask16 lanes) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, bits));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+// At most this many rows (or columns) of out: bf16_mm_few_rows (the dot block computes 4).
+constexpr int64_t kFewRows = 4;
+
+// bf16_mm for a few rows of A (the bias gradient, ones (1 x N) dG), B's rows contiguous
+// (b_col 1): fp32 sums of the exact products along the depth, B read as it is, its columns
+// in ranges shared out among the threads. Packing B for so few rows cost 20 times the
+// product (200 us of a 7.5 ms training call at T100 B32 H128), and the row chunks gave one
+// thread all the work.
+void bf16_mm_few_rows(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t a_row,
+                      int64_t a_col, const uint16_t* b, int64_t b_row, float* out,
+                      int64_t o_row, int64_t o_col, bool accumulate) {
+  constexpr int64_t kWidth = 128;  // columns per task: 8 zmm of sums
+  constexpr int64_t kVectors = kWidth / 16;
+  at::parallel_for(0, (n + kWidth - 1) / kWidth, 1, [&](int64_t first, int64_t last) {
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t j0 = task * kWidth, width = std::min(kWidth, n - j0);
+      __mmask16 lanes[kVectors];
+      for (int64_t v = 0; v < kVectors; ++v) {
+        const int64_t count = std::clamp<int64_t>(width - 16 * v, 0, 16);
+        lanes[v] = static_cast<__mmask16>((1u << count) - 1);
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        __m512 sums[kVectors];
+        for (int64_t v = 0; v < kVectors; ++v) sums[v] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < k; ++d) {
+          const __m512 weight = _mm512_set1_ps(bf16_value(a[i * a_row + d * a_col]));
+          const uint16_t* row = b + d * b_row + j0;
+          for (int64_t v = 0; v < kVectors; ++v) {
+            sums[v] = _mm512_fmadd_ps(weight, bf16_vector(row + 16 * v, lanes[v]), sums[v]);
+          }
+        }
+        float values[kWidth];
+        for (int64_t v = 0; v < kVectors; ++v) _mm512_storeu_ps(values + 16 * v, sums[v]);
+        store_rows(values, kWidth, i, 1, width, out + j0 * o_col, o_row, o_col, accumulate);
+      }
+    }
+  });
+}
+
+#endif  // CPU_CAPABILITY_AVX512
+
 }  // namespace
 
 void bf16_mm(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t a_row, int64_t a_col,
@@ -400,15 +536,29 @@ void bf16_mm(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t a_row, 
     }
     return;
   }
+#if defined(CPU_CAPABILITY_AVX512)
+  if (m <= kFewRows && b_col == 1) {
+    bf16_mm_few_rows(m, n, k, a, a_row, a_col, b, b_row, out, ldo, 1, accumulate);
+    return;
+  }
+  if (n <= kFewRows && a_row == 1) {  // out^T = B^T A^T
+    bf16_mm_few_rows(n, m, k, b, b_col, b_row, a, a_col, out, 1, ldo, accumulate);
+    return;
+  }
+#endif
   // Which operand to pack: the one that moves fewer values one at a time. Packing B with its
-  // rows contiguous (b_col 1) and copying rows of A (a_col 1) run 16 or more values at a
-  // time, the other cases one (taken as 8 times the cost). The weight gradients
-  // dG^T (4H x N) x (N x I) then run as out^T = x^T dG, dG packed; the input projection, dx
-  // and the bias gradient (ones (1 x N) times dG) as they are.
-  const auto cost = [](int64_t a_values, int64_t a_col, int64_t b_values, int64_t b_col) {
-    return a_values * (a_col == 1 ? 1 : 8) + b_values * (b_col == 1 ? 1 : 8);
+  // rows contiguous (b_col 1) and copying rows of A (a_col 1; with the dot products also
+  // a_row 1, pairs of its columns interleaved) run 16 or more values at a time, the other
+  // cases one (taken as 8 times the cost). The weight gradients dG^T (4H x N) x (N x I) then
+  // run as they are (x packed, pairs of dG's rows) with the dot products, and as
+  // out^T = x^T dG (dG packed) on AMX; the input projection and dx as they are.
+  const bool pairs = kind == Bf16Product::kAvx512;
+  const auto cost = [pairs](int64_t a_values, int64_t a_row, int64_t a_col, int64_t b_values,
+                            int64_t b_col) {
+    const bool a_vectorised = a_col == 1 || (pairs && a_row == 1);
+    return a_values * (a_vectorised ? 1 : 8) + b_values * (b_col == 1 ? 1 : 8);
   };
-  if (cost(n * k, b_row, m * k, a_row) < cost(m * k, a_col, n * k, b_col)) {
+  if (cost(n * k, b_col, b_row, m * k, a_row) < cost(m * k, a_row, a_col, n * k, b_col)) {
     bf16_mm_packing_b(n, m, k, b, b_col, b_row, a, a_col, a_row, out, 1, ldo, accumulate, kind);
   } else {
     bf16_mm_packing_b(m, n, k, a, a_row, a_col, b, b_row, b_col, out, ldo, 1, accumulate, kind);

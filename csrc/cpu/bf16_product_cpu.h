@@ -52,18 +52,21 @@ class Bf16Weight {
   // W[n][d] = value(n, d) (bfloat16 bits) for n < n_rows, d < k.
   template <typename Value>
   Bf16Weight(int64_t n_rows, int64_t k, Bf16Product kind, const Value& value);
-  // W[n][d] at rows[n][d * depth_stride]: rows of W_hh (depth_stride 1), or its columns
-  // (depth_stride H, rows[n] at column n).
-  Bf16Weight(const std::vector<const uint16_t*>& rows, int64_t k, int64_t depth_stride,
-             Bf16Product kind)
-      : Bf16Weight(static_cast<int64_t>(rows.size()), k, kind,
-                   [&](int64_t n, int64_t d) { return rows[n][d * depth_stride]; }) {}
+  // Row n of W is first[n][0, split) then second[n][0, k - split), each contiguous: a slice's
+  // rows of [W_ih, W_hh] (second unused where split == k). A row at a time, its pairs as they
+  // lie in memory: no index arithmetic per value (which cost 1.2 ms of a 21 ms call at H512).
+  struct RowParts {
+    std::vector<const uint16_t*> first, second;
+    int64_t split;
+  };
+  Bf16Weight(const RowParts& rows, int64_t k, Bf16Product kind);
 
   // W[n][d] = w[d * depth_stride + n] for n < n_rows, d < k: W^T row-major (dG, (N x 4H), in
-  // the weight gradients' products). 16 neighbouring values at a time, vectorised.
+  // the weight gradients' products). 16 neighbouring values at a time, vectorised; with
+  // `parallel` the column blocks shared out among the library's threads (bf16_mm's operands).
   struct FromTransposed {};
   Bf16Weight(FromTransposed, const uint16_t* w, int64_t n_rows, int64_t k, int64_t depth_stride,
-             Bf16Product kind);
+             Bf16Product kind, bool parallel = false);
 
   static int64_t round_up(int64_t value, int64_t block) {
     return (value + block - 1) / block * block;
@@ -76,13 +79,25 @@ class Bf16Weight {
   // out (round_up(rows, kRowBlock) x padded_cols(), fp32, row stride ldo) = a (as many rows x
   // padded_depth(), bf16, row stride lda) W^T.
   void multiply(int64_t rows, float* out, int64_t ldo, const uint16_t* a, int64_t lda) const;
+  // The same product with a as pairs along the depth: (a[i][2p], a[i][2p + 1]) at
+  // a_pairs[p * ld + i], ld >= rows rounded up to 4, the pairs past the depth zero (a^T's rows
+  // interleaved two by two: a transposed operand without a transposing copy). Dot products
+  // only: an AMX tile reads rows of a.
+  bool multiplies_pairs() const { return kind_ == Bf16Product::kAvx512; }
+  void multiply_pairs(int64_t rows, float* out, int64_t ldo, const uint32_t* a_pairs,
+                      int64_t ld) const;
 
  private:
   // Zeroed storage for W (n_rows x k); pack() fills it, fill(out, first, columns, depth)
   // writing the pairs of W[first .. first + columns)[depth, depth + 1] at out.
   Bf16Weight(int64_t n_rows, int64_t k, Bf16Product kind);
+  // fill() for column blocks [first_block, last_block) (all of them: pack(fill)).
   template <typename Fill>
-  void pack(const Fill& fill);
+  void pack_blocks(const Fill& fill, int64_t first_block, int64_t last_block);
+  template <typename Fill>
+  void pack(const Fill& fill) {
+    pack_blocks(fill, 0, n_pad_ / kColBlock);
+  }
   static void check_kind(Bf16Product kind);  // not kNone
   Bf16Product kind_;
   int64_t n_, k_, n_pad_, k_pad_;
@@ -107,9 +122,9 @@ void bf16_mm(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t a_row, 
 // W_hh (or run along 16 neighbouring values of its columns), and the writes are sequential (a
 // whole W_hh row per step of n thrashed the TLB: at H1024 packing took 8 ms per call).
 template <typename Fill>
-void Bf16Weight::pack(const Fill& fill) {
+void Bf16Weight::pack_blocks(const Fill& fill, int64_t first_block, int64_t last_block) {
   const int64_t block_stride = k_pad_ / 2 * kColBlock;
-  for (int64_t block = 0; block * kColBlock < n_; ++block) {
+  for (int64_t block = first_block; block < last_block && block * kColBlock < n_; ++block) {
     uint32_t* out = packed_.get() + block * block_stride;
     const int64_t first = block * kColBlock;
     const int64_t columns = n_ - first < kColBlock ? n_ - first : kColBlock;

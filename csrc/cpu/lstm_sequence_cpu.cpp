@@ -114,6 +114,27 @@ void backward_units(const BackwardSequenceArgs<T>& a, int64_t t, int64_t r, int6
   }
 }
 
+// Asks for the rows that step t's backward of units [j0, j1) reads (the saved gates, c[t],
+// c[t-1], dy), one prefetch per 64-byte line, while the step before it in processing order
+// computes: the forward wrote them long before and they sit in L3 or memory, and the gate
+// math stalled on its loads of them.
+template <typename T>
+void prefetch_backward_step(const BackwardSequenceArgs<T>& a, int64_t t, int64_t j0,
+                            int64_t j1) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  const auto lines = [&](const T* row) {
+    for (int64_t j = j0; j < j1; j += kLine) __builtin_prefetch(row + j, 0, 2);
+  };
+  const int64_t H = a.hidden, prev = a.previous(t);
+  for (int64_t r = 0; r < a.batch_sizes[t]; ++r) {
+    const int64_t row = a.offsets[t] + r;
+    for (int64_t q = 0; q < 4; ++q) lines(a.gates + row * 4 * H + q * H);
+    lines(a.cells + row * H);
+    lines(r < a.continuing_rows(t) ? a.cells + (a.offsets[prev] + r) * H : a.c0 + r * H);
+    if (a.grad_output != nullptr) lines(a.grad_output + row * a.grad_output_stride);
+  }
+}
+
 // The telemetry's per-step sums: each slice's, added in slice order (no atomics: the same
 // bits for the same thread count). slice_sums: [slices, steps, 2].
 template <typename T>
@@ -346,18 +367,21 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
     for (int64_t k = thread; k < slices; k += team) {
       const int64_t j0 = bounds[k], width = bounds[k + 1] - j0;
       // row n of the slice's W: gate q = n / width, unit j0 + n % width
-      const auto gate_row = [&, j0, width](int64_t n) { return n / width * H + j0 + n % width; };
-      weights[k] = std::make_unique<Bf16Weight>(
-          4 * width, I + H, kind, [&, I](int64_t n, int64_t d) {
-            const int64_t row = gate_row(n);
-            return d < I ? a.w_ih_bf16[row * I + d] : a.w_hh_bf16[row * H + d - I];
-          });
+      Bf16Weight::RowParts recurrent_rows{{}, {}, I}, input_rows{{}, {}, a.input_size};
+      for (int64_t q = 0; q < 4; ++q) {
+        for (int64_t j = j0; j < j0 + width; ++j) {
+          const uint16_t* input_row = a.w_ih_bf16 + (q * H + j) * a.input_size;
+          const uint16_t* hidden_row = a.w_hh_bf16 + (q * H + j) * H;
+          recurrent_rows.first.push_back(input_row);
+          recurrent_rows.second.push_back(hidden_row);
+          input_rows.first.push_back(input_row);
+        }
+      }
+      weights[k] = std::make_unique<Bf16Weight>(recurrent_rows, I + H, kind);
       products[k] = aligned_zeros<float>(padded_rows * weights[k]->padded_cols());
       if (a.output_16bit != nullptr) hidden_rows[k] = aligned_zeros<float>(H);
       if (chunked) {
-        input_weights[k] = std::make_unique<Bf16Weight>(
-            4 * width, a.input_size, kind,
-            [&](int64_t n, int64_t d) { return a.w_ih_bf16[gate_row(n) * a.input_size + d]; });
+        input_weights[k] = std::make_unique<Bf16Weight>(input_rows, a.input_size, kind);
         projections[k] = aligned_zeros<float>(
             Bf16Weight::round_up(chunk_rows, Bf16Weight::kRowBlock) * weights[k]->padded_cols());
       }
@@ -518,9 +542,9 @@ bool backward_sequence_bf16(const BackwardSequenceArgs<float>& a) {
     const FlushDenormals flush;  // this thread's MXCSR, restored at the region's end
     const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
     for (int64_t k = thread; k < slices; k += team) {
-      std::vector<const uint16_t*> columns;
-      for (int64_t j = bounds[k]; j < bounds[k + 1]; ++j) columns.push_back(a.w_hh_bf16 + j);
-      weights[k] = std::make_unique<Bf16Weight>(columns, 4 * H, /*depth_stride=*/H, kind);
+      weights[k] = std::make_unique<Bf16Weight>(Bf16Weight::FromTransposed{},
+                                                a.w_hh_bf16 + bounds[k], bounds[k + 1] - bounds[k],
+                                                4 * H, /*depth_stride=*/H, kind);
       products[k] = aligned_zeros<float>(padded_rows * weights[k]->padded_cols());
     }
     for (int64_t s = a.steps - 1; s >= 0; --s) {
@@ -540,6 +564,7 @@ bool backward_sequence_bf16(const BackwardSequenceArgs<float>& a) {
             std::memcpy(a.dgates_bf16 + (offset + r) * 4 * H + q * H + j0, rounded, width * 2);
           }
         }
+        if (s > 0) prefetch_backward_step(a, a.time(s - 1), j0, j1);
       }
 #pragma omp barrier
       // dh_next of this thread's units = dG[t] (all units, bf16) W_hh[:, units].
