@@ -47,6 +47,15 @@ std::vector<int64_t> slice_bounds(int64_t hidden, int64_t batch, int64_t threads
   return begin;
 }
 
+// The most units of any slice of `bounds` (slice_bounds).
+int64_t widest_slice(const std::vector<int64_t>& bounds) {
+  int64_t widest = 0;
+  for (size_t k = 0; k + 1 < bounds.size(); ++k) {
+    widest = std::max(widest, bounds[k + 1] - bounds[k]);
+  }
+  return widest;
+}
+
 // BLAS inside our parallel region must run on the calling thread alone (MKL would otherwise
 // start its own threads inside a one-thread team, which is not an active parallel region).
 class SequentialBlas {
@@ -180,8 +189,7 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
   const int64_t H = a.hidden, B = a.batch, I = a.input_size, ld = a.output_stride;
   const std::vector<int64_t> bounds = slice_bounds<T>(H, B, at::get_num_threads());
   const int64_t slices = static_cast<int64_t>(bounds.size()) - 1;
-  int64_t widest = 0;
-  for (int64_t k = 0; k < slices; ++k) widest = std::max(widest, bounds[k + 1] - bounds[k]);
+  const int64_t widest = widest_slice(bounds);
   const int64_t chunk_rows = project ? projection_chunk_rows(a, widest) : 0;
   // All rows in one chunk: the buffer would be as large as the driver's (N, 4H) projection,
   // and packing W_ih's slices here costs more than that GEMM at a few rows (one token).
@@ -313,8 +321,7 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
   const int64_t H = a.hidden, B = a.batch, ld = a.output_stride;
   const std::vector<int64_t> bounds = slice_bounds<float>(H, B, at::get_num_threads());
   const int64_t slices = static_cast<int64_t>(bounds.size()) - 1;
-  int64_t widest = 0;
-  for (int64_t k = 0; k < slices; ++k) widest = std::max(widest, bounds[k + 1] - bounds[k]);
+  const int64_t widest = widest_slice(bounds);
   const bool save = a.cells != nullptr;  // else inference: no gates or c[t] kept
   bool fused = false, chunked = false;
   if (a.input_bf16 != nullptr) {
