@@ -352,12 +352,21 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
       std::memcpy(buffer + r * depth, a.input_bf16 + (a.offsets[t] + r) * I, I * 2);
   };
   if (a.steps > 0 && I > 0) copy_input(0, 0, 1);
-  // In chunks: a chunk's rows of x, padded for the product (shared, each thread copies some).
+  // In chunks: a chunk's rows of x, read where they lie when they are whole for the product
+  // (no padding columns, and the padded rows it reads inside x), else copied padded into a
+  // buffer (shared, each thread copies some), made only when a chunk needs it.
   const int64_t input_depth = Bf16Weight::depth_padding(a.input_size);
+  const auto in_place = [&](const StepChunk& chunk) {
+    return a.input_size == input_depth &&
+           chunk.row0 + Bf16Weight::round_up(chunk.rows, Bf16Weight::kRowBlock) <=
+               a.offsets_end();
+  };
+  bool copies = false;
+  for (const StepChunk& chunk : chunks) copies = copies || (chunked && !in_place(chunk));
   AlignedBuffer<uint16_t> chunk_input =
-      chunked ? aligned_zeros<uint16_t>(Bf16Weight::round_up(chunk_rows, Bf16Weight::kRowBlock) *
-                                        input_depth)
-              : AlignedBuffer<uint16_t>();
+      copies ? aligned_zeros<uint16_t>(Bf16Weight::round_up(chunk_rows, Bf16Weight::kRowBlock) *
+                                       input_depth)
+             : AlignedBuffer<uint16_t>();
   // Per slice, made by the thread that owns it (in parallel, and into that core's cache):
   // rows q H + j of [W_ih, W_hh] for its units j (of W_hh, and W_ih apart, when in chunks),
   // the step product's output [padded_rows, padded_cols], and in chunks the projection's.
@@ -395,16 +404,11 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
     }
     for (const StepChunk& chunk : chunks) {
       if (chunked) {
-        // x's rows read where they lie when they are whole for the product (no padding
-        // columns, and the padded rows it reads inside x): no copy and no barrier (the copy
-        // was 3% of a call at T50 B64 H512)
-        const bool in_place =
-            a.input_size == input_depth &&
-            chunk.row0 + Bf16Weight::round_up(chunk.rows, Bf16Weight::kRowBlock) <=
-                a.offsets_end();
+        // in place: no copy and no barrier (the copy was 3% of the samples at T50 B64 H512)
+        const bool read_in_place = in_place(chunk);
         const uint16_t* chunk_x =
-            in_place ? a.input_bf16 + chunk.row0 * a.input_size : chunk_input.get();
-        if (!in_place) {
+            read_in_place ? a.input_bf16 + chunk.row0 * a.input_size : chunk_input.get();
+        if (!read_in_place) {
           for (int64_t r = thread; r < chunk.rows; r += team) {
             std::memcpy(chunk_input.get() + r * input_depth,
                         a.input_bf16 + (chunk.row0 + r) * a.input_size, a.input_size * 2);
