@@ -81,6 +81,20 @@ def cpu_gemm_library(request):
         cpu_gemm_libraries(), f"this CPU or torch build does not run {request.param}'s GEMM")
 
 
+def cpu_bf16_products():
+    """The bfloat16 product kinds of the CPU sequence kernels and bf16_mm this machine runs
+    (lstm_fused.set_cpu_bf16_product); "none" is MKL's GEMM."""
+    return accepted_settings(lstm_fused.set_cpu_bf16_product, ("amx", "avx512", "none"))
+
+
+@pytest.fixture(params=["amx", "avx512", "none"])
+def cpu_bf16_product(request):
+    """Each bfloat16 product kind in turn (skipped where the machine lacks it)."""
+    yield from setting_for_a_test(
+        request.param, lstm_fused.set_cpu_bf16_product, torch.ops.lstm_fused.cpu_bf16_product,
+        cpu_bf16_products(), f"this CPU does not run the {request.param} bf16 product")
+
+
 def requires_cuda(f):
     """Marked `cuda` (bench/gpu_check.sh selects these with -m cuda) and skipped when no GPU
     is visible. Every test that needs a GPU carries the marker."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lstm_fused
-from conftest import accepted_settings, setting_for_a_test
+from conftest import cpu_bf16_products
 from lstm_fused import functional
 from lstm_fused.options import LayerOptions
 
@@ -41,17 +41,11 @@ def mode_16bit():
     lstm_fused.set_16bit_gemm(previous)
 
 
-def _products():
-    """The bfloat16 product kinds of the CPU sequence kernels this machine runs
-    (lstm_fused.set_cpu_bf16_product); "none" is MKL's GEMM step by step."""
-    return accepted_settings(lstm_fused.set_cpu_bf16_product, ("amx", "avx512", "none"))
-
-
-@pytest.fixture(params=["amx", "avx512", "none"])
-def bf16_product(request, mode_16bit):
-    yield from setting_for_a_test(
-        request.param, lstm_fused.set_cpu_bf16_product, torch.ops.lstm_fused.cpu_bf16_product,
-        _products(), f"this CPU does not run the {request.param} bf16 product")
+@pytest.fixture
+def bf16_product(mode_16bit, cpu_bf16_product):
+    """Each bfloat16 product kind in turn, in the 16-bit mode ("none" is MKL's GEMM step by
+    step)."""
+    return cpu_bf16_product
 
 
 def _round(v, dtype):
@@ -254,7 +248,7 @@ def test_bf16_products_record_the_same_flow(mode_16bit):
     m = lstm_fused.LSTM(10, 48, bidirectional=True, dtype=torch.bfloat16)
     x = torch.randn(12, 20, 10).to(torch.bfloat16)
     norms = {}
-    for kind in _products():
+    for kind in cpu_bf16_products():
         previous = lstm_fused.set_cpu_bf16_product(kind)
         try:
             with lstm_fused.record_gradient_flow(m) as flow:
@@ -277,7 +271,7 @@ def test_set_cpu_bf16_product():
         with pytest.raises(RuntimeError, match="must be one of 'auto', 'amx', 'avx512', 'none'"):
             lstm_fused.set_cpu_bf16_product("tiles")
         for kind in ("amx", "avx512"):
-            if kind not in _products():
+            if kind not in cpu_bf16_products():
                 with pytest.raises(RuntimeError, match="this CPU"):
                     lstm_fused.set_cpu_bf16_product(kind)
     finally:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lstm_fused
-from conftest import accepted_settings, cpu_gemm_libraries, setting_for_a_test
+from conftest import cpu_gemm_libraries
 from lstm_fused import functional
 
 pytestmark = pytest.mark.skipif(functional.backend_unavailable_reason("fused") is not None,
@@ -139,14 +139,6 @@ def test_bf16_mm_over_a_long_depth(cpu_gemm_library, b_transposed):
     torch.testing.assert_close(out.double(), a.double() @ b.double(), rtol=1e-4, atol=1e-3)
 
 
-@pytest.fixture(params=["amx", "avx512", "none"])
-def bf16_product(request):
-    yield from setting_for_a_test(
-        request.param, lstm_fused.set_cpu_bf16_product, torch.ops.lstm_fused.cpu_bf16_product,
-        accepted_settings(lstm_fused.set_cpu_bf16_product, ("amx", "avx512", "none")),
-        f"this CPU does not run the {request.param} bf16 product")
-
-
 @pytest.mark.parametrize("m, k, n, a_transposed", [
     (130, 1001, 70, True),   # dW's layout (A = dG^T): pairs of A's columns, an odd depth
     (5, 64, 7, True),        # the same, one row block past the few-rows path
@@ -154,7 +146,7 @@ def bf16_product(request):
     (3, 77, 300, True),      # few rows of a transposed A
     (90, 301, 2, True),      # few columns: out^T on the few-rows path
 ], ids=["pairs", "pairs-small", "bias", "few-rows", "few-columns"])
-def test_bf16_mm_layouts(cpu_gemm_library, bf16_product, m, k, n, a_transposed):
+def test_bf16_mm_layouts(cpu_gemm_library, cpu_bf16_product, m, k, n, a_transposed):
     """bf16_mm's paths for the backward's GEMMs: a transposed A read as pairs of its columns
     (no transposing copy), and a few rows or columns of out summed without packing."""
     torch.manual_seed(0)

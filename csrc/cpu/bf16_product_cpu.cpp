@@ -272,21 +272,34 @@ Bf16Weight::Bf16Weight(int64_t n_rows, int64_t k, Bf16Product kind)
   check_kind(kind);
 }
 
+namespace {
+
+// out[c] = the pair (low[c], low[c + stride]) for c < count, its high halves zero without
+// `high` (past an odd depth): two neighbouring rows of a row-major matrix interleaved, the
+// pairs along its columns (FromTransposed's blocks, bf16_mm's pair-major A).
+inline void interleave_pairs(const uint16_t* low, int64_t stride, bool high, int64_t count,
+                             uint32_t* out) {
+  if (high) {
+    const uint16_t* next = low + stride;
+    for (int64_t c = 0; c < count; ++c) {
+      out[c] = static_cast<uint32_t>(low[c]) | (static_cast<uint32_t>(next[c]) << 16);
+    }
+  } else {
+    for (int64_t c = 0; c < count; ++c) out[c] = low[c];
+  }
+}
+
+}  // namespace
+
 Bf16Weight::Bf16Weight(FromTransposed, const uint16_t* w, int64_t n_rows, int64_t k,
                        int64_t depth_stride, Bf16Product kind, bool parallel)
     : Bf16Weight(n_rows, k, kind) {
   const auto fill = [&](uint32_t* out, int64_t first, int64_t columns, int64_t depth) {
     const uint16_t* low = w + depth * depth_stride + first;
-    if (columns == kColBlock && depth + 1 < k) {
-      const uint16_t* high = low + depth_stride;
-      for (int64_t c = 0; c < kColBlock; ++c) {
-        out[c] = static_cast<uint32_t>(low[c]) | (static_cast<uint32_t>(high[c]) << 16);
-      }
+    if (columns == kColBlock) {  // a whole block: a constant count, vectorised
+      interleave_pairs(low, depth_stride, depth + 1 < k, kColBlock, out);
     } else {
-      for (int64_t c = 0; c < columns; ++c) {
-        const uint32_t high = depth + 1 < k ? low[c + depth_stride] : 0;
-        out[c] = static_cast<uint32_t>(low[c]) | (high << 16);
-      }
+      interleave_pairs(low, depth_stride, depth + 1 < k, columns, out);
     }
   };
   const int64_t blocks = n_pad_ / kColBlock;
@@ -421,16 +434,8 @@ void bf16_mm_packing_b(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64
         const int64_t row0 = chunk * kChunk, rows = std::min(kChunk, m - row0);
         if (pair_major) {
           for (int64_t p = 0; 2 * p < depth; ++p) {
-            const uint16_t* low = a_span + row0 + 2 * p * a_col;
-            uint32_t* pairs = a_pairs.get() + p * kPairStride;
-            if (2 * p + 1 < depth) {
-              const uint16_t* high = low + a_col;
-              for (int64_t i = 0; i < rows; ++i) {
-                pairs[i] = static_cast<uint32_t>(low[i]) | (static_cast<uint32_t>(high[i]) << 16);
-              }
-            } else {
-              for (int64_t i = 0; i < rows; ++i) pairs[i] = low[i];
-            }
+            interleave_pairs(a_span + row0 + 2 * p * a_col, a_col, 2 * p + 1 < depth, rows,
+                             a_pairs.get() + p * kPairStride);
           }
           weight.multiply_pairs(rows, products.get(), n_pad, a_pairs.get(), kPairStride);
         } else if (a_col == 1) {
@@ -477,7 +482,7 @@ inline float bf16_value(uint16_t bits) {
   return value;
 }
 
-// 16 bf16 values from `bits` (the first `count`, the rest 0) as fp32.
+// 16 bf16 values from `bits` as fp32 (the lanes outside `lanes` 0, not read).
 inline __m512 bf16_vector(const uint16_t* bits, __mmask16 lanes) {
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, bits));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));

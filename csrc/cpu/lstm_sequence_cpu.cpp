@@ -361,8 +361,8 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
            chunk.row0 + Bf16Weight::round_up(chunk.rows, Bf16Weight::kRowBlock) <=
                a.offsets_end();
   };
-  bool copies = false;
-  for (const StepChunk& chunk : chunks) copies = copies || (chunked && !in_place(chunk));
+  const bool copies =
+      chunked && !std::all_of(chunks.begin(), chunks.end(), in_place);
   AlignedBuffer<uint16_t> chunk_input =
       copies ? aligned_zeros<uint16_t>(Bf16Weight::round_up(chunk_rows, Bf16Weight::kRowBlock) *
                                        input_depth)
