@@ -182,7 +182,8 @@ def markdown(rep):
     lines += ["", f"Benchmark: {m.get('forward_mode', '')}; {m.get('timing', '')}. Median ms; "
               "(x) = nn.LSTM time / ours, > 1: ours faster. per-step = ours with the persistent "
               "kernels off, direct = the per-step path with raw-pointer cuBLAS calls, persistent "
-              "= on (`declined`: they do not take the row). TF32 `off` "
+              "= on, with the direct calls (16-bit rows: the tensor-core kernels; `declined`: "
+              "they do not take the row). TF32 `off` "
               "is the headline for fp32 (both sides), `on` the second measurement. host = "
               f"{m.get('host_time', '')}. path = the default dispatch (forward / backward).", ""]
     head = ("| T | B | I | H | L | bi | proj | dtype | tf32 | nn.LSTM fwd | per-step fwd | "

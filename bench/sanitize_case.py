@@ -10,7 +10,9 @@ clip modes off / element-wise / norm, with and without gradient-flow telemetry (
 single-block reduction kernels); a step with more vectors than the reduction block has
 threads (a reduction over several blocks); a 16-bit input (computed in float32 by the driver);
 and with the persistent kernels
-switched on, float32 layers that take them (one cooperative launch per direction and pass).
+switched on, float32 layers that take them (one cooperative launch per direction and pass),
+and bfloat16 / float16 layers that take their tensor-core kernels (with the direct path's
+16-bit GEMM mode on too).
 `--small`: one case of each kernel family only (the per-step kernels with the two-stage
 reduction of norm clipping and telemetry, the packed scalar path, one persistent launch per
 pass), for the slower tools (synccheck, initcheck).
@@ -107,13 +109,27 @@ def main() -> int:
             dict(dtype=torch.float32, T=4, B=3, I=5, H=8),
             dict(dtype=torch.float32, T=2, B=20, I=4, H=40),
         ]
-    old = torch.ops.lstm_fused.set_cuda_persistent(True)
+    # The tensor-core persistent kernels: 16-bit layers in the 16-bit GEMM mode (the direct
+    # path's switch), scalar and vector staging.
+    sixteen = [
+        dict(dtype=torch.bfloat16, T=3, B=3, I=3, H=7, bidirectional=True, lengths=[3, 2, 2, 1]),
+    ]
+    if not small:
+        sixteen.append(dict(dtype=torch.float16, T=2, B=20, I=4, H=40))
+    ops = torch.ops.lstm_fused
+    old = ops.set_cuda_persistent(True)
     try:
         for k, case in enumerate(persistent):
             layer_case(dev, **case, seed=100 + k)
+        old_direct = ops.set_cuda_direct_gemm(True)
+        try:
+            for k, case in enumerate(sixteen):
+                layer_case(dev, **case, seed=200 + k)
+        finally:
+            ops.set_cuda_direct_gemm(old_direct)
     finally:
-        torch.ops.lstm_fused.set_cuda_persistent(old)
-    cases += persistent
+        ops.set_cuda_persistent(old)
+    cases += persistent + sixteen
     # the module path once (two layers, bidirectional, projection, packed)
     torch.manual_seed(0)
     m = lstm_fused.LSTM(5, 8, num_layers=2, bidirectional=True, proj_size=4).to(dev)

@@ -209,7 +209,7 @@ template <typename T>
 struct ForwardSequenceArgs : SequenceShape {
   T* gates;                    // [N, 4H] in: input projection x W_ih^T; out: activations
                                // (not written when cells is null; null itself when also
-                               // out only: input_bf16)
+                               // out only: input_16bit)
   const T* bias;               // [4H] b_ih + b_hh, added to the pre-activations; may be null
   const T* w_hh;               // [4H, H]
   const T* h0;                 // [B, H]
@@ -220,19 +220,22 @@ struct ForwardSequenceArgs : SequenceShape {
   T* output;                   // [N, >=H] out: h[t], row stride output_stride (or null:
                                // output_16bit)
   int64_t output_stride;
-  // The 16-bit GEMM mode (a bfloat16 layer on the CPU; ops.cpp gemm_operands_16bit): W_hh and
-  // h0 as bfloat16 bits in place of w_hh, and h[t] rounded to bfloat16 before it multiplies
-  // W_hh. With input_bf16 the kernel computes the input projection too, step by step with
-  // the recurrent product ([x[t], h[t-1]] [W_ih, W_hh]^T), and `gates` is out only; it may
-  // decline that (returning false, nothing written) when the projection is better done as one
-  // large GEMM, and the driver then calls again with the projection in `gates` and input_bf16
-  // null (in inference the CPU's computes it a chunk of steps at a time instead, see
-  // lstm_sequence_cpu.cpp). Kernels without the mode decline it.
-  const uint16_t* w_hh_bf16 = nullptr;  // [4H, H]
-  const uint16_t* h0_bf16 = nullptr;    // [B, H]
-  const uint16_t* input_bf16 = nullptr;  // [N, input_size] x
-  const uint16_t* w_ih_bf16 = nullptr;   // [4H, input_size]
+  // The 16-bit GEMM mode (ops.cpp gemm_operands_16bit: a bfloat16 layer on the CPU, bfloat16
+  // or float16 on CUDA's direct path): W_hh and h0 as 16-bit bits of format_16bit in place of
+  // w_hh, and h[t] rounded to 16 bits before it multiplies W_hh (the CUDA kernels round it as
+  // they stage it, from `output`; the CPU's start from h0_16bit and keep their own copy).
+  // With input_16bit the kernel computes the input projection too, step by step with the
+  // recurrent product ([x[t], h[t-1]] [W_ih, W_hh]^T), and `gates` is out only; it may decline
+  // that (returning false, nothing written) when the projection is better done as one large
+  // GEMM, and the driver then calls again with the projection in `gates` and input_16bit null
+  // (in inference the CPU's computes it a chunk of steps at a time instead, see
+  // lstm_sequence_cpu.cpp; CUDA's always decline it). Kernels without the mode decline it.
+  const uint16_t* w_hh_16bit = nullptr;  // [4H, H]
+  const uint16_t* h0_16bit = nullptr;    // [B, H]
+  const uint16_t* input_16bit = nullptr;  // [N, input_size] x
+  const uint16_t* w_ih_16bit = nullptr;   // [4H, input_size]
   int64_t input_size = 0;
+  Bits16 format_16bit = Bits16::kBFloat16;  // of the four above (the CPU's take bfloat16 only)
   // A 16-bit layer (bfloat16 in the mode, or float16/bfloat16 on fp32 GEMMs; only where
   // StepKernels::forward_sequence_output_16bit): h[t] rounded to output_format here (row
   // stride output_stride) in place of `output` (then null), the layer's output as the driver
@@ -262,11 +265,13 @@ struct BackwardSequenceArgs : SequenceShape {
   // [steps, 2] out, may be null (then no telemetry): per step t, the sums over its rows of
   // dL/dc[t]^2 and dL/dh[t]^2. Only set for kernels with StepKernels::backward_sequence_flow.
   T* sum_squares = nullptr;
-  // The 16-bit GEMM mode (ForwardSequenceArgs::w_hh_bf16): W_hh as bfloat16 bits in place of
-  // w_hh, and dG[t] rounded to bfloat16 (the operand of dL/dh[t-1] and of the driver's weight
-  // GEMMs) into dgates_bf16 [N, 4H] in place of dgates (null). Kernels without it decline.
-  const uint16_t* w_hh_bf16 = nullptr;
-  uint16_t* dgates_bf16 = nullptr;
+  // The 16-bit GEMM mode (ForwardSequenceArgs::w_hh_16bit): W_hh as 16-bit bits of
+  // format_16bit in place of w_hh, and dG[t] rounded to 16 bits (the operand of dL/dh[t-1] and
+  // of the driver's weight GEMMs) into dgates_16bit [N, 4H] in place of dgates (null). Kernels
+  // without it decline.
+  const uint16_t* w_hh_16bit = nullptr;
+  uint16_t* dgates_16bit = nullptr;
+  Bits16 format_16bit = Bits16::kBFloat16;  // (the CPU's take bfloat16 only)
 };
 
 // A GEMM in BLAS's column-major convention, as cuBLAS and Fortran BLAS define it:

@@ -474,17 +474,16 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
   // The 16-bit GEMM mode (gemm_operands_16bit): x2d, W_ih, W_hh and h0_16bit are 16-bit.
   const bool low = h0_16bit.defined();
   const MixedColumnMajorGemm gemm_16bit = kernels.gemm_16bit;
-  // The sequence kernels run the plain cell only (in the 16-bit mode: bfloat16 where the
-  // device's kernel has the mode, ForwardSequenceArgs::w_hh_bf16; float16 takes the step loop).
+  // The sequence kernels run the plain cell only (in the 16-bit mode where the device's kernel
+  // has it, ForwardSequenceArgs::w_hh_16bit; else it declines and the step loop runs).
   const bool try_sequence = !has_proj && !opts.has_variants() && kernels.forward_sequence &&
-                            sequence_kernels_on(kernels, layout) &&
-                            (!low || x2d.scalar_type() == at::kBFloat16);
+                            sequence_kernels_on(kernels, layout);
   const at::Tensor bias = p.b_ih.defined() ? p.b_ih + p.b_hh : at::Tensor();
   // Inference (LayerOptions::inference: gates and cells undefined): this direction's work
   // buffers, freed with it. c[t] is not kept where the kernels allow it (StepKernels::
   // forward_unsaved, the plain cell), and then no (N, 4H) input projection either: the
   // sequence kernel computes it itself, a chunk of steps at a time (ForwardSequenceArgs::input,
-  // input_bf16), and the step loop a chunk at a time into a buffer of the chunk's size
+  // input_16bit), and the step loop a chunk at a time into a buffer of the chunk's size
   // (StepKernels::inference_chunk_bytes; not with layer norm, whose products are whole).
   const bool inference = !gates.defined();
   const auto options = p.w_hh.options().dtype(c10::CppTypeToScalarType<T>::value);
@@ -539,17 +538,18 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     static_cast<SequenceShape&>(args) = walk;
     args.gates = gates.defined() ? gates.data_ptr<T>() : nullptr;
     args.bias = bias.defined() ? bias.data_ptr<T>() : nullptr;
-    const at::Tensor w_hh = p.w_hh.contiguous(), h0_bf16 = low ? h0_16bit.contiguous() : h0_16bit;
+    const at::Tensor w_hh = p.w_hh.contiguous();
+    const at::Tensor h0_operand = low ? h0_16bit.contiguous() : h0_16bit;
     const at::Tensor w_ih = project_inside ? p.w_ih.contiguous() : at::Tensor();
     args.input_size = sz.input_size;
     if (low) {
-      TORCH_INTERNAL_ASSERT(w_hh.scalar_type() == at::kBFloat16 &&
-                            x2d.scalar_type() == at::kBFloat16 && x2d.is_contiguous());
+      TORCH_INTERNAL_ASSERT(w_hh.scalar_type() == x2d.scalar_type() && x2d.is_contiguous());
       args.w_hh = nullptr;
-      args.w_hh_bf16 = static_cast<const uint16_t*>(w_hh.const_data_ptr());
-      args.h0_bf16 = static_cast<const uint16_t*>(h0_bf16.const_data_ptr());
-      args.input_bf16 = static_cast<const uint16_t*>(x2d.const_data_ptr());
-      args.w_ih_bf16 = static_cast<const uint16_t*>(w_ih.const_data_ptr());
+      args.w_hh_16bit = static_cast<const uint16_t*>(w_hh.const_data_ptr());
+      args.h0_16bit = static_cast<const uint16_t*>(h0_operand.const_data_ptr());
+      args.input_16bit = static_cast<const uint16_t*>(x2d.const_data_ptr());
+      args.w_ih_16bit = static_cast<const uint16_t*>(w_ih.const_data_ptr());
+      args.format_16bit = bits16_of(x2d.scalar_type());
     } else {
       args.w_hh = w_hh.data_ptr<T>();
       if (project_inside) {
@@ -575,8 +575,8 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
       if (!gates.defined()) gates = at::empty({N, 4 * H}, options);
       project(gates, 0, N);
       args.gates = gates.data_ptr<T>();
-      args.input_bf16 = nullptr;
-      args.w_ih_bf16 = nullptr;
+      args.input_16bit = nullptr;
+      args.w_ih_16bit = nullptr;
       args.input = nullptr;
       args.w_ih = nullptr;
       if (kernels.forward_sequence(args)) return;
@@ -989,8 +989,7 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
     bool looped = false;
     if (!has_proj && clip_mode == kClipOff && !opts.has_variants() &&
         step_kernels.backward_sequence && sequence_kernels_on(step_kernels, layout) &&
-        (!record_flow || step_kernels.backward_sequence_flow) &&
-        (!low || operands == at::kBFloat16)) {
+        (!record_flow || step_kernels.backward_sequence_flow)) {
       BackwardSequenceArgs<T> args;
       static_cast<SequenceShape&>(args) = walk;
       args.gates = gates_d.data_ptr<T>();
@@ -1002,11 +1001,12 @@ backward_impl(const std::optional<at::Tensor>& grad_output,
       args.dhidden = dh.data_ptr<T>();
       args.dcell = dc.data_ptr<T>();
       if (low) {
-        TORCH_INTERNAL_ASSERT(w_hh.scalar_type() == at::kBFloat16);
+        TORCH_INTERNAL_ASSERT(w_hh.scalar_type() == operands);
         args.w_hh = nullptr;
         args.dgates = nullptr;
-        args.w_hh_bf16 = static_cast<const uint16_t*>(w_hh.const_data_ptr());
-        args.dgates_bf16 = static_cast<uint16_t*>(dgates_16bit.data_ptr());
+        args.w_hh_16bit = static_cast<const uint16_t*>(w_hh.const_data_ptr());
+        args.dgates_16bit = static_cast<uint16_t*>(dgates_16bit.data_ptr());
+        args.format_16bit = format_16bit;
       } else {
         args.w_hh = w_hh.data_ptr<T>();
         args.dgates = dgates.data_ptr<T>();

@@ -10,8 +10,9 @@
 //                                                             forward declines, backward declines]
 //   lstm_fused::persistent_plan(int hidden, int batch, int sm_count, int smem_per_block,
 //                               int max_blocks_per_sm, bool backward=False,
-//                               bool policy=False) -> int[]
-//   lstm_fused::cuda_persistent_would_launch(int hidden, int batch, bool backward) -> bool
+//                               bool policy=False, int operand_bytes=4) -> int[]
+//   lstm_fused::cuda_persistent_would_launch(int hidden, int batch, bool backward,
+//                                            bool operands_16bit=False) -> bool
 //                                                             (CUDA builds; current device)
 //   lstm_fused::persistent_steps(int[] batch_sizes, bool reverse, bool backward) -> int[]
 //
@@ -51,11 +52,14 @@ std::atomic<int64_t> backward_declines{0};
 
 std::vector<int64_t> plan_op(int64_t hidden, int64_t batch, int64_t sm_count,
                              int64_t smem_per_block, int64_t max_blocks_per_sm, bool backward,
-                             bool policy) {
+                             bool policy, int64_t operand_bytes) {
+  TORCH_CHECK(operand_bytes == 4 || operand_bytes == 2,
+              "persistent_plan: operand_bytes must be 4 (float32) or 2 (16-bit), got ",
+              operand_bytes);
   return plan_fields(policy ? launch_plan(backward, hidden, batch, sm_count, smem_per_block,
-                                          max_blocks_per_sm)
+                                          max_blocks_per_sm, operand_bytes)
                             : plan(backward, hidden, batch, sm_count, smem_per_block,
-                                   max_blocks_per_sm));
+                                   max_blocks_per_sm, operand_bytes));
 }
 
 std::vector<int64_t> steps_op(std::vector<int64_t> batch_sizes, bool reverse, bool backward) {
@@ -115,7 +119,8 @@ TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   });
   m.def(
       "persistent_plan(int hidden, int batch, int sm_count, int smem_per_block, "
-      "int max_blocks_per_sm, bool backward=False, bool policy=False) -> int[]",
+      "int max_blocks_per_sm, bool backward=False, bool policy=False, int operand_bytes=4) "
+      "-> int[]",
       &persistent::plan_op);
   m.def("persistent_steps(int[] batch_sizes, bool reverse, bool backward) -> int[]",
         &persistent::steps_op);

@@ -253,13 +253,16 @@ def test_16bit_against_float32(arch, dtype, persistent):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("kind", ["seq", "packed"])
-def test_16bit_mode_on_tensor_cores_matches_the_cpu_replay(dtype, kind):
+@pytest.mark.parametrize("path", ["direct", "persistent"])
+def test_16bit_mode_on_tensor_cores_matches_the_cpu_replay(dtype, kind, path):
     """The direct path's 16-bit GEMM mode (cublasGemmEx on 16-bit operands, fp32 accumulation;
     h[t] and dG[t] rounded by the gate kernels) against the same computation replayed on
     the CPU (lstm_fused::set_cpu_device_call_replay): the same rounding points, so the results
     differ only by the order of the fp32 sums (a unit in the last 16-bit place, rarely). On the
     CPU, MKL's AMX product against the replay differed by 0.0025 eps (relative norm), the fp32
-    GEMM mode against the 16-bit mode by 0.4 eps: 0.1 eps tells them apart."""
+    GEMM mode against the 16-bit mode by 0.4 eps: 0.1 eps tells them apart. `persistent`: the
+    same mode with the persistent kernels on, whose recurrent products run on mma.sync
+    (h[t-1] rounded as it is staged, dG[t] as it is written): every pass launches them."""
     rule = OPS.gemm_operands_16bit
     options = LayerOptions(bidirectional=True).to_list()
     x_probe = torch.zeros(2, 1, 3, device=CUDA, dtype=dtype)
@@ -270,7 +273,16 @@ def test_16bit_mode_on_tensor_cores_matches_the_cpu_replay(dtype, kind):
         assert rule(x_probe, options)
         torch.manual_seed(0)
         m = lstm_fused.LSTM(12, 40, num_layers=2, bidirectional=True, device=CUDA, dtype=dtype)
-        gpu = _run(m, KINDS[kind][0], KINDS[kind][2], CUDA, dtype)
+        OPS.set_cuda_persistent(path == "persistent")
+        with _Launches() as n:
+            gpu = _run(m, KINDS[kind][0], KINDS[kind][2], CUDA, dtype)
+        if path == "persistent":
+            assert all(OPS.cuda_persistent_would_launch(40, 5, backward, True)
+                       for backward in (False, True))
+            assert (n.forward, n.backward, n.declined) == (4, 4, (0, 0))  # 2 layers x 2 dirs
+        else:
+            assert (n.forward, n.backward) == (0, 0)
+        OPS.set_cuda_persistent(False)
         old_replay = OPS.set_cpu_device_call_replay(True)
         try:
             torch.manual_seed(0)

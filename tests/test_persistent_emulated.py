@@ -4,9 +4,12 @@ tests/emulation/persistent_emulator.cpp compiles the kernels' device code as C++
 CUDA emulation (one fiber per CUDA thread, real block and grid barriers, blocks and threads
 scheduled in three orders) and checks each case against a float64 reference of the driver's
 semantics: every output written, close to the reference, and the same bits in every
-scheduling order (a difference is a race between barriers). So the indexing, the barriers and
-the packed-sequence walk are tested without a GPU; what the emulation cannot show (timing,
-memory ordering of the real hardware, occupancy) is left to tests/test_cuda.py on a GPU.
+scheduling order (a difference is a race between barriers). Every case runs the float32
+kernels and the 16-bit (tensor-core) kernels in bfloat16 and float16, whose mma.sync the
+emulation computes from the lanes' fragments as the PTX ISA lays them out. So the indexing,
+the barriers and the packed-sequence walk are tested without a GPU; what the emulation cannot
+show (timing, memory ordering of the real hardware, occupancy, whether the hardware's fragment
+layout is the one both sides assume) is left to tests/test_cuda.py on a GPU.
 
 Needs a C++20 compiler (c++, g++ or clang++) and ucontext (Linux); skipped otherwise.
 """
@@ -25,9 +28,11 @@ def emulator():
         "lstm_steps.h"])
 
 
-# The cases of persistent_emulator.cpp (test_case_list_matches_the_binary keeps this in step).
-CASES = ["seq", "packed-reverse", "packed-forward", "odd-hidden", "batch-1", "batch-7", "batch-11", "row-edges",
-         "no-grad-output", "chunks", "wide-k-chunks", "big-batch"]
+# The cases of persistent_emulator.cpp (test_case_list_matches_the_binary keeps this in step):
+# each with float32 operands, then on the emulated tensor cores in bfloat16 and float16.
+BASE_CASES = ["seq", "packed-reverse", "packed-forward", "odd-hidden", "batch-1", "batch-7",
+              "batch-11", "row-edges", "no-grad-output", "chunks", "wide-k-chunks", "big-batch"]
+CASES = [name + suffix for name in BASE_CASES for suffix in ("", "-bf16", "-fp16")]
 
 
 def test_case_list_matches_the_binary(emulator):

@@ -1,7 +1,8 @@
 """Host-side arithmetic of the persistent CUDA kernels, on the CPU (every build has these ops).
 
 - `lstm_fused::persistent_plan`: units per block, blocks, warp tiles, K slices and chunks,
-  shared-memory layout, and whether it fits (csrc/cuda/persistent_plan.h);
+  shared-memory layout, and whether it fits (csrc/cuda/persistent_plan.h), for float32
+  operands and for the 16-bit ones of the tensor-core kernels (operand_bytes=2);
 - `lstm_fused::persistent_steps`: the kernels' walk over (packed) batch sizes;
 - `lstm_fused::set_cuda_persistent` / `cuda_persistent_enabled` / `cuda_persistent_stats`:
   the switch (off unless LSTM_FUSED_CUDA_PERSISTENT=1) and the launch counters.
@@ -22,7 +23,7 @@ ops = torch.ops.lstm_fused
 FIELDS = ["ok", "reason", "units", "blocks", "threads", "col_tiles", "row_tiles", "rows_chunk",
           "k_slices", "k_total", "k_chunk", "k_chunks", "w_rows", "w_pitch", "stage_pitch",
           "partial_cols", "region_floats", "state_floats", "stage_offset", "state_offset",
-          "smem_bytes"]
+          "smem_bytes", "operand_bytes"]
 REASONS = {0: "none", 1: "invalid size", 2: "column tiles", 3: "shared memory",
            4: "backward batch"}
 BACKWARD_MAX_BATCH = 128  # persistent_plan.h kBackwardMaxBatch
@@ -35,23 +36,28 @@ A100 = (108, 166912)
 SMALL = (4, 49152)
 
 
-def plan(hidden, batch, device=H100, backward=False, blocks_per_sm=1):
-    values = ops.persistent_plan(hidden, batch, device[0], device[1], blocks_per_sm, backward)
+def plan(hidden, batch, device=H100, backward=False, blocks_per_sm=1, operand_bytes=4):
+    values = ops.persistent_plan(hidden, batch, device[0], device[1], blocks_per_sm, backward,
+                                 operand_bytes=operand_bytes)
     assert len(values) == len(FIELDS)
     return dict(zip(FIELDS, values))
 
 
-def check_invariants(p, hidden, batch, device, backward, blocks_per_sm=1):
-    """Everything the kernels rely on, for a plan that fits."""
+def check_invariants(p, hidden, batch, device, backward, blocks_per_sm=1, operand_bytes=4):
+    """Everything the kernels rely on, for a plan that fits. Pitches count values of the
+    operands (floats, or 16-bit values); regions and offsets count floats."""
     sm_count, smem = device
     U, G = p["units"], p["blocks"]
     assert p["ok"] == 1 and p["reason"] == 0
+    assert p["operand_bytes"] == operand_bytes
+    granule = 4 if operand_bytes == 4 else 16  # K of one FMA vector / one mma.sync m16n8k16
+    per_float = 4 // operand_bytes
     assert p["threads"] == THREADS
     # every unit in exactly one block; the last block is not empty
     assert U >= 1 and G * U >= hidden and (G - 1) * U < hidden
     assert G <= sm_count * blocks_per_sm
     K = 4 * hidden if backward else hidden
-    k4 = -(-K // 4) * 4
+    k_padded = -(-K // granule) * granule
     assert p["k_total"] == K
     assert p["w_rows"] == (U if backward else 4 * U)
     assert p["col_tiles"] == -(-p["w_rows"] // TILE_COLS[backward])
@@ -61,15 +67,16 @@ def check_invariants(p, hidden, batch, device, backward, blocks_per_sm=1):
     assert p["row_tiles"] * p["col_tiles"] * p["k_slices"] <= WARPS
     assert p["rows_chunk"] == p["row_tiles"] * TILE_ROWS
     assert p["row_tiles"] <= max(1, -(-batch // TILE_ROWS))
-    # K chunks: multiples of 4 covering roundup(K, 4)
-    assert p["k_chunk"] % 4 == 0 and p["k_chunk"] >= 4
-    assert p["k_chunks"] * p["k_chunk"] >= k4 > (p["k_chunks"] - 1) * p["k_chunk"]
-    # pitches: room for the row, 16-byte rows, an odd number of 16-byte units
-    assert p["w_pitch"] >= k4 and p["w_pitch"] % 8 == 4
-    assert p["stage_pitch"] >= p["k_chunk"] and p["stage_pitch"] % 8 == 4
+    # K chunks: multiples of the granule covering roundup(K, granule)
+    assert p["k_chunk"] % granule == 0 and p["k_chunk"] >= granule
+    assert p["k_chunks"] * p["k_chunk"] >= k_padded > (p["k_chunks"] - 1) * p["k_chunk"]
+    # pitches: room for the row; rows of an odd number of 16-byte units (in floats: 4 mod 8)
+    for pitch, width in ((p["w_pitch"], k_padded), (p["stage_pitch"], p["k_chunk"])):
+        assert pitch >= width and pitch % per_float == 0
+        assert (pitch // per_float) % 8 == 4
     # the regions: W slice, staging buffer (also the partial sums), per-row state
-    assert p["stage_offset"] == p["w_rows"] * p["w_pitch"]
-    assert p["region_floats"] >= p["rows_chunk"] * p["stage_pitch"]
+    assert p["stage_offset"] == p["w_rows"] * p["w_pitch"] // per_float
+    assert p["region_floats"] >= p["rows_chunk"] * p["stage_pitch"] // per_float
     assert p["region_floats"] >= p["k_slices"] * p["rows_chunk"] * p["partial_cols"]
     assert p["state_offset"] == p["stage_offset"] + p["region_floats"]
     assert p["state_floats"] >= 2 * batch * U and p["state_floats"] % 4 == 0
@@ -83,14 +90,15 @@ HIDDEN = [1, 2, 3, 5, 8, 13, 16, 17, 31, 64, 100, 128, 255, 256, 257, 384, 512, 
 BATCH = [1, 2, 15, 16, 17, 64, 100, 512, 600, 4096]
 
 
+@pytest.mark.parametrize("operand_bytes", [4, 2], ids=["fp32", "16bit"])
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
 @pytest.mark.parametrize("device", [H100, A100, SMALL], ids=["h100", "a100", "small"])
-def test_invariants_over_a_sweep(device, backward):
+def test_invariants_over_a_sweep(device, backward, operand_bytes):
     fits = 0
     for hidden, batch in itertools.product(HIDDEN, BATCH):
-        p = plan(hidden, batch, device, backward)
+        p = plan(hidden, batch, device, backward, operand_bytes=operand_bytes)
         if p["ok"]:
-            check_invariants(p, hidden, batch, device, backward)
+            check_invariants(p, hidden, batch, device, backward, operand_bytes=operand_bytes)
             fits += 1
         else:
             assert REASONS[p["reason"]] in ("column tiles", "shared memory"), (hidden, batch, p)
@@ -120,6 +128,28 @@ def test_fits_and_does_not_fit(backward):
     # an A100 (108 SMs, 163 KB per block) holds about 17 MB: 1024 no longer fits
     assert plan(768, 16, A100, backward)["ok"]
     assert not plan(1024, 16, A100, backward)["ok"]
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+def test_16bit_operands_fit_a_larger_hidden_size(backward):
+    """16-bit W_hh (8 H^2 bytes): twice the float32 weights fit, H up to about 1800 on an H100
+    or H200 (132 SMs, 227 KB per block) at batch 16, against 1280 in float32."""
+    for hidden in (1536, 1792):
+        assert not plan(hidden, 16, backward=backward)["ok"], hidden
+        p = plan(hidden, 16, backward=backward, operand_bytes=2)
+        check_invariants(p, hidden, 16, H100, backward, operand_bytes=2)
+    p = plan(2048, 16, backward=backward, operand_bytes=2)
+    assert not p["ok"] and REASONS[p["reason"]] == "shared memory"
+    # the headline row: the same tiles as in float32, K in steps of 16
+    f32, f16 = plan(768, 16, backward=backward), plan(768, 16, backward=backward, operand_bytes=2)
+    for key in ("units", "blocks", "col_tiles", "row_tiles", "k_slices", "partial_cols"):
+        assert f32[key] == f16[key], key
+    assert f16["smem_bytes"] < f32["smem_bytes"]
+
+
+def test_operand_bytes_must_be_4_or_2():
+    with pytest.raises(RuntimeError, match="operand_bytes must be 4"):
+        ops.persistent_plan(16, 16, 132, 232448, 1, False, operand_bytes=8)
 
 
 @pytest.mark.parametrize("hidden", [999, 1000, 13, 257, 771])

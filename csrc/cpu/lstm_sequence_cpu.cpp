@@ -295,9 +295,9 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
   return true;
 }
 
-// The forward of a bfloat16 layer in the 16-bit GEMM mode (ForwardSequenceArgs::w_hh_bf16):
+// The forward of a bfloat16 layer in the 16-bit GEMM mode (ForwardSequenceArgs::w_hh_16bit):
 // the same slices, each computing its units' pre-activations of a step in one product on bf16
-// operands (bf16_product_cpu.h). The input projection (input_bf16) never goes through memory
+// operands (bf16_product_cpu.h). The input projection (input_16bit) never goes through memory
 // as an (N, 4H) fp32 array; it takes one of two forms:
 // - fused, while [W_ih, W_hh] of the widest slice stays in half the core's L2: each step's
 //   product is [x[t], h[t-1]] [W_ih, W_hh]^T (T100 B32 H128: 0.85x -> 1.0x of nn.LSTM in
@@ -324,8 +324,8 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
   const int64_t widest = widest_slice(bounds);
   const bool save = a.cells != nullptr;  // else inference: no gates or c[t] kept
   bool fused = false, chunked = false;
-  if (a.input_bf16 != nullptr) {
-    if (a.w_ih_bf16 == nullptr) return false;
+  if (a.input_16bit != nullptr) {
+    if (a.w_ih_16bit == nullptr) return false;
     fused = 4 * widest * (a.input_size + H) * 2 <= l2_cache_bytes() / 2;
     chunked = !fused && !save && a.input_size > 0;
     if (!fused && !chunked) return false;
@@ -341,7 +341,7 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
   AlignedBuffer<uint16_t> operands = aligned_zeros<uint16_t>(2 * padded_rows * depth);
   for (int64_t copy = 0; copy < 2; ++copy)
     for (int64_t r = 0; r < B; ++r)
-      std::memcpy(operands.get() + (copy * padded_rows + r) * depth + I, a.h0_bf16 + r * H,
+      std::memcpy(operands.get() + (copy * padded_rows + r) * depth + I, a.h0_16bit + r * H,
                   H * 2);
   // x[t] of the step at processing position s into the buffer it reads; rows r = part mod
   // parts of it (the threads share the copy).
@@ -349,7 +349,7 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
     const int64_t t = a.time(s);
     uint16_t* buffer = operands.get() + (s % 2) * padded_rows * depth;
     for (int64_t r = part; r < a.batch_sizes[t]; r += parts)
-      std::memcpy(buffer + r * depth, a.input_bf16 + (a.offsets[t] + r) * I, I * 2);
+      std::memcpy(buffer + r * depth, a.input_16bit + (a.offsets[t] + r) * I, I * 2);
   };
   if (a.steps > 0 && I > 0) copy_input(0, 0, 1);
   // In chunks: a chunk's rows of x, read where they lie when they are whole for the product
@@ -386,8 +386,8 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
       Bf16Weight::RowParts recurrent_rows{{}, {}, I}, input_rows{{}, {}, a.input_size};
       for (int64_t q = 0; q < 4; ++q) {
         for (int64_t j = j0; j < j0 + width; ++j) {
-          const uint16_t* input_row = a.w_ih_bf16 + (q * H + j) * a.input_size;
-          const uint16_t* hidden_row = a.w_hh_bf16 + (q * H + j) * H;
+          const uint16_t* input_row = a.w_ih_16bit + (q * H + j) * a.input_size;
+          const uint16_t* hidden_row = a.w_hh_16bit + (q * H + j) * H;
           recurrent_rows.first.push_back(input_row);
           recurrent_rows.second.push_back(hidden_row);
           input_rows.first.push_back(input_row);
@@ -407,11 +407,11 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
         // in place: no copy and no barrier (the copy was 3% of the samples at T50 B64 H512)
         const bool read_in_place = in_place(chunk);
         const uint16_t* chunk_x =
-            read_in_place ? a.input_bf16 + chunk.row0 * a.input_size : chunk_input.get();
+            read_in_place ? a.input_16bit + chunk.row0 * a.input_size : chunk_input.get();
         if (!read_in_place) {
           for (int64_t r = thread; r < chunk.rows; r += team) {
             std::memcpy(chunk_input.get() + r * input_depth,
-                        a.input_bf16 + (chunk.row0 + r) * a.input_size, a.input_size * 2);
+                        a.input_16bit + (chunk.row0 + r) * a.input_size, a.input_size * 2);
           }
 #pragma omp barrier
         }
@@ -475,7 +475,7 @@ bool forward_sequence_bf16(const ForwardSequenceArgs<float>& a) {
             if (a.output_16bit != nullptr) {
               std::memcpy(a.output_16bit + (offset + r) * ld + j0, next + r * depth + I + j0,
                           width * 2);
-              if (last_step[r] == t) {  // h_n (a.h0 is not read here: h0_bf16 is)
+              if (last_step[r] == t) {  // h_n (a.h0 is not read here: h0_16bit is)
                 std::memcpy(a.hidden_state + r * H + j0, h_row + j0, width * sizeof(float));
               }
             }
@@ -538,10 +538,10 @@ bool backward_sequence_impl(const BackwardSequenceArgs<T>& a) {
 }
 
 // The backward of a bfloat16 layer in the 16-bit GEMM mode (BackwardSequenceArgs::
-// w_hh_bf16): as backward_sequence_impl, with dG[t] rounded to bfloat16 as it is produced, and
+// w_hh_16bit): as backward_sequence_impl, with dG[t] rounded to bfloat16 as it is produced, and
 // dL/dh[t-1] of a slice's units = dG[t] W_hh[:, units] on bf16 operands. The step's bf16 dG
 // alternates between two padded copies (a slice's product may still read step t's while the
-// others write step t-1's), and goes to dgates_bf16 for the driver's weight GEMMs.
+// others write step t-1's), and goes to dgates_16bit for the driver's weight GEMMs.
 template <bool kSums>
 bool backward_sequence_bf16(const BackwardSequenceArgs<float>& a) {
   const Bf16Product kind = bf16_product_kind();
@@ -564,7 +564,7 @@ bool backward_sequence_bf16(const BackwardSequenceArgs<float>& a) {
     const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
     for (int64_t k = thread; k < slices; k += team) {
       weights[k] = std::make_unique<Bf16Weight>(Bf16Weight::FromTransposed{},
-                                                a.w_hh_bf16 + bounds[k], bounds[k + 1] - bounds[k],
+                                                a.w_hh_16bit + bounds[k], bounds[k + 1] - bounds[k],
                                                 4 * H, /*depth_stride=*/H, kind);
       products[k] = aligned_zeros<float>(padded_rows * weights[k]->padded_cols());
     }
@@ -582,7 +582,7 @@ bool backward_sequence_bf16(const BackwardSequenceArgs<float>& a) {
             uint16_t* rounded = step_16bit + r * depth + q * H + j0;
             at::vec::convert(dgates_row + q * H + j0, reinterpret_cast<c10::BFloat16*>(rounded),
                              width);
-            std::memcpy(a.dgates_bf16 + (offset + r) * 4 * H + q * H + j0, rounded, width * 2);
+            std::memcpy(a.dgates_16bit + (offset + r) * 4 * H + q * H + j0, rounded, width * 2);
           }
         }
         if (s > 0) prefetch_backward_step(a, a.time(s - 1), j0, j1);
@@ -609,21 +609,24 @@ bool backward_sequence_bf16(const BackwardSequenceArgs<float>& a) {
 template <typename T>
 bool forward_sequence(const ForwardSequenceArgs<T>& args) {
   if constexpr (std::is_same_v<T, float>) {
-    if (args.w_hh_bf16 != nullptr) return forward_sequence_bf16(args);
+    // (the CPU's 16-bit mode is bfloat16's: float16 layers run on fp32 GEMMs, ops.cpp)
+    if (args.w_hh_16bit != nullptr && args.format_16bit == Bits16::kBFloat16) {
+      return forward_sequence_bf16(args);
+    }
   }
-  if (args.w_hh_bf16 != nullptr) return false;
+  if (args.w_hh_16bit != nullptr) return false;
   return forward_sequence_impl(args);
 }
 
 template <typename T>
 bool backward_sequence(const BackwardSequenceArgs<T>& args) {
   if constexpr (std::is_same_v<T, float>) {
-    if (args.w_hh_bf16 != nullptr) {
+    if (args.w_hh_16bit != nullptr && args.format_16bit == Bits16::kBFloat16) {
       return args.sum_squares ? backward_sequence_bf16<true>(args)
                               : backward_sequence_bf16<false>(args);
     }
   }
-  if (args.w_hh_bf16 != nullptr) return false;
+  if (args.w_hh_16bit != nullptr) return false;
   return args.sum_squares ? backward_sequence_impl<T, true>(args)
                           : backward_sequence_impl<T, false>(args);
 }

@@ -1,6 +1,8 @@
 // CUDA kernels, stage 2: persistent recurrent kernels, host side. One cooperative launch runs
-// all T steps of one direction (forward), or its whole reverse-time loop (backward), float32
-// only. The kernels and their design are in lstm_persistent_kernels.cuh; the partition
+// all T steps of one direction (forward), or its whole reverse-time loop (backward): float32
+// layers on fp32 FMA, and bfloat16 / float16 layers in the 16-bit GEMM mode on the tensor
+// cores (from compute capability 8.0). The kernels and their design are in
+// lstm_persistent_kernels.cuh; the partition
 // arithmetic (units per block, shared-memory layout, chunking) and the step walker over packed
 // batch sizes in persistent_plan.h, tested on the CPU.
 //
@@ -32,23 +34,31 @@ namespace {
 
 constexpr int kMaxDevices = 64;
 
+// The kernel of a pass and operand kind, and the bytes of its operands (persistent::plan).
+template <Operand kOp>
+constexpr int64_t operand_bytes() {
+  return kOp == Operand::kFloat32 ? 4 : 2;
+}
+
 // The plan for this device, or ok = false: persistent::launch_plan (geometry and speed policy),
-// then what only the device can say (cooperative launch, the shared-memory opt-in, occupancy).
-// Clears any error a failed query left behind, so that a decline leaves no trace for the next
-// launch check.
-template <typename Kernel>
-persistent::Plan plan_launch(Kernel kernel, bool backward, int64_t hidden, int64_t batch) {
+// then what only the device can say (cooperative launch, tensor cores for 16-bit operands, the
+// shared-memory opt-in, occupancy). Clears any error a failed query left behind, so that a
+// decline leaves no trace for the next launch check.
+template <auto kernel, Operand kOp>
+persistent::Plan plan_launch(bool backward, int64_t hidden, int64_t batch) {
   persistent::Plan none;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   if (!prop->cooperativeLaunch) return none;
+  if (kOp != Operand::kFloat32 && prop->major < 8) return none;  // mma.sync m16n8k16: sm_80
   persistent::Plan plan = persistent::launch_plan(
       backward, hidden, batch, prop->multiProcessorCount,
-      static_cast<int64_t>(prop->sharedMemPerBlockOptin), /*blocks per SM=*/1);
+      static_cast<int64_t>(prop->sharedMemPerBlockOptin), /*blocks per SM=*/1,
+      operand_bytes<kOp>());
   if (!plan.ok) return none;
   // Allow the largest size the device offers, once per device and kernel (the same value
   // from every thread, so threads that launch with different sizes do not race; and no
   // attribute call while a CUDA graph is being captured, after a first eager call).
-  static std::array<std::atomic<bool>, kMaxDevices> ready{};  // one per instantiation (kernel)
+  static std::array<std::atomic<bool>, kMaxDevices> ready{};  // one per kernel (instantiation)
   const int device = at::cuda::current_device();
   std::atomic<bool>* flag = device < kMaxDevices ? &ready[device] : nullptr;
   if (flag == nullptr || !flag->load(std::memory_order_acquire)) {
@@ -112,13 +122,13 @@ bool usable(const SequenceShape& shape) {
 // Plans, fills the kernel parameters and launches one direction's persistent kernel; false
 // (nothing launched) where it declines.
 // With the switch on, every decline is counted (lstm_fused::cuda_persistent_stats).
-template <typename Params, typename Args, typename Kernel, typename Fill>
-bool run_sequence(const Args& a, Kernel kernel, bool backward, Fill fill) {
+template <auto kernel, Operand kOp, typename Params, typename Args, typename Fill>
+bool run_sequence(const Args& a, bool backward, Fill fill) {
   if (!persistent::enabled()) return false;
   Params p;
   bool launched = false;
   if (usable(a) && persistent::make_segments(a, p.segments)) {
-    const persistent::Plan plan = plan_launch(kernel, backward, a.hidden, a.batch);
+    const persistent::Plan plan = plan_launch<kernel, kOp>(backward, a.hidden, a.batch);
     if (plan.ok) {
       fill(a, plan, p);
       launched = launch(kernel, p, plan, backward);
@@ -128,33 +138,55 @@ bool run_sequence(const Args& a, Kernel kernel, bool backward, Fill fill) {
   return launched;
 }
 
+template <Operand kOp>
+bool forward_as(const ForwardSequenceArgs<float>& a) {
+  return run_sequence<persistent_forward_kernel<kOp>, kOp, ForwardParams>(
+      a, /*backward=*/false, fill_forward_params);
+}
+
+template <Operand kOp>
+bool backward_as(const BackwardSequenceArgs<float>& a) {
+  return run_sequence<persistent_backward_kernel<kOp>, kOp, BackwardParams>(
+      a, /*backward=*/true, fill_backward_params);
+}
+
 bool persistent_forward_sequence(const ForwardSequenceArgs<float>& a) {
-  // the 16-bit GEMM mode, the projection inside the kernel and the 16-bit output are the
-  // CPU's only
-  if (a.w_hh_bf16 != nullptr || a.input != nullptr || a.output_16bit != nullptr) return false;
-  return run_sequence<ForwardParams>(a, persistent_forward_kernel, /*backward=*/false,
-                                     fill_forward_params);
+  // the projection inside the kernel and the 16-bit output are the CPU's only (the driver
+  // then projects with one GEMM and calls again; not counted as a decline)
+  if (a.input != nullptr || a.input_16bit != nullptr || a.output_16bit != nullptr) return false;
+  if (a.w_hh_16bit == nullptr) return forward_as<Operand::kFloat32>(a);
+  return a.format_16bit == Bits16::kBFloat16 ? forward_as<Operand::kBFloat16>(a)
+                                              : forward_as<Operand::kFloat16>(a);
 }
 
 bool persistent_backward_sequence(const BackwardSequenceArgs<float>& a) {
-  if (a.w_hh_bf16 != nullptr) return false;  // the 16-bit GEMM mode is the CPU's only
-  return run_sequence<BackwardParams>(a, persistent_backward_kernel, /*backward=*/true,
-                                      fill_backward_params);
+  if (a.w_hh_16bit == nullptr) return backward_as<Operand::kFloat32>(a);
+  return a.format_16bit == Bits16::kBFloat16 ? backward_as<Operand::kBFloat16>(a)
+                                              : backward_as<Operand::kFloat16>(a);
 }
 
-bool persistent_would_launch(bool backward, int64_t hidden, int64_t batch) {
-  return (backward ? plan_launch(persistent_backward_kernel, true, hidden, batch)
-                   : plan_launch(persistent_forward_kernel, false, hidden, batch))
+template <Operand kOp>
+bool would_launch_as(bool backward, int64_t hidden, int64_t batch) {
+  return (backward ? plan_launch<persistent_backward_kernel<kOp>, kOp>(true, hidden, batch)
+                   : plan_launch<persistent_forward_kernel<kOp>, kOp>(false, hidden, batch))
       .ok;
+}
+
+bool persistent_would_launch(bool backward, int64_t hidden, int64_t batch, bool operands_16bit) {
+  // (bfloat16 and float16 share the plan and the device checks; one kernel's occupancy)
+  return operands_16bit ? would_launch_as<Operand::kBFloat16>(backward, hidden, batch)
+                        : would_launch_as<Operand::kFloat32>(backward, hidden, batch);
 }
 
 }  // namespace cuda
 
 TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
-  m.def("cuda_persistent_would_launch(int hidden, int batch, bool backward) -> bool",
-        [](int64_t hidden, int64_t batch, bool backward) {
-          return cuda::persistent_would_launch(backward, hidden, batch);
-        });
+  m.def(
+      "cuda_persistent_would_launch(int hidden, int batch, bool backward, "
+      "bool operands_16bit=False) -> bool",
+      [](int64_t hidden, int64_t batch, bool backward, bool operands_16bit) {
+        return cuda::persistent_would_launch(backward, hidden, batch, operands_16bit);
+      });
 }
 
 }  // namespace lstm_fused

@@ -9,23 +9,37 @@
 //   forward   the 4U rows of W_hh of its gates (4U x H)
 //   backward  the U columns of W_hh of its units (U x 4H, stored transposed)
 // Per step the block stages the operand every block needs (h[t-1], or dG[t]) from global
-// memory (L2) into shared memory, multiplies it with its slice (exact fp32 FMA, warp tiles of
-// registers, K split over warps, partial sums added in a fixed order: deterministic), and runs
-// the gate math of lstm_cell.h on its units in the epilogue; the per-row state (c and h_n, or
+// memory (L2) into shared memory, multiplies it with its slice (warp tiles of registers, K
+// split over warps, partial sums added in a fixed order: deterministic), and runs the gate
+// math of lstm_cell.h on its units in the epilogue; the per-row state (c and h_n, or
 // dh and dc) stays in shared memory. A grid-wide barrier (cooperative groups) per step
 // publishes h[t] (forward, through `output`) or dG[t] (backward, through `dgates`); reads of
-// data written by other blocks during the launch bypass L1 (__ldcg). No warp-level intrinsics:
-// every cross-thread exchange goes through shared memory between block barriers.
+// data written by other blocks during the launch bypass L1 (__ldcg). Every cross-thread
+// exchange goes through shared memory between block barriers.
+//
+// The product comes in two kinds (Operand, a template flag of both kernels):
+//   float32    exact fp32 FMA on float32 operands;
+//   16-bit     the 16-bit GEMM mode of a bfloat16 / float16 layer (ops.cpp
+//              gemm_operands_16bit): the W_hh slice and the staged rows are 16-bit in shared
+//              memory (half the bytes: a larger H fits) and multiply on the tensor cores,
+//              mma.sync m16n8k16 with fp32 accumulators (sm_80 and later). The forward rounds
+//              h[t-1] to 16 bits as it stages it (the per-step path's hidden_16bit: the same
+//              rounding, bits16.h); the backward writes dG[t] in 16 bits (dgates_16bit, the
+//              driver's weight GEMMs read it) and stages those. Gates, cells and the state
+//              stay fp32.
 //
 // Shared memory of a block (float offsets from persistent::Plan):
-//   [0, stage_offset)              W_hh slice, w_rows x w_pitch
-//   [stage_offset, state_offset)   staged operand rows (rows_chunk x stage_pitch), reused for
-//                                  the warps' partial sums (k_slices x rows_chunk x partial_cols)
+//   [0, stage_offset)              W_hh slice, w_rows x w_pitch values (float32 or 16-bit)
+//   [stage_offset, state_offset)   staged operand rows (rows_chunk x stage_pitch values),
+//                                  reused for the warps' partial sums (k_slices x rows_chunk
+//                                  x partial_cols floats)
 //   [state_offset, ...)            per-row state, 2 x B x U
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
+#include "../bits16.h"
 #include "../lstm_cell.h"
 #include "../lstm_steps.h"
 #include "persistent_plan.h"
@@ -49,16 +63,30 @@ __device__ __forceinline__ float* dynamic_smem() {
 
 using persistent::BackwardTile;
 using persistent::ForwardTile;
+using persistent::kMmaK;
 using persistent::kThreads;
 using persistent::kWarps;
 using persistent::StepInfo;
 using persistent::StepSegments;
 
+// The kind of the recurrent product (see the top of the file).
+enum class Operand { kFloat32, kBFloat16, kFloat16 };
+
+// What the W_hh slice and the staged rows hold in shared memory: floats, or 16-bit bits.
+template <Operand kOp>
+using OperandValue = std::conditional_t<kOp == Operand::kFloat32, float, uint16_t>;
+
+template <Operand kOp>
+constexpr Bits16 format_of() {
+  return kOp == Operand::kFloat16 ? Bits16::kFloat16 : Bits16::kBFloat16;
+}
+
 // The plan's numbers the kernels need (int: shared-memory sizes and tile counts are small).
 struct DevicePlan {
   int units, w_rows, w_pitch;
   int col_tiles, row_tiles, rows_chunk, k_slices;
-  int k4, k_chunk, stage_pitch, partial_cols;
+  int k_padded;  // K rounded up to the product's granule (4, or kMmaK for 16-bit operands)
+  int k_chunk, stage_pitch, partial_cols;
   int stage_offset, state_offset;
 };
 
@@ -71,7 +99,8 @@ inline DevicePlan device_plan(const persistent::Plan& p) {
   d.row_tiles = static_cast<int>(p.row_tiles);
   d.rows_chunk = static_cast<int>(p.rows_chunk);
   d.k_slices = static_cast<int>(p.k_slices);
-  d.k4 = static_cast<int>(persistent::round_up(p.k_total, 4));
+  d.k_padded = static_cast<int>(
+      persistent::round_up(p.k_total, persistent::k_granule(p.operand_bytes)));
   d.k_chunk = static_cast<int>(p.k_chunk);
   d.stage_pitch = static_cast<int>(p.stage_pitch);
   d.partial_cols = static_cast<int>(p.partial_cols);
@@ -83,7 +112,8 @@ inline DevicePlan device_plan(const persistent::Plan& p) {
 struct ForwardParams {
   float* gates;            // [N, 4H] in: x W_ih^T, out: activated gates
   const float* bias;       // [4H] b_ih + b_hh, added to the pre-activations; may be null
-  const float* w_hh;       // [4H, H]
+  const float* w_hh;       // [4H, H] (float32 kernel)
+  const uint16_t* w_hh_16bit;  // [4H, H] 16-bit bits (16-bit kernels)
   const float* h0;         // [B, H] (the same memory as hidden_state: read before the end)
   float* hidden_state;     // [B, H] out: h_n
   float* cell_state;       // [B, H] in: c0, out: c_n
@@ -103,10 +133,12 @@ struct BackwardParams {
   const float* c0;           // [B, H]
   const float* grad_output;  // [N, >=H] row stride grad_output_stride; may be null
   int64_t grad_output_stride;
-  const float* w_hh;         // [4H, H]
+  const float* w_hh;         // [4H, H] (float32 kernel)
+  const uint16_t* w_hh_16bit;  // [4H, H] 16-bit bits (16-bit kernels)
   float* dhidden;            // [B, H] in: dL/dh_n, out: dL/dh0
   float* dcell;              // [B, H] in: dL/dc_n, out: dL/dc0
-  float* dgates;             // [N, 4H] out
+  float* dgates;             // [N, 4H] out (float32 kernel)
+  uint16_t* dgates_16bit;    // [N, 4H] out: dG rounded to 16 bits (16-bit kernels)
   int64_t hidden, batch;
   bool reverse;
   bool vector_loads;
@@ -115,6 +147,7 @@ struct BackwardParams {
 };
 
 inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+inline bool aligned8(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 8 == 0; }
 
 // Kernel parameters from the driver's arguments and a plan that fits (segments already made).
 inline void fill_forward_params(const ForwardSequenceArgs<float>& a, const persistent::Plan& plan,
@@ -122,6 +155,7 @@ inline void fill_forward_params(const ForwardSequenceArgs<float>& a, const persi
   p.gates = a.gates;
   p.bias = a.bias;
   p.w_hh = a.w_hh;
+  p.w_hh_16bit = a.w_hh_16bit;
   p.h0 = a.h0;
   p.hidden_state = a.hidden_state;
   p.cell_state = a.cell_state;
@@ -144,13 +178,16 @@ inline void fill_backward_params(const BackwardSequenceArgs<float>& a,
   p.grad_output = a.grad_output;
   p.grad_output_stride = a.grad_output_stride;
   p.w_hh = a.w_hh;
+  p.w_hh_16bit = a.w_hh_16bit;
   p.dhidden = a.dhidden;
   p.dcell = a.dcell;
   p.dgates = a.dgates;
+  p.dgates_16bit = a.dgates_16bit;
   p.hidden = a.hidden;
   p.batch = a.batch;
   p.reverse = a.reverse;
-  p.vector_loads = aligned16(a.dgates);  // rows of 4H floats: aligned when the base is
+  // rows of 4H values, read 4 at a time: aligned when the base is
+  p.vector_loads = a.dgates_16bit != nullptr ? aligned8(a.dgates_16bit) : aligned16(a.dgates);
   p.plan = device_plan(plan);
 }
 
@@ -163,31 +200,69 @@ struct BackwardInputs {
 // Block-level pieces shared by both kernels.
 // ------------------------------------------------------------------------------------------
 
+// Four 16-bit values as they lie in memory (two 4-byte words, lowest index in the low half).
+__device__ __forceinline__ uint2 pack4(uint16_t v0, uint16_t v1, uint16_t v2, uint16_t v3) {
+  uint2 packed;
+  packed.x = uint32_t(v0) | (uint32_t(v1) << 16);
+  packed.y = uint32_t(v2) | (uint32_t(v3) << 16);
+  return packed;
+}
+
 // Stage rows [r0, r0 + rows_chunk) x columns [k0, k0 + width) of the shared operand into
-// `stage` (row pitch `pitch`); rows at or past r0 + nr, and columns at or past k_valid, are
-// zeros. row_ptr(r) gives the start of row r (column 0) in global memory. width % 4 == 0.
-template <typename RowPtr>
-__device__ __forceinline__ void stage_rows(float* stage, int pitch, int rows_chunk, int64_t r0,
-                                           int nr, int k0, int width, int64_t k_valid,
-                                           bool vector_loads, RowPtr row_ptr) {
+// `stage` (row pitch `pitch` values of OperandValue<kOp>); rows at or past r0 + nr, and columns
+// at or past k_valid, are zeros. row_ptr(r) gives the start of row r (column 0) in global
+// memory: float32 rows (copied, or rounded to 16 bits for a 16-bit product) or 16-bit rows
+// (copied). width % 4 == 0; vector_loads: every 4 values of a row from k0 on are one aligned
+// load (then k_valid % 4 == 0, so a group of 4 is all inside or all past it).
+template <Operand kOp, typename RowPtr>
+__device__ __forceinline__ void stage_rows(OperandValue<kOp>* stage, int pitch, int rows_chunk,
+                                           int64_t r0, int nr, int k0, int width,
+                                           int64_t k_valid, bool vector_loads, RowPtr row_ptr) {
+  using Source = std::remove_cv_t<std::remove_pointer_t<decltype(row_ptr(r0))>>;
+  static_assert(std::is_same_v<Source, float> || std::is_same_v<Source, uint16_t>, "rows");
+  static_assert(kOp != Operand::kFloat32 || std::is_same_v<Source, float>, "float32 rows");
   const int vectors = width / 4;
   const int count = rows_chunk * vectors;
   for (int e = threadIdx.x; e < count; e += kThreads) {
     const int rr = e / vectors;
-    const int k = k0 + 4 * (e - rr * vectors);
-    float4 value = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (rr < nr) {
-      const float* src = row_ptr(r0 + rr);
-      if (vector_loads) {
-        value = __ldcg(reinterpret_cast<const float4*>(src + k));
-      } else {
-        value.x = k + 0 < k_valid ? __ldcg(src + k + 0) : 0.f;
-        value.y = k + 1 < k_valid ? __ldcg(src + k + 1) : 0.f;
-        value.z = k + 2 < k_valid ? __ldcg(src + k + 2) : 0.f;
-        value.w = k + 3 < k_valid ? __ldcg(src + k + 3) : 0.f;
+    const int column = 4 * (e - rr * vectors);
+    const int k = k0 + column;
+    const bool inside = rr < nr && k < k_valid;
+    const Source* src = inside ? row_ptr(r0 + rr) + k : nullptr;
+    OperandValue<kOp>* dst = stage + rr * pitch + column;
+    if constexpr (std::is_same_v<Source, float>) {
+      float4 value = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (inside) {
+        if (vector_loads) {
+          value = __ldcg(reinterpret_cast<const float4*>(src));
+        } else {
+          value.x = __ldcg(src);
+          value.y = k + 1 < k_valid ? __ldcg(src + 1) : 0.f;
+          value.z = k + 2 < k_valid ? __ldcg(src + 2) : 0.f;
+          value.w = k + 3 < k_valid ? __ldcg(src + 3) : 0.f;
+        }
       }
+      if constexpr (kOp == Operand::kFloat32) {
+        *reinterpret_cast<float4*>(dst) = value;
+      } else {
+        constexpr Bits16 format = format_of<kOp>();
+        *reinterpret_cast<uint2*>(dst) =
+            pack4(round_bits16(format, value.x), round_bits16(format, value.y),
+                  round_bits16(format, value.z), round_bits16(format, value.w));
+      }
+    } else {
+      uint2 value = make_uint2(0u, 0u);
+      if (inside) {
+        if (vector_loads) {
+          value = __ldcg(reinterpret_cast<const uint2*>(src));
+        } else {
+          value = pack4(__ldcg(src), k + 1 < k_valid ? __ldcg(src + 1) : uint16_t(0),
+                        k + 2 < k_valid ? __ldcg(src + 2) : uint16_t(0),
+                        k + 3 < k_valid ? __ldcg(src + 3) : uint16_t(0));
+        }
+      }
+      *reinterpret_cast<uint2*>(dst) = value;
     }
-    *reinterpret_cast<float4*>(stage + rr * pitch + 4 * (e - rr * vectors)) = value;
   }
 }
 
@@ -197,7 +272,7 @@ __device__ __forceinline__ void stage_rows(float* stage, int pitch, int rows_chu
 // Only the first RT of the tile's rows-per-lane are computed (the others are padding rows of a
 // small batch). Columns past the slice are clamped to its last row: their sums are never read.
 template <typename Tile, int RT>
-__device__ __forceinline__ void accumulate(float (&acc)[Tile::kRowsPerLane][Tile::kColsPerLane],
+__device__ __forceinline__ void accumulate(float (&acc)[Tile::kRowsPerLane * Tile::kColsPerLane],
                                            const float* stage, int stage_pitch,
                                            const float* w, int w_pitch, int w_rows, int k0,
                                            int v_begin, int v_end, int row_base, int col_base,
@@ -225,12 +300,118 @@ __device__ __forceinline__ void accumulate(float (&acc)[Tile::kRowsPerLane][Tile
     for (int i = 0; i < RT; ++i) {
 #pragma unroll
       for (int j = 0; j < CT; ++j) {
-        float s = acc[i][j];
+        float s = acc[i * CT + j];
         s = fmaf(a[i].x, b[j].x, s);
         s = fmaf(a[i].y, b[j].y, s);
         s = fmaf(a[i].z, b[j].z, s);
         s = fmaf(a[i].w, b[j].w, s);
-        acc[i][j] = s;
+        acc[i * CT + j] = s;
+      }
+    }
+  }
+}
+
+// d += a b on the tensor cores, one m16n8k16 product of the warp: A 16 x 16 (row-major), B 16 x
+// 8 (column-major), 16-bit operands, fp32 accumulators; all 32 lanes take part. Fragments of
+// lane = 4 * group + quad (PTX ISA, "Matrix Fragments for mma.m16n8k16"), two values per
+// register, the lower index in the low half:
+//   a[0] A[group][2 quad, +1]      a[1] A[group + 8][2 quad, +1]
+//   a[2] A[group][2 quad + 8, +9]  a[3] A[group + 8][2 quad + 8, +9]
+//   b[0] B[2 quad, +1][group]      b[1] B[2 quad + 8, +9][group]
+//   d[0], d[1] D[group][2 quad, +1]    d[2], d[3] D[group + 8][2 quad, +1]
+// The emulator (tests/emulation) computes the same fragments on the CPU.
+template <Operand kOp>
+__device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4],
+                                            const uint32_t (&b)[2]) {
+  static_assert(kOp != Operand::kFloat32, "a 16-bit product");
+#if defined(LSTM_FUSED_EMULATE_CUDA)
+  ::emu::mma_m16n8k16(kOp == Operand::kBFloat16, d, a, b);
+#elif defined(__CUDA_ARCH__)
+#if __CUDA_ARCH__ >= 800
+  if constexpr (kOp == Operand::kBFloat16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#else
+  __trap();  // not reached: the host launches the 16-bit kernels from compute capability 8.0
+#endif
+#endif
+}
+
+// Two neighbouring 16-bit values of shared memory as one register (4-byte aligned).
+__device__ __forceinline__ uint32_t pair_at(const uint16_t* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// The 16-bit twin of accumulate: one warp's 16 x (8 NJ) tile, sums over the K steps
+// [k_begin, k_end) (units of kMmaK) of the staged chunk, on the tensor cores. The tile's row
+// r is staged row row_base + r; its column n is slice row col_base + n (clamped to the last,
+// as above). acc[4 j + q] is fragment d[q] of the j-th 8 columns. With one column block
+// (NJ = 1, the backward) odd steps go to a second set of accumulators, added at the end: two
+// independent chains of mma.sync instead of one (its latency, not its rate, bounds a chain).
+template <Operand kOp, int NJ>
+__device__ __forceinline__ void accumulate_mma(float (&acc)[4 * NJ], const uint16_t* stage,
+                                               int stage_pitch, const uint16_t* w, int w_pitch,
+                                               int w_rows, int k0, int k_begin, int k_end,
+                                               int row_base, int col_base, int lane) {
+  const int group = lane / 4, pair = 2 * (lane % 4);
+  const uint16_t* const a_top = stage + (row_base + group) * stage_pitch + pair;
+  const uint16_t* const a_bottom = a_top + 8 * stage_pitch;
+  const uint16_t* b_ptr[NJ];
+#pragma unroll
+  for (int j = 0; j < NJ; ++j) {
+    const int col = min(col_base + 8 * j + group, w_rows - 1);
+    b_ptr[j] = w + col * w_pitch + k0 + pair;
+  }
+  auto a_fragment = [&](int step, uint32_t (&a)[4]) {
+    const int k = kMmaK * step;
+    a[0] = pair_at(a_top + k);
+    a[1] = pair_at(a_bottom + k);
+    a[2] = pair_at(a_top + k + 8);
+    a[3] = pair_at(a_bottom + k + 8);
+  };
+  auto b_fragment = [&](int step, int j, uint32_t (&b)[2]) {
+    const int k = kMmaK * step;
+    b[0] = pair_at(b_ptr[j] + k);
+    b[1] = pair_at(b_ptr[j] + k + 8);
+  };
+  uint32_t a[4], b[2];
+  if constexpr (NJ == 1) {
+    float odd[4] = {0.f, 0.f, 0.f, 0.f};  // the second chain: odd steps
+    float(&even)[4] = *reinterpret_cast<float(*)[4]>(acc);
+    int step = k_begin;
+    for (; step + 1 < k_end; step += 2) {
+      a_fragment(step, a);
+      b_fragment(step, 0, b);
+      mma_16x8x16<kOp>(even, a, b);
+      a_fragment(step + 1, a);
+      b_fragment(step + 1, 0, b);
+      mma_16x8x16<kOp>(odd, a, b);
+    }
+    if (step < k_end) {
+      a_fragment(step, a);
+      b_fragment(step, 0, b);
+      mma_16x8x16<kOp>(even, a, b);
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[q] += odd[q];
+  } else {
+#pragma unroll 2
+    for (int step = k_begin; step < k_end; ++step) {
+      a_fragment(step, a);
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+        b_fragment(step, j, b);
+        mma_16x8x16<kOp>(*reinterpret_cast<float(*)[4]>(acc + 4 * j), a, b);
       }
     }
   }
@@ -240,12 +421,16 @@ __device__ __forceinline__ void accumulate(float (&acc)[Tile::kRowsPerLane][Tile
 // On return (after a block barrier) `partial` (the staging buffer) holds
 // partial[(s * rows_chunk + rr) * partial_cols + c] for the k_slices slices s; the caller sums
 // them over s in order. Every thread of the block must call it.
-template <typename Tile, typename RowPtr>
-__device__ __forceinline__ void chunk_product(const DevicePlan& plan, const float* w_s,
-                                              float* stage, int64_t r0, int nr,
-                                              int64_t k_valid, bool vector_loads,
-                                              RowPtr row_ptr) {
+template <typename Tile, Operand kOp, typename RowPtr>
+__device__ __forceinline__ void chunk_product(const DevicePlan& plan,
+                                              const OperandValue<kOp>* w_s, float* stage,
+                                              int64_t r0, int nr, int64_t k_valid,
+                                              bool vector_loads, RowPtr row_ptr) {
   constexpr int RT = Tile::kRowsPerLane, CT = Tile::kColsPerLane;
+  constexpr int kSums = RT * CT;  // = 4 * (Tile::kCols / 8): the mma fragments of the tile
+  static_assert(Tile::kRows == 16 && Tile::kCols % 8 == 0 && kSums == 4 * (Tile::kCols / 8),
+                "a warp tile is 16 rows of m16n8 products");
+  OperandValue<kOp>* const staged = reinterpret_cast<OperandValue<kOp>*>(stage);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int items = plan.row_tiles * plan.col_tiles;
   const int item = warp % items, slice = warp / items;
@@ -255,46 +440,66 @@ __device__ __forceinline__ void chunk_product(const DevicePlan& plan, const floa
   // Warps past items * k_slices, and tiles of padding rows only, have nothing to add (the
   // epilogue reads rows < nr only).
   const bool active = warp < items * plan.k_slices && valid_rows > 0;
-  float acc[RT][CT];
+  float acc[kSums];
 #pragma unroll
-  for (int i = 0; i < RT; ++i) {
-#pragma unroll
-    for (int j = 0; j < CT; ++j) acc[i][j] = 0.f;
-  }
-  for (int k0 = 0; k0 < plan.k4; k0 += plan.k_chunk) {
-    const int width = min(plan.k_chunk, plan.k4 - k0);
-    stage_rows(stage, plan.stage_pitch, plan.rows_chunk, r0, nr, k0, width, k_valid,
-               vector_loads, row_ptr);
+  for (int q = 0; q < kSums; ++q) acc[q] = 0.f;
+  for (int k0 = 0; k0 < plan.k_padded; k0 += plan.k_chunk) {
+    const int width = min(plan.k_chunk, plan.k_padded - k0);
+    stage_rows<kOp>(staged, plan.stage_pitch, plan.rows_chunk, r0, nr, k0, width, k_valid,
+                    vector_loads, row_ptr);
     __syncthreads();
     if (active) {
-      const int vectors = width / 4;
-      const int v_begin = slice * vectors / plan.k_slices;
-      const int v_end = (slice + 1) * vectors / plan.k_slices;
-      // Rows per lane that hold real rows: a small batch skips the padding rows' FMAs.
-      constexpr int LR = Tile::kLaneRows;
-      if (valid_rows > 2 * LR) {
-        accumulate<Tile, RT>(acc, stage, plan.stage_pitch, w_s, plan.w_pitch, plan.w_rows, k0,
-                             v_begin, v_end, row_base, col_base, lane);
-      } else if (valid_rows > LR) {
-        accumulate<Tile, (RT < 2 ? RT : 2)>(acc, stage, plan.stage_pitch, w_s, plan.w_pitch,
-                                            plan.w_rows, k0, v_begin, v_end, row_base,
-                                            col_base, lane);
+      if constexpr (kOp == Operand::kFloat32) {
+        const int vectors = width / 4;
+        const int v_begin = slice * vectors / plan.k_slices;
+        const int v_end = (slice + 1) * vectors / plan.k_slices;
+        // Rows per lane that hold real rows: a small batch skips the padding rows' FMAs.
+        constexpr int LR = Tile::kLaneRows;
+        if (valid_rows > 2 * LR) {
+          accumulate<Tile, RT>(acc, stage, plan.stage_pitch, w_s, plan.w_pitch, plan.w_rows,
+                               k0, v_begin, v_end, row_base, col_base, lane);
+        } else if (valid_rows > LR) {
+          accumulate<Tile, (RT < 2 ? RT : 2)>(acc, stage, plan.stage_pitch, w_s, plan.w_pitch,
+                                              plan.w_rows, k0, v_begin, v_end, row_base,
+                                              col_base, lane);
+        } else {
+          accumulate<Tile, 1>(acc, stage, plan.stage_pitch, w_s, plan.w_pitch, plan.w_rows, k0,
+                              v_begin, v_end, row_base, col_base, lane);
+        }
       } else {
-        accumulate<Tile, 1>(acc, stage, plan.stage_pitch, w_s, plan.w_pitch, plan.w_rows, k0,
-                            v_begin, v_end, row_base, col_base, lane);
+        // (16 rows per product: padding rows of a small batch cost nothing extra here)
+        const int steps = width / kMmaK;
+        accumulate_mma<kOp, Tile::kCols / 8>(
+            acc, staged, plan.stage_pitch, w_s, plan.w_pitch, plan.w_rows, k0,
+            slice * steps / plan.k_slices, (slice + 1) * steps / plan.k_slices, row_base,
+            col_base, lane);
       }
     }
     __syncthreads();  // the staging buffer is free again (next chunk, or the partial sums)
   }
   if (active) {
-    const int rl = lane / Tile::kLaneCols, cl = lane % Tile::kLaneCols;
+    auto partial = [&](int rr, int c) -> float& {
+      return stage[(slice * plan.rows_chunk + rr) * plan.partial_cols + c];
+    };
+    if constexpr (kOp == Operand::kFloat32) {
+      const int rl = lane / Tile::kLaneCols, cl = lane % Tile::kLaneCols;
 #pragma unroll
-    for (int i = 0; i < RT; ++i) {
-      const int rr = row_base + rl + Tile::kLaneRows * i;
+      for (int i = 0; i < RT; ++i) {
 #pragma unroll
-      for (int j = 0; j < CT; ++j) {
-        const int c = col_base + cl + Tile::kLaneCols * j;
-        stage[(slice * plan.rows_chunk + rr) * plan.partial_cols + c] = acc[i][j];
+        for (int j = 0; j < CT; ++j) {
+          partial(row_base + rl + Tile::kLaneRows * i, col_base + cl + Tile::kLaneCols * j) =
+              acc[i * CT + j];
+        }
+      }
+    } else {
+      const int group = lane / 4, pair = 2 * (lane % 4);
+#pragma unroll
+      for (int j = 0; j < Tile::kCols / 8; ++j) {
+        const int c = col_base + 8 * j + pair;
+        partial(row_base + group, c) = acc[4 * j];
+        partial(row_base + group, c + 1) = acc[4 * j + 1];
+        partial(row_base + group + 8, c) = acc[4 * j + 2];
+        partial(row_base + group + 8, c + 1) = acc[4 * j + 3];
       }
     }
   }
@@ -314,26 +519,31 @@ __device__ __forceinline__ float sum_partials(const DevicePlan& plan, const floa
 // ------------------------------------------------------------------------------------------
 // Forward: G = Gx[t] + h[t-1] W_hh^T for the block's gate columns, then the cell.
 // ------------------------------------------------------------------------------------------
+template <Operand kOp>
 __global__ void __launch_bounds__(kThreads, 1)
     persistent_forward_kernel(const __grid_constant__ ForwardParams p) {
+  using Value = OperandValue<kOp>;
   float* const smem = dynamic_smem();
   const DevicePlan& plan = p.plan;
   const int64_t H = p.hidden, B = p.batch;
   const int U = plan.units;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * U;
   const int ub = static_cast<int>(min(static_cast<int64_t>(U), H - j0));  // this block's units
-  float* const w_s = smem;                           // [4U][w_pitch]
+  Value* const w_s = reinterpret_cast<Value*>(smem);  // [4U][w_pitch]
   float* const stage = smem + plan.stage_offset;     // staged h rows / partial sums
   float* const c_s = smem + plan.state_offset;       // [B][U] c of each row
   float* const h_s = c_s + B * U;                    // [B][U] h of each row's last step
+  const Value* const w_hh = kOp == Operand::kFloat32
+                                ? reinterpret_cast<const Value*>(p.w_hh)
+                                : reinterpret_cast<const Value*>(p.w_hh_16bit);
 
   // W_hh rows of the block's gates: slice row c = g*U + u is W_hh row g*H + j0 + u; rows of
   // units past the end of H and columns past H are zeros.
-  for (int e = threadIdx.x; e < plan.w_rows * plan.k4; e += kThreads) {
-    const int c = e / plan.k4, k = e - c * plan.k4;
+  for (int e = threadIdx.x; e < plan.w_rows * plan.k_padded; e += kThreads) {
+    const int c = e / plan.k_padded, k = e - c * plan.k_padded;
     const int g = c / U, u = c - g * U;
-    float value = 0.f;
-    if (u < ub && k < H) value = p.w_hh[(g * H + j0 + u) * H + k];
+    Value value = 0;
+    if (u < ub && k < H) value = w_hh[(g * H + j0 + u) * H + k];
     w_s[c * plan.w_pitch + k] = value;
   }
   for (int64_t e = threadIdx.x; e < B * ub; e += kThreads) {
@@ -371,7 +581,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int q = 0; q < 4; ++q) first[q] = g[q * H];
       }
-      chunk_product<ForwardTile>(plan, w_s, stage, r0, nr, H, p.vector_loads, row_ptr);
+      chunk_product<ForwardTile, kOp>(plan, w_s, stage, r0, nr, H, p.vector_loads, row_ptr);
       for (int e = threadIdx.x; e < nr * ub; e += kThreads) {
         const int rr = e / ub, u = e - rr * ub;
         const int64_t r = r0 + rr, row = s.offset + r;
@@ -415,23 +625,29 @@ __global__ void __launch_bounds__(kThreads, 1)
 // Backward: per step, the block's units first (dh, dc, dG[t] written to dgates), one grid
 // barrier, then dh_next[:, units] = dG[t] W_hh[:, units].
 // ------------------------------------------------------------------------------------------
+template <Operand kOp>
 __global__ void __launch_bounds__(kThreads, 1)
     persistent_backward_kernel(const __grid_constant__ BackwardParams p) {
+  using Value = OperandValue<kOp>;
   float* const smem = dynamic_smem();
   const DevicePlan& plan = p.plan;
   const int64_t H = p.hidden, B = p.batch, H4 = 4 * p.hidden;
   const int U = plan.units;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * U;
   const int ub = static_cast<int>(min(static_cast<int64_t>(U), H - j0));
-  float* const w_s = smem;                        // [U][w_pitch]: W_hh[:, j0 + u] transposed
+  Value* const w_s = reinterpret_cast<Value*>(smem);  // [U][w_pitch]: W_hh[:, j0 + u] transposed
   float* const stage = smem + plan.stage_offset;  // staged dG rows / partial sums
   float* const dh_s = smem + plan.state_offset;   // [B][U] dL/dh (recurrent part)
   float* const dc_s = dh_s + B * U;               // [B][U] dL/dc carried to the previous step
+  const Value* const w_hh = kOp == Operand::kFloat32
+                                ? reinterpret_cast<const Value*>(p.w_hh)
+                                : reinterpret_cast<const Value*>(p.w_hh_16bit);
 
-  // Consecutive threads read consecutive units of one row of W_hh.
-  for (int e = threadIdx.x; e < plan.w_rows * plan.k4; e += kThreads) {
+  // Consecutive threads read consecutive units of one row of W_hh; columns of K past 4H
+  // (16-bit: K padded to kMmaK) are zeros.
+  for (int e = threadIdx.x; e < plan.w_rows * plan.k_padded; e += kThreads) {
     const int k = e / U, u = e - k * U;
-    w_s[u * plan.w_pitch + k] = (u < ub) ? p.w_hh[k * H + j0 + u] : 0.f;
+    w_s[u * plan.w_pitch + k] = (u < ub && k < H4) ? w_hh[k * H + j0 + u] : Value(0);
   }
   for (int64_t e = threadIdx.x; e < B * ub; e += kThreads) {
     const int64_t r = e / ub;
@@ -483,20 +699,32 @@ __global__ void __launch_bounds__(kThreads, 1)
         float tanh_cell;
         const float dc = cell_gradient(act, in.cell, dh, dc_s[r * U + u], tanh_cell);
         const GateValues<float> grads = gate_gradients(act, in.cell_prev, tanh_cell, dh, dc);
-        float* const dg = p.dgates + row * H4 + j;
-        dg[0] = grads.i;
-        dg[H] = grads.f;
-        dg[2 * H] = grads.g;
-        dg[3 * H] = grads.o;
+        if constexpr (kOp == Operand::kFloat32) {
+          float* const dg = p.dgates + row * H4 + j;
+          dg[0] = grads.i;
+          dg[H] = grads.f;
+          dg[2 * H] = grads.g;
+          dg[3 * H] = grads.o;
+        } else {  // the operand of dL/dh[t-1] here and of the driver's weight GEMMs
+          constexpr Bits16 format = format_of<kOp>();
+          uint16_t* const dg = p.dgates_16bit + row * H4 + j;
+          dg[0] = round_bits16(format, grads.i);
+          dg[H] = round_bits16(format, grads.f);
+          dg[2 * H] = round_bits16(format, grads.g);
+          dg[3 * H] = round_bits16(format, grads.o);
+        }
         dc_s[r * U + u] = carry_cell_gradient(act, dc);
       }
-      grid.sync();  // dG[t] of every unit is in `dgates`
+      grid.sync();  // dG[t] of every unit is in `dgates` (dgates_16bit)
       if (has_next && me < next.rows * ub) load_inputs(next, me, ahead);
-      const float* const step_dgates = p.dgates + s.offset * H4;
-      auto row_ptr = [&](int64_t r) -> const float* { return step_dgates + r * H4; };
+      const Value* const step_dgates =
+          (kOp == Operand::kFloat32 ? reinterpret_cast<const Value*>(p.dgates)
+                                    : reinterpret_cast<const Value*>(p.dgates_16bit)) +
+          s.offset * H4;
+      auto row_ptr = [&](int64_t r) -> const Value* { return step_dgates + r * H4; };
       for (int64_t r0 = 0; r0 < s.rows; r0 += plan.rows_chunk) {
         const int nr = static_cast<int>(min(static_cast<int64_t>(plan.rows_chunk), s.rows - r0));
-        chunk_product<BackwardTile>(plan, w_s, stage, r0, nr, H4, p.vector_loads, row_ptr);
+        chunk_product<BackwardTile, kOp>(plan, w_s, stage, r0, nr, H4, p.vector_loads, row_ptr);
         for (int e = me; e < nr * ub; e += kThreads) {
           const int rr = e / ub, u = e - rr * ub;
           dh_s[(r0 + rr) * U + u] = sum_partials(plan, stage, rr, u);

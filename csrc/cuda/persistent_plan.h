@@ -57,6 +57,14 @@ constexpr int kTileRows = ForwardTile::kRows;
 // shorter) before the plan prefers fewer rows per chunk.
 constexpr int64_t kMinKChunk = 256;
 
+// The operands of the recurrent product in shared memory (the W_hh slice and the staged rows):
+// float32 (exact FMA), or 16-bit (bfloat16 / float16, the 16-bit GEMM mode) for the tensor
+// cores' mma.sync m16n8k16 (fp32 accumulators), whose K step is 16. The warp tiles are the same
+// for both (forward 16 x 16 = two m16n8 products, backward 16 x 8 = one), so are the tiles,
+// slices and partial sums of a plan; only K's granularity and the bytes per value differ.
+constexpr int64_t kMmaK = 16;
+PERSISTENT_HD int64_t k_granule(int64_t operand_bytes) { return operand_bytes == 2 ? kMmaK : 4; }
+
 enum class Decline : int64_t {
   kNone = 0,
   kInvalidSize = 1,      // hidden, batch, SM count, shared memory or blocks per SM < 1
@@ -82,31 +90,40 @@ struct Plan {
   int64_t rows_chunk = 0;    // row_tiles * 16 rows staged at a time
   int64_t k_slices = 0;      // warps sharing one tile, each summing a slice of K
   int64_t k_total = 0;       // K (H forward, 4H backward)
-  int64_t k_chunk = 0;       // columns of K staged at a time (multiple of 4)
-  int64_t k_chunks = 0;      // ceil(roundup(K, 4) / k_chunk)
+  int64_t k_chunk = 0;       // columns of K staged at a time (multiple of the K granule:
+                             // 4, or kMmaK with 16-bit operands)
+  int64_t k_chunks = 0;      // ceil(roundup(K, granule) / k_chunk)
   int64_t w_rows = 0;        // N: rows of the W_hh slice in shared memory
-  int64_t w_pitch = 0;       // floats per row of the slice (>= roundup(K, 4), = 4 mod 8)
-  int64_t stage_pitch = 0;   // floats per staged row (>= k_chunk, = 4 mod 8)
+  int64_t w_pitch = 0;       // values per row of the slice (>= roundup(K, granule); its
+                             // bytes are an odd multiple of 16)
+  int64_t stage_pitch = 0;   // values per staged row (>= k_chunk; the same rule)
   int64_t partial_cols = 0;  // col_tiles * tile columns: row length of the partial sums
   int64_t region_floats = 0; // staging buffer, reused for the partial sums: the larger of both
   int64_t state_floats = 0;  // 2 x B x U per-row state (c and h_n, or dh and dc), rounded to 4
   int64_t stage_offset = 0;  // float offsets of the regions (W slice at 0)
   int64_t state_offset = 0;
   int64_t smem_bytes = 0;    // dynamic shared memory per block
+  int64_t operand_bytes = 4; // bytes per value of the W slice and the staged rows (4 or 2)
 };
 
 PERSISTENT_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 PERSISTENT_HD int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-// Row pitch of a shared-memory matrix read with 16-byte loads: a multiple of 4 floats whose
-// quarter is odd, so 8 consecutive rows start in 8 different 16-byte bank groups.
-inline int64_t smem_pitch(int64_t columns) { return round_up(std::max<int64_t>(columns, 1), 8) + 4; }
+// Row pitch (in values) of a shared-memory matrix: an odd number of 16-byte units, so that 8
+// consecutive rows start in 8 different 16-byte bank groups (float32 rows are read with
+// 16-byte loads; the 16-bit fragments of mma.sync with 4-byte loads, 8 rows x 4 words a warp).
+inline int64_t smem_pitch(int64_t columns, int64_t operand_bytes = 4) {
+  const int64_t per_word = 4 / operand_bytes;  // values per 4-byte word
+  const int64_t words = ceil_div(std::max<int64_t>(columns, 1), per_word);
+  return (round_up(words, 8) + 4) * per_word;
+}
 
 namespace detail {
 
 inline Plan try_units(bool backward, int64_t hidden, int64_t batch, int64_t units,
-                      int64_t smem_floats) {
+                      int64_t smem_floats, int64_t operand_bytes) {
   Plan p;
+  p.operand_bytes = operand_bytes;
   p.units = units;
   p.blocks = ceil_div(hidden, units);
   p.k_total = backward ? 4 * hidden : hidden;
@@ -118,9 +135,11 @@ inline Plan try_units(bool backward, int64_t hidden, int64_t batch, int64_t unit
     p.reason = Decline::kColumnTiles;
     return p;
   }
-  const int64_t k4 = round_up(p.k_total, 4);
-  p.w_pitch = smem_pitch(k4);
-  const int64_t w_floats = p.w_rows * p.w_pitch;
+  const int64_t granule = k_granule(operand_bytes);
+  const int64_t per_word = 4 / operand_bytes;
+  const int64_t k_padded = round_up(p.k_total, granule);
+  p.w_pitch = smem_pitch(k_padded, operand_bytes);
+  const int64_t w_floats = p.w_rows * p.w_pitch / per_word;  // a multiple of 4 (the pitch)
   p.state_floats = round_up(2 * batch * units, 4);
   const int64_t avail = smem_floats - w_floats - p.state_floats;
   p.reason = Decline::kSharedMemory;
@@ -131,20 +150,21 @@ inline Plan try_units(bool backward, int64_t hidden, int64_t batch, int64_t unit
     const int64_t slices = kWarps / (rt * p.col_tiles);
     const int64_t partial = slices * rows * p.partial_cols;
     if (partial > avail) continue;
-    // Widest chunk whose pitch fits: pitch(kc) = round_up(kc, 8) + 4 <= avail / rows.
-    const int64_t fit = (avail / rows - 4) / 8 * 8;
-    if (fit < 8) continue;
-    int64_t kc = std::min(k4, fit);
-    if (kc < std::min(k4, kMinKChunk) && rt > 1) continue;  // fewer rows, longer chunks
-    const int64_t chunks = ceil_div(k4, kc);
-    kc = round_up(ceil_div(k4, chunks), 4);  // even chunks; still <= fit
+    // Widest chunk whose pitch fits, in words: round_up(kc / per_word, 8) + 4 <= avail / rows
+    // (a multiple of 8 words, so of the granule too).
+    const int64_t fit = (avail / rows - 4) / 8 * 8 * per_word;
+    if (fit < 8 * per_word) continue;
+    int64_t kc = std::min(k_padded, fit);
+    if (kc < std::min(k_padded, kMinKChunk) && rt > 1) continue;  // fewer rows, longer chunks
+    const int64_t chunks = ceil_div(k_padded, kc);
+    kc = round_up(ceil_div(k_padded, chunks), granule);  // even chunks; still <= fit
     p.row_tiles = rt;
     p.rows_chunk = rows;
     p.k_slices = slices;
     p.k_chunk = kc;
     p.k_chunks = chunks;
-    p.stage_pitch = smem_pitch(kc);
-    p.region_floats = std::max(rows * p.stage_pitch, partial);
+    p.stage_pitch = smem_pitch(kc, operand_bytes);
+    p.region_floats = std::max(rows * p.stage_pitch / per_word, partial);
     p.stage_offset = w_floats;
     p.state_offset = w_floats + p.region_floats;
     p.smem_bytes = 4 * (w_floats + p.region_floats + p.state_floats);
@@ -159,16 +179,19 @@ inline Plan try_units(bool backward, int64_t hidden, int64_t batch, int64_t unit
 
 // The launch plan of one pass (forward or backward) for hidden size H and batch B on a device
 // with `sm_count` SMs, `smem_per_block` bytes of opt-in shared memory per block and room for
-// `max_blocks_per_sm` blocks of kThreads threads per SM. Units per block: the fewest that keep
+// `max_blocks_per_sm` blocks of kThreads threads per SM, with operands of `operand_bytes`
+// (4: float32, 2: the 16-bit mode's tensor-core product). Units per block: the fewest that keep
 // the grid within sm_count * max_blocks_per_sm blocks, rounded up to fill the warp tile's
 // columns when that still fits (same work per block, fewer blocks). plan.ok is false, with a
 // reason, when nothing fits; the caller then declines (the driver runs the per-step kernels).
 // The geometry only: the kernels can run any plan that is ok (tests/emulation does, at every
 // batch size); launch_plan adds the speed policy.
 inline Plan plan(bool backward, int64_t hidden, int64_t batch, int64_t sm_count,
-                 int64_t smem_per_block, int64_t max_blocks_per_sm) {
+                 int64_t smem_per_block, int64_t max_blocks_per_sm, int64_t operand_bytes = 4) {
   Plan none;
-  if (hidden < 1 || batch < 1 || sm_count < 1 || smem_per_block < 1 || max_blocks_per_sm < 1) {
+  none.operand_bytes = operand_bytes;
+  if (hidden < 1 || batch < 1 || sm_count < 1 || smem_per_block < 1 || max_blocks_per_sm < 1 ||
+      (operand_bytes != 4 && operand_bytes != 2)) {
     return none;
   }
   const int64_t max_blocks = sm_count * max_blocks_per_sm;
@@ -176,9 +199,9 @@ inline Plan plan(bool backward, int64_t hidden, int64_t batch, int64_t sm_count,
   const int64_t align = backward ? BackwardTile::kCols : ForwardTile::kCols / 4;
   const int64_t smem_floats = smem_per_block / 4;
   const int64_t rounded = std::min(round_up(min_units, align), hidden);
-  Plan best = detail::try_units(backward, hidden, batch, rounded, smem_floats);
+  Plan best = detail::try_units(backward, hidden, batch, rounded, smem_floats, operand_bytes);
   if (!best.ok && rounded != min_units) {
-    best = detail::try_units(backward, hidden, batch, min_units, smem_floats);
+    best = detail::try_units(backward, hidden, batch, min_units, smem_floats, operand_bytes);
   }
   return best;
 }
@@ -186,13 +209,16 @@ inline Plan plan(bool backward, int64_t hidden, int64_t batch, int64_t sm_count,
 // The plan the CUDA host launches: plan(), unless the speed policy declines first (the backward
 // from kBackwardMaxBatch rows on, reason kBackwardBatch).
 inline Plan launch_plan(bool backward, int64_t hidden, int64_t batch, int64_t sm_count,
-                        int64_t smem_per_block, int64_t max_blocks_per_sm) {
+                        int64_t smem_per_block, int64_t max_blocks_per_sm,
+                        int64_t operand_bytes = 4) {
   if (backward && batch >= kBackwardMaxBatch) {
     Plan capped;
     capped.reason = Decline::kBackwardBatch;
+    capped.operand_bytes = operand_bytes;
     return capped;
   }
-  return plan(backward, hidden, batch, sm_count, smem_per_block, max_blocks_per_sm);
+  return plan(backward, hidden, batch, sm_count, smem_per_block, max_blocks_per_sm,
+              operand_bytes);
 }
 
 // The plan as integers, in this order (the debug op lstm_fused::persistent_plan returns it).
@@ -207,7 +233,7 @@ inline std::vector<int64_t> plan_fields(const Plan& p) {
           p.stage_pitch,   p.partial_cols,
           p.region_floats, p.state_floats,
           p.stage_offset,  p.state_offset,
-          p.smem_bytes};
+          p.smem_bytes,    p.operand_bytes};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -299,9 +325,10 @@ namespace cuda {
 // off or the case does not fit (see Plan, kMaxSegments, cooperative launch, occupancy).
 bool persistent_forward_sequence(const ForwardSequenceArgs<float>& args);
 bool persistent_backward_sequence(const BackwardSequenceArgs<float>& args);
-// Whether a pass of this size would launch on the current device (plan, policy, occupancy):
-// what tests ask before they expect a launch (lstm_fused::cuda_persistent_would_launch).
-bool persistent_would_launch(bool backward, int64_t hidden, int64_t batch);
+// Whether a pass of this size would launch on the current device (plan, policy, occupancy),
+// with float32 or 16-bit operands: what tests ask before they expect a launch
+// (lstm_fused::cuda_persistent_would_launch).
+bool persistent_would_launch(bool backward, int64_t hidden, int64_t batch, bool operands_16bit);
 }  // namespace cuda
 
 }  // namespace lstm_fused

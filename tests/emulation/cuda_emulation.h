@@ -3,12 +3,13 @@
 // machine without a GPU: one fiber (ucontext) per CUDA thread, threadIdx/blockIdx/blockDim/
 // gridDim (1-D), dynamic shared memory and __shared__ arrays per block, __syncthreads (block
 // barrier), cooperative_groups::this_grid().sync() (grid barrier), __shfl_down_sync (full
-// warps of 32 lanes), the launch of a __global__ function (launch_kernel), __ldcg, float4,
-// min, fmaf, sqrt.
+// warps of 32 lanes), the tensor cores' mma.sync m16n8k16 on bfloat16 / float16 operands with
+// fp32 accumulators (mma_m16n8k16: a warp-wide exchange, like a shuffle), the launch of a
+// __global__ function (launch_kernel), __ldcg, float4, uint2, min, fmaf, sqrt.
 //
 // Scheduling: blocks run one at a time, each from one grid barrier to the next; within a
-// block, every ready fiber runs until its next barrier or shuffle (or its end); a shuffle
-// completes when all 32 lanes of the warp wait at it, a block barrier opens when all the
+// block, every ready fiber runs until its next barrier, shuffle or mma (or its end); a shuffle
+// or mma completes when all 32 lanes of the warp wait at it, a block barrier opens when all the
 // block's threads wait at it. The order of blocks and of threads is a parameter (forward,
 // reverse, shuffled): a kernel whose results depend on it has a race (two threads touching the
 // same memory between two barriers: threads of a block between block barriers, blocks between
@@ -55,8 +56,14 @@ struct alignas(16) float4 {
   float x, y, z, w;
 };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 inline float __ldcg(const float* p) { return *p; }
 inline float4 __ldcg(const float4* p) { return *p; }
+inline uint2 __ldcg(const uint2* p) { return *p; }
+inline unsigned short __ldcg(const unsigned short* p) { return *p; }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
 using std::sqrt;  // float and double overloads, as in CUDA device code
@@ -67,7 +74,7 @@ struct Dim3 {
   unsigned x = 0, y = 0, z = 0;
 };
 
-enum class State { kReady, kShuffle, kBlockBarrier, kGridBarrier, kDone, kFailed };
+enum class State { kReady, kShuffle, kMma, kBlockBarrier, kGridBarrier, kDone, kFailed };
 
 constexpr int kWarpSize = 32;
 
@@ -82,6 +89,10 @@ struct Fiber {
   uint64_t shuffle_offer = 0, shuffle_result = 0;
   size_t shuffle_bytes = 0;
   unsigned shuffle_delta = 0;
+  // At an mma: this lane's fragments (A, B, the accumulators C in, D out) and their format.
+  uint32_t mma_a[4] = {}, mma_b[2] = {};
+  float mma_acc[4] = {};
+  bool mma_bfloat16 = true;
 };
 
 struct Machine {
@@ -128,6 +139,69 @@ T shuffle_down(unsigned mask, T value, unsigned delta, int width) {
   T result;
   std::memcpy(&result, &f.shuffle_result, sizeof(T));
   return result;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 d, a, b, d: the lane's
+// fragments in the layout of the PTX ISA (lstm_persistent_kernels.cuh, mma_16x8x16). All 32
+// lanes exchange at the same point; each gets D = A B + C for its four places.
+inline void mma_m16n8k16(bool bfloat16, float (&d)[4], const uint32_t (&a)[4],
+                         const uint32_t (&b)[2]) {
+  Fiber& f = self();
+  std::memcpy(f.mma_a, a, sizeof f.mma_a);
+  std::memcpy(f.mma_b, b, sizeof f.mma_b);
+  std::memcpy(f.mma_acc, d, sizeof f.mma_acc);
+  f.mma_bfloat16 = bfloat16;
+  wait(State::kMma);
+  std::memcpy(d, f.mma_acc, sizeof f.mma_acc);
+}
+
+// The value of 16-bit bits, exactly.
+inline double bits16_value(uint16_t bits, bool bfloat16) {
+  if (bfloat16) {
+    const uint32_t wide = uint32_t(bits) << 16;
+    float value;
+    std::memcpy(&value, &wide, sizeof value);
+    return value;
+  }
+  const double sign = (bits & 0x8000u) ? -1.0 : 1.0;
+  const int exponent = (bits >> 10) & 0x1f;
+  const int mantissa = bits & 0x3ff;
+  if (exponent == 0x1f) return mantissa ? std::nan("") : sign * INFINITY;
+  if (exponent == 0) return sign * std::ldexp(double(mantissa), -24);  // subnormal
+  return sign * std::ldexp(double(1024 + mantissa), exponent - 25);
+}
+
+// D = A B + C of one warp from its lanes' fragments. The hardware's products of 16-bit values
+// are exact and its sums are fp32 or wider; here each of D's values is its 16 exact products
+// and C summed in double, then rounded once to float (the kernels' tests allow 16-bit error).
+inline void complete_mma(Fiber* lanes) {
+  double A[16][16], B[16][8];
+  const bool bfloat16 = lanes[0].mma_bfloat16;
+  auto half = [&](uint32_t word, int which) {
+    return bits16_value(static_cast<uint16_t>(which ? word >> 16 : word & 0xffffu), bfloat16);
+  };
+  for (int lane = 0; lane < kWarpSize; ++lane) {
+    const Fiber& f = lanes[lane];
+    const int group = lane / 4, pair = 2 * (lane % 4);
+    for (int h = 0; h < 2; ++h) {
+      A[group][pair + h] = half(f.mma_a[0], h);
+      A[group + 8][pair + h] = half(f.mma_a[1], h);
+      A[group][pair + 8 + h] = half(f.mma_a[2], h);
+      A[group + 8][pair + 8 + h] = half(f.mma_a[3], h);
+      B[pair + h][group] = half(f.mma_b[0], h);
+      B[pair + 8 + h][group] = half(f.mma_b[1], h);
+    }
+  }
+  for (int lane = 0; lane < kWarpSize; ++lane) {
+    Fiber& f = lanes[lane];
+    const int group = lane / 4, pair = 2 * (lane % 4);
+    for (int q = 0; q < 4; ++q) {
+      const int row = group + (q >= 2 ? 8 : 0), col = pair + (q & 1);
+      double sum = f.mma_acc[q];
+      for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+      f.mma_acc[q] = static_cast<float>(sum);
+    }
+  }
 }
 
 inline void entry() {
@@ -201,29 +275,49 @@ inline std::string where(int b, int warp = -1) {
   return warp >= 0 ? block + " warp " + std::to_string(warp) : block;
 }
 
-// Completes the shuffle of every warp whose lanes wait at one; false when none does.
+// A warp-wide exchange (`what`) completes only when every lane of the warp waits at it, with
+// the same kind of operands (`key` of each lane).
+template <typename Key>
+void require_whole_warp(const Fiber* lanes, size_t waiting, const char* what, Key key, int b,
+                        size_t w) {
+  const std::string at = where(b, static_cast<int>(w)) + ": ";
+  if (waiting != kWarpSize) {
+    throw std::runtime_error(at + std::to_string(waiting) + " of " + std::to_string(kWarpSize) +
+                             " lanes wait at " + what + ", the others do not");
+  }
+  for (size_t l = 1; l < kWarpSize; ++l) {
+    if (key(lanes[l]) != key(lanes[0])) {
+      throw std::runtime_error(at + "lanes meet at " + what + " with operands of different types");
+    }
+  }
+}
+
+// Completes the shuffle or mma of every warp whose lanes wait at one; false when none does.
 inline bool complete_shuffles(std::vector<Fiber>& fibers, int b) {
   bool any = false;
   for (size_t w = 0; w * kWarpSize < fibers.size(); ++w) {
     Fiber* lanes = &fibers[w * kWarpSize];
     const size_t lane_count = std::min<size_t>(kWarpSize, fibers.size() - w * kWarpSize);
-    size_t waiting = 0;
-    for (size_t l = 0; l < lane_count; ++l) waiting += lanes[l].state == State::kShuffle;
-    if (waiting == 0) continue;
-    if (waiting != kWarpSize) {
-      throw std::runtime_error(where(b, static_cast<int>(w)) + ": " + std::to_string(waiting) +
-                               " of " + std::to_string(kWarpSize) +
-                               " lanes wait at __shfl_down_sync, the others do not");
-    }
+    size_t at_shuffle = 0, at_mma = 0;
     for (size_t l = 0; l < lane_count; ++l) {
-      if (lanes[l].shuffle_bytes != lanes[0].shuffle_bytes) {
-        throw std::runtime_error(where(b, static_cast<int>(w)) +
-                                 ": lanes shuffle values of different types");
-      }
-      const size_t source = l + lanes[l].shuffle_delta;
-      lanes[l].shuffle_result = lanes[source < kWarpSize ? source : l].shuffle_offer;
+      at_shuffle += lanes[l].state == State::kShuffle;
+      at_mma += lanes[l].state == State::kMma;
     }
-    for (size_t l = 0; l < lane_count; ++l) lanes[l].state = State::kReady;
+    if (at_mma > 0) {
+      require_whole_warp(lanes, at_mma, "mma.sync", [](const Fiber& f) { return f.mma_bfloat16; },
+                         b, w);
+      complete_mma(lanes);
+    } else if (at_shuffle > 0) {
+      require_whole_warp(lanes, at_shuffle, "__shfl_down_sync",
+                         [](const Fiber& f) { return f.shuffle_bytes; }, b, w);
+      for (size_t l = 0; l < kWarpSize; ++l) {
+        const size_t source = l + lanes[l].shuffle_delta;
+        lanes[l].shuffle_result = lanes[source < kWarpSize ? source : l].shuffle_offer;
+      }
+    } else {
+      continue;
+    }
+    for (size_t l = 0; l < kWarpSize; ++l) lanes[l].state = State::kReady;
     any = true;
   }
   return any;
@@ -344,6 +438,8 @@ void launch_kernel(void (*kernel)(Params...), int blocks, int threads, Order ord
 #define blockDim (::emu::machine().block_dim)
 #define gridDim (::emu::machine().grid_dim)
 inline void __syncthreads() { ::emu::wait(::emu::State::kBlockBarrier); }
+// the device's trap: the emulated kernel stops with an error (fail)
+[[noreturn]] inline void __trap() { ::emu::fail("emulator: __trap()"); }
 
 template <typename T>
 T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = ::emu::kWarpSize) {

@@ -9,6 +9,11 @@
 // the backward kernel, each in three scheduling orders (forward, reverse, shuffled). Checks:
 // every output written (outputs start as NaN), close to the reference (|d| <= 1e-4 + 1e-4|ref|),
 // the three orders bit-identical (a difference means a race between barriers).
+//
+// Every case also runs the 16-bit kernels (the tensor-core product, emulated mma.sync), in
+// bfloat16 ("-bf16") and float16 ("-fp16"): W_hh and h0 are 16-bit values, the reference
+// rounds h[t-1] and dG[t] to 16 bits before they multiply W_hh, as the kernels do, and the
+// tolerance is a 16-bit one (the kernels' dG output is itself rounded to 16 bits).
 #include "cuda_emulation.h"
 #include "emulator_harness.h"
 
@@ -36,7 +41,24 @@ struct Case {
   int64_t sm_count = 4;
   int64_t avail_forward = 0;     // > 0: shared memory = W slice + state + this (forces chunks)
   int64_t avail_backward = 0;
+  Operand op = Operand::kFloat32;
+  bool unaligned_dgates = false;  // 16-bit: dG one value off 8 bytes (scalar staging)
 };
+
+int64_t operand_bytes(Operand op) { return op == Operand::kFloat32 ? 4 : 2; }
+
+// A float32 value as the 16-bit operand of `op` sees it (unchanged for float32).
+double operand_value(Operand op, double value) {
+  if (op == Operand::kFloat32) return value;
+  const bool bf16 = op == Operand::kBFloat16;
+  const uint16_t bits =
+      round_bits16(bf16 ? Bits16::kBFloat16 : Bits16::kFloat16, static_cast<float>(value));
+  return emu::bits16_value(bits, bf16);
+}
+
+uint16_t bits_of(Operand op, float value) {
+  return round_bits16(op == Operand::kBFloat16 ? Bits16::kBFloat16 : Bits16::kFloat16, value);
+}
 
 struct Layout {
   int64_t steps = 0, batch = 0, rows = 0;
@@ -74,8 +96,10 @@ Layout layout_of(const Case& c) {
 double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 struct Problem {
+  Operand op;
   int64_t H, B, N, T, ld, col;
   std::vector<float> gx, bias, w, h0, c0, gy, dh_n, dc_n;  // bias empty: none
+  std::vector<uint16_t> w16;  // 16-bit kernels: W_hh's bits (w holds their values)
 };
 
 // float64 reference of one direction's forward: activated gates, cells, output columns, h_n, c_n.
@@ -95,7 +119,8 @@ ForwardRef forward_reference(const Problem& p, const Layout& l, bool reverse) {
     for (int64_t b = 0; b < rows; ++b) {
       std::vector<double> hp(H);
       for (int64_t k = 0; k < H; ++k) {
-        hp[k] = b < cont ? r.output[(l.offsets[prev] + b) * H + k] : p.h0[b * H + k];
+        hp[k] = operand_value(
+            p.op, b < cont ? r.output[(l.offsets[prev] + b) * H + k] : p.h0[b * H + k]);
       }
       for (int64_t j = 0; j < H; ++j) {
         double pre[4];
@@ -158,7 +183,7 @@ BackwardRef backward_reference(const Problem& p, const Layout& l, bool reverse, 
       for (int64_t j = 0; j < H; ++j) {
         double acc = 0;
         for (int64_t k = 0; k < 4 * H; ++k) {
-          acc += r.dgates[(off + b) * 4 * H + k] * double(p.w[k * H + j]);
+          acc += operand_value(p.op, r.dgates[(off + b) * 4 * H + k]) * double(p.w[k * H + j]);
         }
         dh[b * H + j] = acc;
       }
@@ -169,16 +194,23 @@ BackwardRef backward_reference(const Problem& p, const Layout& l, bool reverse, 
   return r;
 }
 
-const double kTol = 1e-4;  // float kernels against the float64 reference
+// float kernels against the float64 reference; the 16-bit kernels' outputs carry rounding
+// differences of their operands (2^-9 relative in bfloat16, 2^-12 in float16) and dG is
+// compared as the 16 bits the kernel writes
+double tolerance(Operand op) {
+  return op == Operand::kFloat32 ? 1e-4 : op == Operand::kBFloat16 ? 1e-2 : 2e-3;
+}
 
 const int64_t kSmemLarge = 232448;  // an H100's opt-in shared memory per block
 
 persistent::Plan plan_for(const Case& c, int64_t batch, bool backward) {
-  persistent::Plan p = persistent::plan(backward, c.hidden, batch, c.sm_count, kSmemLarge, 1);
+  const int64_t bytes = operand_bytes(c.op);
+  persistent::Plan p =
+      persistent::plan(backward, c.hidden, batch, c.sm_count, kSmemLarge, 1, bytes);
   const int64_t avail = backward ? c.avail_backward : c.avail_forward;
   if (avail > 0 && p.ok) {
-    const int64_t smem = 4 * (p.w_rows * p.w_pitch + p.state_floats + avail);
-    p = persistent::plan(backward, c.hidden, batch, c.sm_count, smem, 1);
+    const int64_t smem = 4 * (p.stage_offset + p.state_floats + avail);  // W slice at 0
+    p = persistent::plan(backward, c.hidden, batch, c.sm_count, smem, 1, bytes);
   }
   return p;
 }
@@ -205,10 +237,14 @@ bool emulate_launch(const Args& a, const persistent::Plan& plan, emu::Order orde
   return true;
 }
 
-std::string run_case(const Case& c, std::string& info) {
+template <Operand kOp>
+std::string run_case_as(const Case& c, std::string& info) {
   const Layout l = layout_of(c);
+  const double kTol = tolerance(kOp);
+  constexpr bool k16 = kOp != Operand::kFloat32;
   std::mt19937 rng(1234);
   Problem p;
+  p.op = kOp;
   p.H = c.hidden;
   p.B = l.batch;
   p.N = l.rows;
@@ -224,6 +260,13 @@ std::string run_case(const Case& c, std::string& info) {
   p.gy = randn(rng, N * p.ld, 1.0);
   p.dh_n = randn(rng, B * H, 1.0);
   p.dc_n = randn(rng, B * H, 1.0);
+  if (k16) {  // W_hh and h0 as 16-bit values (h0 reaches the kernel in fp32, exactly)
+    for (float& v : p.w) {
+      p.w16.push_back(bits_of(kOp, v));
+      v = static_cast<float>(emu::bits16_value(p.w16.back(), kOp == Operand::kBFloat16));
+    }
+    for (float& v : p.h0) v = static_cast<float>(operand_value(kOp, v));
+  }
   const float nan = std::nanf("");
   SequenceShape shape{l.steps, l.batch, H, l.batch_sizes.data(), l.offsets.data(), c.reverse};
 
@@ -242,7 +285,8 @@ std::string run_case(const Case& c, std::string& info) {
     static_cast<SequenceShape&>(a) = shape;
     a.gates = gates.data();
     a.bias = p.bias.empty() ? nullptr : p.bias.data();
-    a.w_hh = p.w.data();
+    a.w_hh = k16 ? nullptr : p.w.data();
+    a.w_hh_16bit = k16 ? p.w16.data() : nullptr;
     a.h0 = h.data();
     a.hidden_state = h.data();
     a.cell_state = cstate.data();
@@ -250,7 +294,7 @@ std::string run_case(const Case& c, std::string& info) {
     a.output = output.data() + p.col;
     a.output_stride = p.ld;
     if (!emulate_launch<ForwardParams>(a, fplan, order, 7, fill_forward_params,
-                                       persistent_forward_kernel)) return "segments";
+                                       persistent_forward_kernel<kOp>)) return "segments";
     std::string e;
     if (!(e = compare("gates", gates, fref.gates, kTol)).empty()) return "forward: " + e;
     if (!(e = compare("cells", cells, fref.cells, kTol)).empty()) return "forward: " + e;
@@ -282,6 +326,10 @@ std::string run_case(const Case& c, std::string& info) {
   std::vector<float> first_bwd;
   for (emu::Order order : kOrders) {
     std::vector<float> dgates(N * 4 * H, nan), dh = p.dh_n, dc = p.dc_n;
+    // 16-bit: dG's bits, NaN (0xffff in both formats) until written, optionally one value
+    // past an 8-byte boundary
+    const int64_t shift = c.unaligned_dgates ? 1 : 0;
+    std::vector<uint16_t> dgates16(k16 ? N * 4 * H + shift : 0, 0xffff);
     BackwardSequenceArgs<float> a;
     static_cast<SequenceShape&>(a) = shape;
     a.gates = gates_out.data();
@@ -289,12 +337,20 @@ std::string run_case(const Case& c, std::string& info) {
     a.c0 = p.c0.data();
     a.grad_output = c.grad_output ? p.gy.data() + p.col : nullptr;
     a.grad_output_stride = p.ld;
-    a.w_hh = p.w.data();
+    a.w_hh = k16 ? nullptr : p.w.data();
+    a.w_hh_16bit = k16 ? p.w16.data() : nullptr;
     a.dhidden = dh.data();
     a.dcell = dc.data();
-    a.dgates = dgates.data();
+    a.dgates = k16 ? nullptr : dgates.data();
+    a.dgates_16bit = k16 ? dgates16.data() + shift : nullptr;
     if (!emulate_launch<BackwardParams>(a, bplan, order, 11, fill_backward_params,
-                                        persistent_backward_kernel)) return "segments";
+                                        persistent_backward_kernel<kOp>)) return "segments";
+    if (k16) {
+      for (int64_t e = 0; e < N * 4 * H; ++e) {
+        dgates[e] = static_cast<float>(
+            emu::bits16_value(dgates16[shift + e], kOp == Operand::kBFloat16));
+      }
+    }
     std::string e;
     if (!(e = compare("dgates", dgates, bref.dgates, kTol)).empty()) return "backward: " + e;
     if (!(e = compare("dh0", dh, bref.dh0, kTol)).empty()) return "backward: " + e;
@@ -309,7 +365,15 @@ std::string run_case(const Case& c, std::string& info) {
   return "";
 }
 
-std::vector<Case> cases() {
+std::string run_case(const Case& c, std::string& info) {
+  switch (c.op) {
+    case Operand::kBFloat16: return run_case_as<Operand::kBFloat16>(c, info);
+    case Operand::kFloat16: return run_case_as<Operand::kFloat16>(c, info);
+    default: return run_case_as<Operand::kFloat32>(c, info);
+  }
+}
+
+std::vector<Case> float32_cases() {
   std::vector<Case> v;
   // 3 blocks of 8 units; one chunk of everything.
   v.push_back({"seq", 24, {5, 5, 5}});
@@ -322,6 +386,7 @@ std::vector<Case> cases() {
   // H % 4 != 0: scalar staging, zero padding of K; the last block has 5 of 8 units
   Case odd{"odd-hidden", 13, {4, 4}, true, 2};
   odd.sm_count = 3;
+  odd.unaligned_dgates = true;
   v.push_back(odd);
   Case b1{"batch-1", 24, {7}};
   v.push_back(b1);
@@ -354,6 +419,22 @@ std::vector<Case> cases() {
   Case big{"big-batch", 8, std::vector<int64_t>(600, 2)};
   big.sm_count = 2;
   v.push_back(big);
+  return v;
+}
+
+// Each case in float32, then with the 16-bit kernels in bfloat16 and float16.
+std::vector<Case> cases() {
+  std::vector<Case> v;
+  for (const Case& c : float32_cases()) {
+    v.push_back(c);
+    for (auto [op, suffix] : {std::pair{Operand::kBFloat16, "-bf16"},
+                              std::pair{Operand::kFloat16, "-fp16"}}) {
+      Case sixteen = c;
+      sixteen.name += suffix;
+      sixteen.op = op;
+      v.push_back(sixteen);
+    }
+  }
   return v;
 }
 
