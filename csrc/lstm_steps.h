@@ -133,6 +133,14 @@ struct BackwardStepArgs {
   // written with dgates (no pass of its own).
   uint16_t* dgates_16bit = nullptr;
   Bits16 format_16bit = Bits16::kBFloat16;
+  // The hidden-gradient step folded in (the plain cell without a projection, clipping off or
+  // by value, no telemetry; the driver then skips StepKernels::hidden_grad): grad_r holds
+  // dh_next, and the kernel uses dh[t] = dh_next + grad_output[t] in its place, clamped to
+  // [-clip, clip] with kClipValue (as HiddenGradStepArgs would have made it). dh[t] is not
+  // written back: the next product overwrites dhidden with dh_next of step t-1.
+  bool fold_hidden_grad = false;
+  const T* grad_output = nullptr;  // [rows, >=H] row stride grad_output_stride; null: zeros
+  int64_t grad_output_stride = 0;
 };
 
 // The recurrent part of dL/dh[t-1] from step t, with recurrent dropout and/or zoneout of h:

@@ -152,7 +152,8 @@ def test_sizes_offsets_and_strides_are_64_bit():
     # flags, not sizes
     flags = {("StepVariants", "variants"): "unsigned", ("RecurrentGradStepArgs", "zoneout"): "bool",
              ("ForwardStepArgs", "format_16bit"): "Bits16",
-             ("BackwardStepArgs", "format_16bit"): "Bits16"}
+             ("BackwardStepArgs", "format_16bit"): "Bits16",
+             ("BackwardStepArgs", "fold_hidden_grad"): "bool"}
     wrong = {key: typ for key, typ in fields.items()
              if typ not in allowed and flags.get(key) != typ}
     assert not wrong, f"not 64-bit: {wrong}"

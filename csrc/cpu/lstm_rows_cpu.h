@@ -238,17 +238,22 @@ inline T hidden_grad_row(T* dhidden, const T* grad_output, T clip, int64_t j0, i
 // Backward of one row: dc, the gate gradients and the carried dc*f; returns the sum of
 // squares of dc when kSums (else 0). With kClip == kClipNorm it runs twice: first
 // (kFirstPass) it only stores the unclipped dc in dcell; then, with the scale known, it reads
-// that dc back and finishes.
+// that dc back and finishes. fold: grad_r is dh_next, and dL/dr = dh_next + grad_output
+// (grad_output may be null), clamped with kClipValue (BackwardStepArgs::fold_hidden_grad).
 template <typename T, int64_t kClip, bool kFirstPass, bool kSums>
 inline T backward_row(const T* gates, int64_t H, const T* cell, const T* cell_prev,
                       const T* grad_r, T* dcell, T* dgates, T clip, T scale, int64_t j0,
-                      int64_t j1) {
+                      int64_t j1, bool fold = false, const T* grad_output = nullptr) {
   T row_sum = 0;
   for_each_vector<T>(j0, j1, [&](const auto& lane, int64_t j) {
     using V = Vectorized<T>;
     GateValues<V> act{lane.load(gates + j), lane.load(gates + H + j), lane.load(gates + 2 * H + j),
                       lane.load(gates + 3 * H + j)};
     V dr = lane.load(grad_r + j);
+    if (fold) {
+      if (grad_output) dr = dr + lane.load(grad_output + j);
+      if constexpr (kClip == kClipValue) dr = clamp_gradient(dr, V(clip));
+    }
     V tanh_cell;
     V dc;
     if constexpr (kClip == kClipNorm && !kFirstPass) {

@@ -112,9 +112,13 @@ T backward_step_row(const BackwardStepArgs<T>& args, int64_t r, T scale) {
   const int64_t H = args.hidden;
   const T* cell_prev =
       r < args.prev_split ? args.cells_prev + r * H : args.cell_initial + r * H;
+  const T* grad_output = args.fold_hidden_grad && args.grad_output
+                            ? args.grad_output + r * args.grad_output_stride
+                            : nullptr;
   return backward_row<T, kClip, kFirstPass, kSums>(
       args.gates + r * 4 * H, H, args.cells + r * H, cell_prev, args.grad_r + r * H,
-      args.dcell + r * H, args.dgates + r * 4 * H, args.clip, scale, 0, H);
+      args.dcell + r * H, args.dgates + r * 4 * H, args.clip, scale, 0, H,
+      args.fold_hidden_grad, grad_output);
 }
 
 template <typename T, int64_t kClip, bool kSumSquares>
@@ -312,6 +316,8 @@ struct Backward {
   static void run(const BackwardStepArgs<T>& args) {
     // kCellMaskedHidden plays no part in the backward step
     const unsigned variants = args.variant.variants & ~unsigned(kCellMaskedHidden);
+    TORCH_INTERNAL_ASSERT(!args.fold_hidden_grad || (variants == kCellPlain && kClip != kClipNorm),
+                          "lstm_fused: the hidden-gradient step folded in where it cannot be");
     if (variants == kCellPlain) return backward_impl<T, kClip, kSumSquares>(args);
     dispatch_variants<Impl>(variants, args);
   }

@@ -247,7 +247,11 @@ void dispatch_backward(const BackwardStepArgs<T>& args) {
 template <typename T>
 void backward_step(const BackwardStepArgs<T>& args) {
   check_clip_mode(args.clip_mode);
+  TORCH_INTERNAL_ASSERT(!args.fold_hidden_grad || args.clip_mode != kClipNorm,
+                        "lstm_fused: the hidden-gradient step folded in with norm clipping");
   if ((args.variant.variants & ~unsigned(kCellMaskedHidden)) != kCellPlain) {
+    TORCH_INTERNAL_ASSERT(!args.fold_hidden_grad,
+                          "lstm_fused: the hidden-gradient step folded into a variant kernel");
     return backward_variants_step(args);
   }
   backward_vectorizable(args) ? dispatch_backward<T, kVec<T>>(args)

@@ -248,7 +248,18 @@ __device__ __forceinline__ T backward_element(const BackwardStepArgs<T>& args, i
   const int64_t idx = row * H + col;
   T* dcell_ptr = args.dcell + idx;
   const Pack<T, VEC> cell = load<T, VEC>(args.cells + idx);
-  const Pack<T, VEC> grad_r = load<T, VEC>(args.grad_r + idx);
+  Pack<T, VEC> grad_r = load<T, VEC>(args.grad_r + idx);
+  if (args.fold_hidden_grad) {  // dh[t] = dh_next + dy[t], clamped (the hidden-gradient step)
+    if (args.grad_output != nullptr) {
+      const Pack<T, VEC> dy = load<T, VEC>(args.grad_output + row * args.grad_output_stride + col);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) grad_r.v[k] = grad_r.v[k] + dy.v[k];
+    }
+    if constexpr (kClip == kClipValue) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) grad_r.v[k] = clamp_gradient(grad_r.v[k], args.clip);
+    }
+  }
   const Pack<T, VEC> dcell_in = load<T, VEC>(dcell_ptr);
   const Pack<T, VEC> gate_o = load<T, VEC>(gates + 3 * H);
   T sum = 0;
@@ -387,8 +398,11 @@ bool backward_vectorizable(const BackwardStepArgs<T>& args) {
   // cells_prev / cell_initial may be null when no row reads them.
   const bool prev_ok = args.prev_split == 0 || aligned(args.cells_prev);
   const bool initial_ok = args.prev_split >= args.rows || aligned(args.cell_initial);
+  const bool output_ok = !args.fold_hidden_grad || args.grad_output == nullptr ||
+                         (aligned(args.grad_output) && args.grad_output_stride % V == 0);
   return args.hidden % V == 0 && aligned(args.gates) && aligned(args.cells) && prev_ok &&
-         initial_ok && aligned(args.grad_r) && aligned(args.dcell) && aligned(args.dgates);
+         initial_ok && aligned(args.grad_r) && aligned(args.dcell) && aligned(args.dgates) &&
+         output_ok;
 }
 
 // ------------------------------------------------------------------------------------------
