@@ -2,12 +2,14 @@
 // values rounded to bfloat16 or IEEE float16 bits, to nearest, ties to even, as torch's
 // `.to(torch.bfloat16)` / `.to(torch.float16)` round (c10::BFloat16, c10::Half): NaN stays NaN
 // (bfloat16: 0x7FC0, float16: sign | 0x7E00), overflow gives infinity, float16 has subnormals.
+// Also TF32's rounding (tf32_round), for the tensor-core product of float32 layers.
 // No torch headers: compiled by nvcc into the gate kernels (lstm_steps_kernels.cuh)
 // and run on the CPU by its emulator, which checks it against the definition.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "lstm_cell.h"  // LSTM_HD
 
@@ -15,14 +17,34 @@ namespace lstm_fused {
 
 enum class Bits16 : int { kBFloat16 = 0, kFloat16 = 1 };
 
-LSTM_HD uint32_t float_bits(float value) {
+// The bits of a float and the float of bits.
+template <typename To, typename From>
+LSTM_HD To same_bits_as(From value) {
+  static_assert(sizeof(To) == sizeof(From), "same size");
 #ifdef __CUDA_ARCH__
-  return __float_as_uint(value);
+  if constexpr (sizeof(To) == 4 && std::is_same_v<From, float>) {
+    return __float_as_uint(value);
+  } else {
+    return __uint_as_float(value);
+  }
 #else
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
-  return bits;
+  To out;
+  std::memcpy(&out, &value, sizeof out);
+  return out;
 #endif
+}
+
+LSTM_HD uint32_t float_bits(float value) { return same_bits_as<uint32_t>(value); }
+LSTM_HD float float_of_bits(uint32_t bits) { return same_bits_as<float>(bits); }
+
+// A float32 value rounded to TF32 (10 mantissa bits; the low 13 bits of the result are zero),
+// to nearest with ties away from zero, as cvt.rna.tf32.f32 and cuBLAS's TF32 mode round the
+// operands of the tensor cores (the persistent kernels' TF32 product). NaN stays NaN, and a
+// value past the largest TF32 rounds to infinity.
+LSTM_HD float tf32_round(float value) {
+  const uint32_t x = float_bits(value);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return value;  // NaN
+  return float_of_bits((x + 0x1000u) & 0xffffe000u);
 }
 
 LSTM_HD uint16_t bfloat16_bits(float value) {

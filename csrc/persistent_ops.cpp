@@ -10,7 +10,8 @@
 //                                                             forward declines, backward declines]
 //   lstm_fused::persistent_plan(int hidden, int batch, int sm_count, int smem_per_block,
 //                               int max_blocks_per_sm, bool backward=False,
-//                               bool policy=False, int operand_bytes=4) -> int[]
+//                               bool policy=False, int product=0) -> int[]
+//                               (product: persistent::Product, 0 FMA, 1 TF32, 2 16-bit)
 //   lstm_fused::cuda_persistent_would_launch(int hidden, int batch, bool backward,
 //                                            bool operands_16bit=False) -> bool
 //                                                             (CUDA builds; current device)
@@ -52,14 +53,15 @@ std::atomic<int64_t> backward_declines{0};
 
 std::vector<int64_t> plan_op(int64_t hidden, int64_t batch, int64_t sm_count,
                              int64_t smem_per_block, int64_t max_blocks_per_sm, bool backward,
-                             bool policy, int64_t operand_bytes) {
-  TORCH_CHECK(operand_bytes == 4 || operand_bytes == 2,
-              "persistent_plan: operand_bytes must be 4 (float32) or 2 (16-bit), got ",
-              operand_bytes);
+                             bool policy, int64_t product_code) {
+  TORCH_CHECK(product_code >= 0 && product_code <= 2,
+              "persistent_plan: product must be 0 (FMA), 1 (TF32) or 2 (16-bit), got ",
+              product_code);
+  const Product product = static_cast<Product>(product_code);
   return plan_fields(policy ? launch_plan(backward, hidden, batch, sm_count, smem_per_block,
-                                          max_blocks_per_sm, operand_bytes)
+                                          max_blocks_per_sm, product)
                             : plan(backward, hidden, batch, sm_count, smem_per_block,
-                                   max_blocks_per_sm, operand_bytes));
+                                   max_blocks_per_sm, product));
 }
 
 std::vector<int64_t> steps_op(std::vector<int64_t> batch_sizes, bool reverse, bool backward) {
@@ -119,7 +121,7 @@ TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   });
   m.def(
       "persistent_plan(int hidden, int batch, int sm_count, int smem_per_block, "
-      "int max_blocks_per_sm, bool backward=False, bool policy=False, int operand_bytes=4) "
+      "int max_blocks_per_sm, bool backward=False, bool policy=False, int product=0) "
       "-> int[]",
       &persistent::plan_op);
   m.def("persistent_steps(int[] batch_sizes, bool reverse, bool backward) -> int[]",

@@ -302,6 +302,35 @@ def test_16bit_mode_on_tensor_cores_matches_the_cpu_replay(dtype, kind, path):
         assert err < 0.1 * eps, f"result {k}: relative error {err:.3g} ({err / eps:.3g} eps)"
 
 
+@pytest.mark.parametrize("kind", ["seq", "packed"])
+def test_persistent_tf32_follows_allow_tf32(kind):
+    """With torch.backends.cuda.matmul.allow_tf32 set, a float32 layer's persistent kernels
+    multiply on the tensor cores in TF32 (mma.sync m16n8k8, operands rounded as cvt.rna
+    does), as the per-step path's cuBLAS calls then do: every pass still launches them, and
+    the results stay within TF32's error (10 mantissa bits) of the same layer on the CPU."""
+    torch.manual_seed(0)
+    m = lstm_fused.LSTM(12, 40, num_layers=2, bidirectional=True, device=CUDA)
+    m_cpu = copy.deepcopy(m).cpu()
+    old = OPS.set_cuda_persistent(True)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert all(OPS.cuda_persistent_would_launch(40, 5, backward) for backward in (False, True))
+        torch.manual_seed(1)
+        with _Launches() as n:
+            gpu = _run(m, KINDS[kind][0], KINDS[kind][2], CUDA, torch.float32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        OPS.set_cuda_persistent(old)
+    assert (n.forward, n.backward, n.declined) == (4, 4, (0, 0))  # 2 layers x 2 directions
+    torch.manual_seed(1)
+    cpu = _run(m_cpu, KINDS[kind][0], KINDS[kind][2], "cpu", torch.float32)
+    for k, (a, b) in enumerate(zip(_ordered(m, gpu[3], gpu[1], gpu[2]),
+                                   _ordered(m_cpu, cpu[3], cpu[1], cpu[2]))):
+        a, b = a.cpu().double(), b.double()
+        err = ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
+        assert err < 1e-2, f"result {k}: relative error {err:.3g}"
+
+
 def test_gradcheck_module_float64():
     torch.manual_seed(0)
     m = lstm_fused.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, device=CUDA,

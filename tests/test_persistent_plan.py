@@ -1,8 +1,8 @@
 """Host-side arithmetic of the persistent CUDA kernels, on the CPU (every build has these ops).
 
 - `lstm_fused::persistent_plan`: units per block, blocks, warp tiles, K slices and chunks,
-  shared-memory layout, and whether it fits (csrc/cuda/persistent_plan.h), for float32
-  operands and for the 16-bit ones of the tensor-core kernels (operand_bytes=2);
+  shared-memory layout, and whether it fits (csrc/cuda/persistent_plan.h), for each way a
+  block multiplies (`product`: FMA, TF32 or 16-bit tensor-core products);
 - `lstm_fused::persistent_steps`: the kernels' walk over (packed) batch sizes;
 - `lstm_fused::set_cuda_persistent` / `cuda_persistent_enabled` / `cuda_persistent_stats`:
   the switch (off unless LSTM_FUSED_CUDA_PERSISTENT=1) and the launch counters.
@@ -23,10 +23,12 @@ ops = torch.ops.lstm_fused
 FIELDS = ["ok", "reason", "units", "blocks", "threads", "col_tiles", "row_tiles", "rows_chunk",
           "k_slices", "k_total", "k_chunk", "k_chunks", "w_rows", "w_pitch", "stage_pitch",
           "partial_cols", "region_floats", "state_floats", "stage_offset", "state_offset",
-          "smem_bytes", "operand_bytes"]
+          "smem_bytes", "product", "operand_bytes"]
 REASONS = {0: "none", 1: "invalid size", 2: "column tiles", 3: "shared memory",
            4: "backward batch"}
 BACKWARD_MAX_BATCH = 128  # persistent_plan.h kBackwardMaxBatch
+FMA, TF32, BITS16 = 0, 1, 2  # persistent::Product
+K_GRANULE = {FMA: 4, TF32: 8, BITS16: 16}  # one 16-byte load of floats; K of one mma.sync
 WARPS, THREADS, TILE_ROWS = 16, 512, 16
 TILE_COLS = {False: 16, True: 8}  # forward 16x16 warp tiles, backward 16x8
 
@@ -36,22 +38,22 @@ A100 = (108, 166912)
 SMALL = (4, 49152)
 
 
-def plan(hidden, batch, device=H100, backward=False, blocks_per_sm=1, operand_bytes=4):
+def plan(hidden, batch, device=H100, backward=False, blocks_per_sm=1, product=FMA):
     values = ops.persistent_plan(hidden, batch, device[0], device[1], blocks_per_sm, backward,
-                                 operand_bytes=operand_bytes)
+                                 product=product)
     assert len(values) == len(FIELDS)
     return dict(zip(FIELDS, values))
 
 
-def check_invariants(p, hidden, batch, device, backward, blocks_per_sm=1, operand_bytes=4):
+def check_invariants(p, hidden, batch, device, backward, blocks_per_sm=1, product=FMA):
     """Everything the kernels rely on, for a plan that fits. Pitches count values of the
     operands (floats, or 16-bit values); regions and offsets count floats."""
     sm_count, smem = device
     U, G = p["units"], p["blocks"]
     assert p["ok"] == 1 and p["reason"] == 0
-    assert p["operand_bytes"] == operand_bytes
-    granule = 4 if operand_bytes == 4 else 16  # K of one FMA vector / one mma.sync m16n8k16
-    per_float = 4 // operand_bytes
+    assert p["product"] == product and p["operand_bytes"] == (2 if product == BITS16 else 4)
+    granule = K_GRANULE[product]
+    per_float = 4 // p["operand_bytes"]
     assert p["threads"] == THREADS
     # every unit in exactly one block; the last block is not empty
     assert U >= 1 and G * U >= hidden and (G - 1) * U < hidden
@@ -90,15 +92,15 @@ HIDDEN = [1, 2, 3, 5, 8, 13, 16, 17, 31, 64, 100, 128, 255, 256, 257, 384, 512, 
 BATCH = [1, 2, 15, 16, 17, 64, 100, 512, 600, 4096]
 
 
-@pytest.mark.parametrize("operand_bytes", [4, 2], ids=["fp32", "16bit"])
+@pytest.mark.parametrize("product", [FMA, TF32, BITS16], ids=["fma", "tf32", "16bit"])
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
 @pytest.mark.parametrize("device", [H100, A100, SMALL], ids=["h100", "a100", "small"])
-def test_invariants_over_a_sweep(device, backward, operand_bytes):
+def test_invariants_over_a_sweep(device, backward, product):
     fits = 0
     for hidden, batch in itertools.product(HIDDEN, BATCH):
-        p = plan(hidden, batch, device, backward, operand_bytes=operand_bytes)
+        p = plan(hidden, batch, device, backward, product=product)
         if p["ok"]:
-            check_invariants(p, hidden, batch, device, backward, operand_bytes=operand_bytes)
+            check_invariants(p, hidden, batch, device, backward, product=product)
             fits += 1
         else:
             assert REASONS[p["reason"]] in ("column tiles", "shared memory"), (hidden, batch, p)
@@ -136,20 +138,25 @@ def test_16bit_operands_fit_a_larger_hidden_size(backward):
     or H200 (132 SMs, 227 KB per block) at batch 16, against 1280 in float32."""
     for hidden in (1536, 1792):
         assert not plan(hidden, 16, backward=backward)["ok"], hidden
-        p = plan(hidden, 16, backward=backward, operand_bytes=2)
-        check_invariants(p, hidden, 16, H100, backward, operand_bytes=2)
-    p = plan(2048, 16, backward=backward, operand_bytes=2)
+        p = plan(hidden, 16, backward=backward, product=BITS16)
+        check_invariants(p, hidden, 16, H100, backward, product=BITS16)
+    p = plan(2048, 16, backward=backward, product=BITS16)
     assert not p["ok"] and REASONS[p["reason"]] == "shared memory"
-    # the headline row: the same tiles as in float32, K in steps of 16
-    f32, f16 = plan(768, 16, backward=backward), plan(768, 16, backward=backward, operand_bytes=2)
-    for key in ("units", "blocks", "col_tiles", "row_tiles", "k_slices", "partial_cols"):
-        assert f32[key] == f16[key], key
-    assert f16["smem_bytes"] < f32["smem_bytes"]
+    # the headline row: the same tiles as with FMA, K in steps of 16 (TF32: 8)
+    fma = plan(768, 16, backward=backward)
+    for product in (TF32, BITS16):
+        other = plan(768, 16, backward=backward, product=product)
+        for key in ("units", "blocks", "col_tiles", "row_tiles", "k_slices", "partial_cols"):
+            assert fma[key] == other[key], (product, key)
+    assert plan(768, 16, backward=backward, product=BITS16)["smem_bytes"] < fma["smem_bytes"]
+    # TF32 keeps float32 values in shared memory: what fits is what fits with FMA
+    assert plan(1280, 16, backward=backward, product=TF32)["ok"]
+    assert not plan(1536, 16, backward=backward, product=TF32)["ok"]
 
 
-def test_operand_bytes_must_be_4_or_2():
-    with pytest.raises(RuntimeError, match="operand_bytes must be 4"):
-        ops.persistent_plan(16, 16, 132, 232448, 1, False, operand_bytes=8)
+def test_product_must_be_known():
+    with pytest.raises(RuntimeError, match="product must be 0"):
+        ops.persistent_plan(16, 16, 132, 232448, 1, False, product=3)
 
 
 @pytest.mark.parametrize("hidden", [999, 1000, 13, 257, 771])

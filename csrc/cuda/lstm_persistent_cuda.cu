@@ -1,7 +1,8 @@
 // CUDA kernels, stage 2: persistent recurrent kernels, host side. One cooperative launch runs
 // all T steps of one direction (forward), or its whole reverse-time loop (backward): float32
-// layers on fp32 FMA, and bfloat16 / float16 layers in the 16-bit GEMM mode on the tensor
-// cores (from compute capability 8.0). The kernels and their design are in
+// layers on fp32 FMA, or on the tensor cores in TF32 while torch.backends.cuda.matmul.
+// allow_tf32 is set (as the per-step path's cuBLAS calls), and bfloat16 / float16 layers in
+// the 16-bit GEMM mode on the tensor cores (both from compute capability 8.0). The kernels and their design are in
 // lstm_persistent_kernels.cuh; the partition
 // arithmetic (units per block, shared-memory layout, chunking) and the step walker over packed
 // batch sizes in persistent_plan.h, tested on the CPU.
@@ -34,12 +35,6 @@ namespace {
 
 constexpr int kMaxDevices = 64;
 
-// The kernel of a pass and operand kind, and the bytes of its operands (persistent::plan).
-template <Operand kOp>
-constexpr int64_t operand_bytes() {
-  return kOp == Operand::kFloat32 ? 4 : 2;
-}
-
 // The plan for this device, or ok = false: persistent::launch_plan (geometry and speed policy),
 // then what only the device can say (cooperative launch, tensor cores for 16-bit operands, the
 // shared-memory opt-in, occupancy). Clears any error a failed query left behind, so that a
@@ -49,11 +44,10 @@ persistent::Plan plan_launch(bool backward, int64_t hidden, int64_t batch) {
   persistent::Plan none;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   if (!prop->cooperativeLaunch) return none;
-  if (kOp != Operand::kFloat32 && prop->major < 8) return none;  // mma.sync m16n8k16: sm_80
+  if (kOp != Operand::kFloat32 && prop->major < 8) return none;  // mma.sync: sm_80
   persistent::Plan plan = persistent::launch_plan(
       backward, hidden, batch, prop->multiProcessorCount,
-      static_cast<int64_t>(prop->sharedMemPerBlockOptin), /*blocks per SM=*/1,
-      operand_bytes<kOp>());
+      static_cast<int64_t>(prop->sharedMemPerBlockOptin), /*blocks per SM=*/1, product_of<kOp>());
   if (!plan.ok) return none;
   // Allow the largest size the device offers, once per device and kernel (the same value
   // from every thread, so threads that launch with different sizes do not race; and no
@@ -150,17 +144,26 @@ bool backward_as(const BackwardSequenceArgs<float>& a) {
       a, /*backward=*/true, fill_backward_params);
 }
 
+// A float32 layer's product: TF32 exactly when torch.backends.cuda.matmul.allow_tf32 (or
+// torch.set_float32_matmul_precision below "highest") lets cuBLAS use it, so that the
+// persistent path and the per-step path (StepKernels::gemm) round alike.
+bool float32_on_tf32() { return at::globalContext().allowTF32CuBLAS(); }
+
 bool persistent_forward_sequence(const ForwardSequenceArgs<float>& a) {
   // the projection inside the kernel and the 16-bit output are the CPU's only (the driver
   // then projects with one GEMM and calls again; not counted as a decline)
   if (a.input != nullptr || a.input_16bit != nullptr || a.output_16bit != nullptr) return false;
-  if (a.w_hh_16bit == nullptr) return forward_as<Operand::kFloat32>(a);
+  if (a.w_hh_16bit == nullptr) {
+    return float32_on_tf32() ? forward_as<Operand::kTf32>(a) : forward_as<Operand::kFloat32>(a);
+  }
   return a.format_16bit == Bits16::kBFloat16 ? forward_as<Operand::kBFloat16>(a)
                                               : forward_as<Operand::kFloat16>(a);
 }
 
 bool persistent_backward_sequence(const BackwardSequenceArgs<float>& a) {
-  if (a.w_hh_16bit == nullptr) return backward_as<Operand::kFloat32>(a);
+  if (a.w_hh_16bit == nullptr) {
+    return float32_on_tf32() ? backward_as<Operand::kTf32>(a) : backward_as<Operand::kFloat32>(a);
+  }
   return a.format_16bit == Bits16::kBFloat16 ? backward_as<Operand::kBFloat16>(a)
                                               : backward_as<Operand::kFloat16>(a);
 }
@@ -174,8 +177,9 @@ bool would_launch_as(bool backward, int64_t hidden, int64_t batch) {
 
 bool persistent_would_launch(bool backward, int64_t hidden, int64_t batch, bool operands_16bit) {
   // (bfloat16 and float16 share the plan and the device checks; one kernel's occupancy)
-  return operands_16bit ? would_launch_as<Operand::kBFloat16>(backward, hidden, batch)
-                        : would_launch_as<Operand::kFloat32>(backward, hidden, batch);
+  if (operands_16bit) return would_launch_as<Operand::kBFloat16>(backward, hidden, batch);
+  return float32_on_tf32() ? would_launch_as<Operand::kTf32>(backward, hidden, batch)
+                           : would_launch_as<Operand::kFloat32>(backward, hidden, batch);
 }
 
 }  // namespace cuda

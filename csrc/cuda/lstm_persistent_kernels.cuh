@@ -17,8 +17,13 @@
 // data written by other blocks during the launch bypass L1 (__ldcg). Every cross-thread
 // exchange goes through shared memory between block barriers.
 //
-// The product comes in two kinds (Operand, a template flag of both kernels):
+// The product comes in three kinds (Operand, a template flag of both kernels; persistent::
+// Product in the plan):
 //   float32    exact fp32 FMA on float32 operands;
+//   TF32       float32 layers while torch.backends.cuda.matmul.allow_tf32 is set (as the
+//              per-step path's cuBLAS calls then run): the slice and the staged rows are
+//              rounded to TF32 (tf32_round, as cvt.rna does) and multiply on the tensor cores,
+//              mma.sync m16n8k8 with fp32 accumulators (sm_80 and later);
 //   16-bit     the 16-bit GEMM mode of a bfloat16 / float16 layer (ops.cpp
 //              gemm_operands_16bit): the W_hh slice and the staged rows are 16-bit in shared
 //              memory (half the bytes: a larger H fits) and multiply on the tensor cores,
@@ -64,17 +69,36 @@ __device__ __forceinline__ float* dynamic_smem() {
 using persistent::BackwardTile;
 using persistent::ForwardTile;
 using persistent::kMmaK;
+using persistent::kMmaKTf32;
 using persistent::kThreads;
 using persistent::kWarps;
 using persistent::StepInfo;
 using persistent::StepSegments;
 
 // The kind of the recurrent product (see the top of the file).
-enum class Operand { kFloat32, kBFloat16, kFloat16 };
+enum class Operand { kFloat32, kBFloat16, kFloat16, kTf32 };
 
-// What the W_hh slice and the staged rows hold in shared memory: floats, or 16-bit bits.
+constexpr bool is_16bit(Operand op) { return op == Operand::kBFloat16 || op == Operand::kFloat16; }
+
+// The plan's name for it.
 template <Operand kOp>
-using OperandValue = std::conditional_t<kOp == Operand::kFloat32, float, uint16_t>;
+constexpr persistent::Product product_of() {
+  return is_16bit(kOp) ? persistent::Product::k16Bit
+         : kOp == Operand::kTf32 ? persistent::Product::kTf32
+                                 : persistent::Product::kFma;
+}
+
+// What the W_hh slice and the staged rows hold in shared memory: floats (TF32: rounded), or
+// 16-bit bits.
+template <Operand kOp>
+using OperandValue = std::conditional_t<is_16bit(kOp), uint16_t, float>;
+
+// A float32 value of the slice or the staged rows as the product reads it.
+template <Operand kOp>
+__device__ __forceinline__ float operand_float(float value) {
+  if constexpr (kOp == Operand::kTf32) return tf32_round(value);
+  return value;
+}
 
 template <Operand kOp>
 constexpr Bits16 format_of() {
@@ -85,7 +109,7 @@ constexpr Bits16 format_of() {
 struct DevicePlan {
   int units, w_rows, w_pitch;
   int col_tiles, row_tiles, rows_chunk, k_slices;
-  int k_padded;  // K rounded up to the product's granule (4, or kMmaK for 16-bit operands)
+  int k_padded;  // K rounded up to the product's granule (4, kMmaKTf32 or kMmaK)
   int k_chunk, stage_pitch, partial_cols;
   int stage_offset, state_offset;
 };
@@ -99,8 +123,7 @@ inline DevicePlan device_plan(const persistent::Plan& p) {
   d.row_tiles = static_cast<int>(p.row_tiles);
   d.rows_chunk = static_cast<int>(p.rows_chunk);
   d.k_slices = static_cast<int>(p.k_slices);
-  d.k_padded = static_cast<int>(
-      persistent::round_up(p.k_total, persistent::k_granule(p.operand_bytes)));
+  d.k_padded = static_cast<int>(persistent::round_up(p.k_total, persistent::k_granule(p.product)));
   d.k_chunk = static_cast<int>(p.k_chunk);
   d.stage_pitch = static_cast<int>(p.stage_pitch);
   d.partial_cols = static_cast<int>(p.partial_cols);
@@ -220,7 +243,7 @@ __device__ __forceinline__ void stage_rows(OperandValue<kOp>* stage, int pitch, 
                                            int64_t k_valid, bool vector_loads, RowPtr row_ptr) {
   using Source = std::remove_cv_t<std::remove_pointer_t<decltype(row_ptr(r0))>>;
   static_assert(std::is_same_v<Source, float> || std::is_same_v<Source, uint16_t>, "rows");
-  static_assert(kOp != Operand::kFloat32 || std::is_same_v<Source, float>, "float32 rows");
+  static_assert(is_16bit(kOp) || std::is_same_v<Source, float>, "float32 rows");
   const int vectors = width / 4;
   const int count = rows_chunk * vectors;
   for (int e = threadIdx.x; e < count; e += kThreads) {
@@ -242,8 +265,10 @@ __device__ __forceinline__ void stage_rows(OperandValue<kOp>* stage, int pitch, 
           value.w = k + 3 < k_valid ? __ldcg(src + 3) : 0.f;
         }
       }
-      if constexpr (kOp == Operand::kFloat32) {
-        *reinterpret_cast<float4*>(dst) = value;
+      if constexpr (!is_16bit(kOp)) {
+        *reinterpret_cast<float4*>(dst) =
+            make_float4(operand_float<kOp>(value.x), operand_float<kOp>(value.y),
+                        operand_float<kOp>(value.z), operand_float<kOp>(value.w));
       } else {
         constexpr Bits16 format = format_of<kOp>();
         *reinterpret_cast<uint2*>(dst) =
@@ -311,38 +336,47 @@ __device__ __forceinline__ void accumulate(float (&acc)[Tile::kRowsPerLane * Til
   }
 }
 
-// d += a b on the tensor cores, one m16n8k16 product of the warp: A 16 x 16 (row-major), B 16 x
-// 8 (column-major), 16-bit operands, fp32 accumulators; all 32 lanes take part. Fragments of
-// lane = 4 * group + quad (PTX ISA, "Matrix Fragments for mma.m16n8k16"), two values per
-// register, the lower index in the low half:
-//   a[0] A[group][2 quad, +1]      a[1] A[group + 8][2 quad, +1]
-//   a[2] A[group][2 quad + 8, +9]  a[3] A[group + 8][2 quad + 8, +9]
-//   b[0] B[2 quad, +1][group]      b[1] B[2 quad + 8, +9][group]
-//   d[0], d[1] D[group][2 quad, +1]    d[2], d[3] D[group + 8][2 quad, +1]
-// The emulator (tests/emulation) computes the same fragments on the CPU.
+// d += a b on the tensor cores, one product of the warp (all 32 lanes take part) with fp32
+// accumulators, for the product kind kOp. Fragments of lane = 4 * group + quad (PTX ISA,
+// "Matrix Fragments for mma.m16n8k16" / "mma.m16n8k8"); the emulator (tests/emulation)
+// computes the same fragments on the CPU.
+//   16-bit: mma.sync m16n8k16, A 16 x 16 (row-major), B 16 x 8 (column-major), two values per
+//   register, the lower index in the low half:
+//     a[0] A[group][2 quad, +1]      a[1] A[group + 8][2 quad, +1]
+//     a[2] A[group][2 quad + 8, +9]  a[3] A[group + 8][2 quad + 8, +9]
+//     b[0] B[2 quad, +1][group]      b[1] B[2 quad + 8, +9][group]
+//   TF32: mma.sync m16n8k8, A 16 x 8, B 8 x 8, one value (float bits, low 13 zero) per register:
+//     a[0] A[group][quad]  a[1] A[group + 8][quad]  a[2] A[group][quad + 4]
+//     a[3] A[group + 8][quad + 4]  b[0] B[quad][group]  b[1] B[quad + 4][group]
+//   Both: d[0], d[1] D[group][2 quad, +1]    d[2], d[3] D[group + 8][2 quad, +1]
 template <Operand kOp>
-__device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4],
-                                            const uint32_t (&b)[2]) {
-  static_assert(kOp != Operand::kFloat32, "a 16-bit product");
+__device__ __forceinline__ void mma_step(float (&d)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2]) {
+  static_assert(kOp != Operand::kFloat32, "a tensor-core product");
 #if defined(LSTM_FUSED_EMULATE_CUDA)
-  ::emu::mma_m16n8k16(kOp == Operand::kBFloat16, d, a, b);
+  if constexpr (kOp == Operand::kTf32) {
+    ::emu::mma_m16n8k8_tf32(d, a, b);
+  } else {
+    ::emu::mma_m16n8k16(kOp == Operand::kBFloat16, d, a, b);
+  }
 #elif defined(__CUDA_ARCH__)
 #if __CUDA_ARCH__ >= 800
+  // D and C are the same registers (accumulate in place)
+#define LSTM_FUSED_MMA_SYNC(shape_and_types)                                               \
+  asm volatile("mma.sync.aligned." shape_and_types                                         \
+               " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"        \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                            \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
   if constexpr (kOp == Operand::kBFloat16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    LSTM_FUSED_MMA_SYNC("m16n8k16.row.col.f32.bf16.bf16.f32");
+  } else if constexpr (kOp == Operand::kFloat16) {
+    LSTM_FUSED_MMA_SYNC("m16n8k16.row.col.f32.f16.f16.f32");
   } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    LSTM_FUSED_MMA_SYNC("m16n8k8.row.col.f32.tf32.tf32.f32");
   }
+#undef LSTM_FUSED_MMA_SYNC
 #else
-  __trap();  // not reached: the host launches the 16-bit kernels from compute capability 8.0
+  __trap();  // not reached: the host launches the tensor-core kernels from compute capability 8.0
 #endif
 #endif
 }
@@ -352,37 +386,50 @@ __device__ __forceinline__ uint32_t pair_at(const uint16_t* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 }
 
-// The 16-bit twin of accumulate: one warp's 16 x (8 NJ) tile, sums over the K steps
-// [k_begin, k_end) (units of kMmaK) of the staged chunk, on the tensor cores. The tile's row
-// r is staged row row_base + r; its column n is slice row col_base + n (clamped to the last,
-// as above). acc[4 j + q] is fragment d[q] of the j-th 8 columns. With one column block
-// (NJ = 1, the backward) odd steps go to a second set of accumulators, added at the end: two
-// independent chains of mma.sync instead of one (its latency, not its rate, bounds a chain).
+// The tensor-core twin of accumulate: one warp's 16 x (8 NJ) tile, sums over the K steps
+// [k_begin, k_end) (units of the product's K: kMmaK, kMmaKTf32) of the staged chunk. The
+// tile's row r is staged row row_base + r; its column n is slice row col_base + n (clamped to
+// the last, as above). acc[4 j + q] is fragment d[q] of the j-th 8 columns. A register holds
+// two neighbouring 16-bit values, or one TF32 value; the second half of a fragment's K lies
+// half a step further (see the layouts above). With one column block (NJ = 1, the backward)
+// odd steps go to a second set of accumulators, added at the end: two independent chains of
+// mma.sync instead of one (its latency, not its rate, bounds a chain).
 template <Operand kOp, int NJ>
-__device__ __forceinline__ void accumulate_mma(float (&acc)[4 * NJ], const uint16_t* stage,
-                                               int stage_pitch, const uint16_t* w, int w_pitch,
+__device__ __forceinline__ void accumulate_mma(float (&acc)[4 * NJ],
+                                               const OperandValue<kOp>* stage, int stage_pitch,
+                                               const OperandValue<kOp>* w, int w_pitch,
                                                int w_rows, int k0, int k_begin, int k_end,
                                                int row_base, int col_base, int lane) {
-  const int group = lane / 4, pair = 2 * (lane % 4);
-  const uint16_t* const a_top = stage + (row_base + group) * stage_pitch + pair;
-  const uint16_t* const a_bottom = a_top + 8 * stage_pitch;
-  const uint16_t* b_ptr[NJ];
+  using Value = OperandValue<kOp>;
+  constexpr bool k16 = is_16bit(kOp);
+  constexpr int kStep = k16 ? kMmaK : kMmaKTf32, kHalf = kStep / 2;
+  auto word = [](const Value* p) -> uint32_t {
+    if constexpr (k16) {
+      return pair_at(p);
+    } else {
+      return float_bits(*p);
+    }
+  };
+  const int group = lane / 4, first = (k16 ? 2 : 1) * (lane % 4);
+  const Value* const a_top = stage + (row_base + group) * stage_pitch + first;
+  const Value* const a_bottom = a_top + 8 * stage_pitch;
+  const Value* b_ptr[NJ];
 #pragma unroll
   for (int j = 0; j < NJ; ++j) {
     const int col = min(col_base + 8 * j + group, w_rows - 1);
-    b_ptr[j] = w + col * w_pitch + k0 + pair;
+    b_ptr[j] = w + col * w_pitch + k0 + first;
   }
   auto a_fragment = [&](int step, uint32_t (&a)[4]) {
-    const int k = kMmaK * step;
-    a[0] = pair_at(a_top + k);
-    a[1] = pair_at(a_bottom + k);
-    a[2] = pair_at(a_top + k + 8);
-    a[3] = pair_at(a_bottom + k + 8);
+    const int k = kStep * step;
+    a[0] = word(a_top + k);
+    a[1] = word(a_bottom + k);
+    a[2] = word(a_top + k + kHalf);
+    a[3] = word(a_bottom + k + kHalf);
   };
   auto b_fragment = [&](int step, int j, uint32_t (&b)[2]) {
-    const int k = kMmaK * step;
-    b[0] = pair_at(b_ptr[j] + k);
-    b[1] = pair_at(b_ptr[j] + k + 8);
+    const int k = kStep * step;
+    b[0] = word(b_ptr[j] + k);
+    b[1] = word(b_ptr[j] + k + kHalf);
   };
   uint32_t a[4], b[2];
   if constexpr (NJ == 1) {
@@ -392,15 +439,15 @@ __device__ __forceinline__ void accumulate_mma(float (&acc)[4 * NJ], const uint1
     for (; step + 1 < k_end; step += 2) {
       a_fragment(step, a);
       b_fragment(step, 0, b);
-      mma_16x8x16<kOp>(even, a, b);
+      mma_step<kOp>(even, a, b);
       a_fragment(step + 1, a);
       b_fragment(step + 1, 0, b);
-      mma_16x8x16<kOp>(odd, a, b);
+      mma_step<kOp>(odd, a, b);
     }
     if (step < k_end) {
       a_fragment(step, a);
       b_fragment(step, 0, b);
-      mma_16x8x16<kOp>(even, a, b);
+      mma_step<kOp>(even, a, b);
     }
 #pragma unroll
     for (int q = 0; q < 4; ++q) acc[q] += odd[q];
@@ -411,7 +458,7 @@ __device__ __forceinline__ void accumulate_mma(float (&acc)[4 * NJ], const uint1
 #pragma unroll
       for (int j = 0; j < NJ; ++j) {
         b_fragment(step, j, b);
-        mma_16x8x16<kOp>(*reinterpret_cast<float(*)[4]>(acc + 4 * j), a, b);
+        mma_step<kOp>(*reinterpret_cast<float(*)[4]>(acc + 4 * j), a, b);
       }
     }
   }
@@ -468,7 +515,7 @@ __device__ __forceinline__ void chunk_product(const DevicePlan& plan,
         }
       } else {
         // (16 rows per product: padding rows of a small batch cost nothing extra here)
-        const int steps = width / kMmaK;
+        const int steps = width / (is_16bit(kOp) ? kMmaK : kMmaKTf32);
         accumulate_mma<kOp, Tile::kCols / 8>(
             acc, staged, plan.stage_pitch, w_s, plan.w_pitch, plan.w_rows, k0,
             slice * steps / plan.k_slices, (slice + 1) * steps / plan.k_slices, row_base,
@@ -533,9 +580,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* const stage = smem + plan.stage_offset;     // staged h rows / partial sums
   float* const c_s = smem + plan.state_offset;       // [B][U] c of each row
   float* const h_s = c_s + B * U;                    // [B][U] h of each row's last step
-  const Value* const w_hh = kOp == Operand::kFloat32
-                                ? reinterpret_cast<const Value*>(p.w_hh)
-                                : reinterpret_cast<const Value*>(p.w_hh_16bit);
+  const Value* const w_hh = is_16bit(kOp) ? reinterpret_cast<const Value*>(p.w_hh_16bit)
+                                          : reinterpret_cast<const Value*>(p.w_hh);
 
   // W_hh rows of the block's gates: slice row c = g*U + u is W_hh row g*H + j0 + u; rows of
   // units past the end of H and columns past H are zeros.
@@ -544,6 +590,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int g = c / U, u = c - g * U;
     Value value = 0;
     if (u < ub && k < H) value = w_hh[(g * H + j0 + u) * H + k];
+    if constexpr (kOp == Operand::kTf32) value = tf32_round(value);
     w_s[c * plan.w_pitch + k] = value;
   }
   for (int64_t e = threadIdx.x; e < B * ub; e += kThreads) {
@@ -639,15 +686,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* const stage = smem + plan.stage_offset;  // staged dG rows / partial sums
   float* const dh_s = smem + plan.state_offset;   // [B][U] dL/dh (recurrent part)
   float* const dc_s = dh_s + B * U;               // [B][U] dL/dc carried to the previous step
-  const Value* const w_hh = kOp == Operand::kFloat32
-                                ? reinterpret_cast<const Value*>(p.w_hh)
-                                : reinterpret_cast<const Value*>(p.w_hh_16bit);
+  const Value* const w_hh = is_16bit(kOp) ? reinterpret_cast<const Value*>(p.w_hh_16bit)
+                                          : reinterpret_cast<const Value*>(p.w_hh);
 
   // Consecutive threads read consecutive units of one row of W_hh; columns of K past 4H
   // (16-bit: K padded to kMmaK) are zeros.
   for (int e = threadIdx.x; e < plan.w_rows * plan.k_padded; e += kThreads) {
     const int k = e / U, u = e - k * U;
-    w_s[u * plan.w_pitch + k] = (u < ub && k < H4) ? w_hh[k * H + j0 + u] : Value(0);
+    Value value = (u < ub && k < H4) ? w_hh[k * H + j0 + u] : Value(0);
+    if constexpr (kOp == Operand::kTf32) value = tf32_round(value);
+    w_s[u * plan.w_pitch + k] = value;
   }
   for (int64_t e = threadIdx.x; e < B * ub; e += kThreads) {
     const int64_t r = e / ub;
@@ -699,7 +747,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         float tanh_cell;
         const float dc = cell_gradient(act, in.cell, dh, dc_s[r * U + u], tanh_cell);
         const GateValues<float> grads = gate_gradients(act, in.cell_prev, tanh_cell, dh, dc);
-        if constexpr (kOp == Operand::kFloat32) {
+        if constexpr (!is_16bit(kOp)) {
           float* const dg = p.dgates + row * H4 + j;
           dg[0] = grads.i;
           dg[H] = grads.f;
@@ -718,8 +766,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       grid.sync();  // dG[t] of every unit is in `dgates` (dgates_16bit)
       if (has_next && me < next.rows * ub) load_inputs(next, me, ahead);
       const Value* const step_dgates =
-          (kOp == Operand::kFloat32 ? reinterpret_cast<const Value*>(p.dgates)
-                                    : reinterpret_cast<const Value*>(p.dgates_16bit)) +
+          (is_16bit(kOp) ? reinterpret_cast<const Value*>(p.dgates_16bit)
+                         : reinterpret_cast<const Value*>(p.dgates)) +
           s.offset * H4;
       auto row_ptr = [&](int64_t r) -> const Value* { return step_dgates + r * H4; };
       for (int64_t r0 = 0; r0 < s.rows; r0 += plan.rows_chunk) {

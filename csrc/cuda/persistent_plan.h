@@ -57,13 +57,25 @@ constexpr int kTileRows = ForwardTile::kRows;
 // shorter) before the plan prefers fewer rows per chunk.
 constexpr int64_t kMinKChunk = 256;
 
-// The operands of the recurrent product in shared memory (the W_hh slice and the staged rows):
-// float32 (exact FMA), or 16-bit (bfloat16 / float16, the 16-bit GEMM mode) for the tensor
-// cores' mma.sync m16n8k16 (fp32 accumulators), whose K step is 16. The warp tiles are the same
-// for both (forward 16 x 16 = two m16n8 products, backward 16 x 8 = one), so are the tiles,
-// slices and partial sums of a plan; only K's granularity and the bytes per value differ.
-constexpr int64_t kMmaK = 16;
-PERSISTENT_HD int64_t k_granule(int64_t operand_bytes) { return operand_bytes == 2 ? kMmaK : 4; }
+// How a block multiplies its slice, and so what the W_hh slice and the staged rows hold in
+// shared memory:
+//   kFma    float32, exact fp32 FMA (K in groups of 4: one 16-byte load);
+//   kTf32   float32 rounded to TF32, the tensor cores' mma.sync m16n8k8 (fp32 accumulators;
+//           float32 layers when torch.backends.cuda.matmul.allow_tf32 is set), K step 8;
+//   k16Bit  bfloat16 / float16 (the 16-bit GEMM mode), mma.sync m16n8k16, K step 16, half the
+//           bytes.
+// The warp tiles are the same for all (forward 16 x 16 = two m16n8 products, backward 16 x 8 =
+// one), so are the tiles, slices and partial sums of a plan; only K's granularity and the
+// bytes per value differ.
+enum class Product : int64_t { kFma = 0, kTf32 = 1, k16Bit = 2 };
+constexpr int64_t kMmaK = 16;     // K of mma.sync m16n8k16 (16-bit operands)
+constexpr int64_t kMmaKTf32 = 8;  // K of mma.sync m16n8k8 (TF32)
+PERSISTENT_HD int64_t k_granule(Product product) {
+  return product == Product::k16Bit ? kMmaK : product == Product::kTf32 ? kMmaKTf32 : 4;
+}
+PERSISTENT_HD int64_t operand_bytes_of(Product product) {
+  return product == Product::k16Bit ? 2 : 4;
+}
 
 enum class Decline : int64_t {
   kNone = 0,
@@ -90,8 +102,8 @@ struct Plan {
   int64_t rows_chunk = 0;    // row_tiles * 16 rows staged at a time
   int64_t k_slices = 0;      // warps sharing one tile, each summing a slice of K
   int64_t k_total = 0;       // K (H forward, 4H backward)
-  int64_t k_chunk = 0;       // columns of K staged at a time (multiple of the K granule:
-                             // 4, or kMmaK with 16-bit operands)
+  int64_t k_chunk = 0;       // columns of K staged at a time (multiple of the product's K
+                             // granule: 4, kMmaKTf32 or kMmaK)
   int64_t k_chunks = 0;      // ceil(roundup(K, granule) / k_chunk)
   int64_t w_rows = 0;        // N: rows of the W_hh slice in shared memory
   int64_t w_pitch = 0;       // values per row of the slice (>= roundup(K, granule); its
@@ -103,6 +115,7 @@ struct Plan {
   int64_t stage_offset = 0;  // float offsets of the regions (W slice at 0)
   int64_t state_offset = 0;
   int64_t smem_bytes = 0;    // dynamic shared memory per block
+  Product product = Product::kFma;
   int64_t operand_bytes = 4; // bytes per value of the W slice and the staged rows (4 or 2)
 };
 
@@ -121,9 +134,10 @@ inline int64_t smem_pitch(int64_t columns, int64_t operand_bytes = 4) {
 namespace detail {
 
 inline Plan try_units(bool backward, int64_t hidden, int64_t batch, int64_t units,
-                      int64_t smem_floats, int64_t operand_bytes) {
+                      int64_t smem_floats, Product product) {
   Plan p;
-  p.operand_bytes = operand_bytes;
+  p.product = product;
+  const int64_t operand_bytes = p.operand_bytes = operand_bytes_of(product);
   p.units = units;
   p.blocks = ceil_div(hidden, units);
   p.k_total = backward ? 4 * hidden : hidden;
@@ -135,7 +149,7 @@ inline Plan try_units(bool backward, int64_t hidden, int64_t batch, int64_t unit
     p.reason = Decline::kColumnTiles;
     return p;
   }
-  const int64_t granule = k_granule(operand_bytes);
+  const int64_t granule = k_granule(product);
   const int64_t per_word = 4 / operand_bytes;
   const int64_t k_padded = round_up(p.k_total, granule);
   p.w_pitch = smem_pitch(k_padded, operand_bytes);
@@ -179,19 +193,19 @@ inline Plan try_units(bool backward, int64_t hidden, int64_t batch, int64_t unit
 
 // The launch plan of one pass (forward or backward) for hidden size H and batch B on a device
 // with `sm_count` SMs, `smem_per_block` bytes of opt-in shared memory per block and room for
-// `max_blocks_per_sm` blocks of kThreads threads per SM, with operands of `operand_bytes`
-// (4: float32, 2: the 16-bit mode's tensor-core product). Units per block: the fewest that keep
+// `max_blocks_per_sm` blocks of kThreads threads per SM, for a block product of `product`. Units per block: the fewest that keep
 // the grid within sm_count * max_blocks_per_sm blocks, rounded up to fill the warp tile's
 // columns when that still fits (same work per block, fewer blocks). plan.ok is false, with a
 // reason, when nothing fits; the caller then declines (the driver runs the per-step kernels).
 // The geometry only: the kernels can run any plan that is ok (tests/emulation does, at every
 // batch size); launch_plan adds the speed policy.
 inline Plan plan(bool backward, int64_t hidden, int64_t batch, int64_t sm_count,
-                 int64_t smem_per_block, int64_t max_blocks_per_sm, int64_t operand_bytes = 4) {
+                 int64_t smem_per_block, int64_t max_blocks_per_sm,
+                 Product product = Product::kFma) {
   Plan none;
-  none.operand_bytes = operand_bytes;
-  if (hidden < 1 || batch < 1 || sm_count < 1 || smem_per_block < 1 || max_blocks_per_sm < 1 ||
-      (operand_bytes != 4 && operand_bytes != 2)) {
+  none.product = product;
+  none.operand_bytes = operand_bytes_of(product);
+  if (hidden < 1 || batch < 1 || sm_count < 1 || smem_per_block < 1 || max_blocks_per_sm < 1) {
     return none;
   }
   const int64_t max_blocks = sm_count * max_blocks_per_sm;
@@ -199,9 +213,9 @@ inline Plan plan(bool backward, int64_t hidden, int64_t batch, int64_t sm_count,
   const int64_t align = backward ? BackwardTile::kCols : ForwardTile::kCols / 4;
   const int64_t smem_floats = smem_per_block / 4;
   const int64_t rounded = std::min(round_up(min_units, align), hidden);
-  Plan best = detail::try_units(backward, hidden, batch, rounded, smem_floats, operand_bytes);
+  Plan best = detail::try_units(backward, hidden, batch, rounded, smem_floats, product);
   if (!best.ok && rounded != min_units) {
-    best = detail::try_units(backward, hidden, batch, min_units, smem_floats, operand_bytes);
+    best = detail::try_units(backward, hidden, batch, min_units, smem_floats, product);
   }
   return best;
 }
@@ -210,15 +224,15 @@ inline Plan plan(bool backward, int64_t hidden, int64_t batch, int64_t sm_count,
 // from kBackwardMaxBatch rows on, reason kBackwardBatch).
 inline Plan launch_plan(bool backward, int64_t hidden, int64_t batch, int64_t sm_count,
                         int64_t smem_per_block, int64_t max_blocks_per_sm,
-                        int64_t operand_bytes = 4) {
+                        Product product = Product::kFma) {
   if (backward && batch >= kBackwardMaxBatch) {
     Plan capped;
     capped.reason = Decline::kBackwardBatch;
-    capped.operand_bytes = operand_bytes;
+    capped.product = product;
+    capped.operand_bytes = operand_bytes_of(product);
     return capped;
   }
-  return plan(backward, hidden, batch, sm_count, smem_per_block, max_blocks_per_sm,
-              operand_bytes);
+  return plan(backward, hidden, batch, sm_count, smem_per_block, max_blocks_per_sm, product);
 }
 
 // The plan as integers, in this order (the debug op lstm_fused::persistent_plan returns it).
@@ -233,7 +247,8 @@ inline std::vector<int64_t> plan_fields(const Plan& p) {
           p.stage_pitch,   p.partial_cols,
           p.region_floats, p.state_floats,
           p.stage_offset,  p.state_offset,
-          p.smem_bytes,    p.operand_bytes};
+          p.smem_bytes,    static_cast<int64_t>(p.product),
+          p.operand_bytes};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -326,8 +341,8 @@ namespace cuda {
 bool persistent_forward_sequence(const ForwardSequenceArgs<float>& args);
 bool persistent_backward_sequence(const BackwardSequenceArgs<float>& args);
 // Whether a pass of this size would launch on the current device (plan, policy, occupancy),
-// with float32 or 16-bit operands: what tests ask before they expect a launch
-// (lstm_fused::cuda_persistent_would_launch).
+// for a float32 layer (FMA, or TF32 where allowed now) or a 16-bit one in the 16-bit GEMM
+// mode: what tests ask before they expect a launch (lstm_fused::cuda_persistent_would_launch).
 bool persistent_would_launch(bool backward, int64_t hidden, int64_t batch, bool operands_16bit);
 }  // namespace cuda
 

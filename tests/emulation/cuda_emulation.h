@@ -3,8 +3,9 @@
 // machine without a GPU: one fiber (ucontext) per CUDA thread, threadIdx/blockIdx/blockDim/
 // gridDim (1-D), dynamic shared memory and __shared__ arrays per block, __syncthreads (block
 // barrier), cooperative_groups::this_grid().sync() (grid barrier), __shfl_down_sync (full
-// warps of 32 lanes), the tensor cores' mma.sync m16n8k16 on bfloat16 / float16 operands with
-// fp32 accumulators (mma_m16n8k16: a warp-wide exchange, like a shuffle), the launch of a
+// warps of 32 lanes), the tensor cores' mma.sync m16n8k16 on bfloat16 / float16 operands and
+// m16n8k8 on TF32 ones, with fp32 accumulators (mma_m16n8k16, mma_m16n8k8_tf32: a warp-wide
+// exchange, like a shuffle), the launch of a
 // __global__ function (launch_kernel), __ldcg, float4, uint2, min, fmaf, sqrt.
 //
 // Scheduling: blocks run one at a time, each from one grid barrier to the next; within a
@@ -89,11 +90,13 @@ struct Fiber {
   uint64_t shuffle_offer = 0, shuffle_result = 0;
   size_t shuffle_bytes = 0;
   unsigned shuffle_delta = 0;
-  // At an mma: this lane's fragments (A, B, the accumulators C in, D out) and their format.
+  // At an mma: this lane's fragments (A, B, the accumulators C in, D out) and their kind.
   uint32_t mma_a[4] = {}, mma_b[2] = {};
   float mma_acc[4] = {};
-  bool mma_bfloat16 = true;
+  int mma_kind = 0;  // MmaKind
 };
+
+enum MmaKind { kMmaBFloat16 = 0, kMmaFloat16 = 1, kMmaTf32 = 2 };
 
 struct Machine {
   ucontext_t scheduler;
@@ -141,18 +144,29 @@ T shuffle_down(unsigned mask, T value, unsigned delta, int width) {
   return result;
 }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 d, a, b, d: the lane's
-// fragments in the layout of the PTX ISA (lstm_persistent_kernels.cuh, mma_16x8x16). All 32
-// lanes exchange at the same point; each gets D = A B + C for its four places.
-inline void mma_m16n8k16(bool bfloat16, float (&d)[4], const uint32_t (&a)[4],
-                         const uint32_t (&b)[2]) {
+// One lane's part of an mma: its fragments in, its D out once all 32 lanes are there.
+inline void mma_exchange(int kind, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   Fiber& f = self();
   std::memcpy(f.mma_a, a, sizeof f.mma_a);
   std::memcpy(f.mma_b, b, sizeof f.mma_b);
   std::memcpy(f.mma_acc, d, sizeof f.mma_acc);
-  f.mma_bfloat16 = bfloat16;
+  f.mma_kind = kind;
   wait(State::kMma);
   std::memcpy(d, f.mma_acc, sizeof f.mma_acc);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 d, a, b, d: the lane's
+// fragments in the layout of the PTX ISA (lstm_persistent_kernels.cuh, mma_step). All 32
+// lanes exchange at the same point; each gets D = A B + C for its four places.
+inline void mma_m16n8k16(bool bfloat16, float (&d)[4], const uint32_t (&a)[4],
+                         const uint32_t (&b)[2]) {
+  mma_exchange(bfloat16 ? kMmaBFloat16 : kMmaFloat16, d, a, b);
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 d, a, b, d (mma_step, TF32): as above,
+// K = 8, one TF32 value (float bits) per register.
+inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  mma_exchange(kMmaTf32, d, a, b);
 }
 
 // The value of 16-bit bits, exactly.
@@ -171,18 +185,36 @@ inline double bits16_value(uint16_t bits, bool bfloat16) {
   return sign * std::ldexp(double(1024 + mantissa), exponent - 25);
 }
 
-// D = A B + C of one warp from its lanes' fragments. The hardware's products of 16-bit values
-// are exact and its sums are fp32 or wider; here each of D's values is its 16 exact products
-// and C summed in double, then rounded once to float (the kernels' tests allow 16-bit error).
+// D = A B + C of one warp from its lanes' fragments. The hardware's products of 16-bit and
+// TF32 values are exact and its sums are fp32 or wider; here each of D's values is its exact
+// products and C summed in double, then rounded once to float (the kernels' tests allow the
+// operands' rounding error). TF32 operands are taken as the float bits they are (the kernels
+// round them first; the hardware ignores the low 13 bits).
 inline void complete_mma(Fiber* lanes) {
   double A[16][16], B[16][8];
-  const bool bfloat16 = lanes[0].mma_bfloat16;
+  const int kind = lanes[0].mma_kind;
+  const int depth = kind == kMmaTf32 ? 8 : 16;
   auto half = [&](uint32_t word, int which) {
-    return bits16_value(static_cast<uint16_t>(which ? word >> 16 : word & 0xffffu), bfloat16);
+    return bits16_value(static_cast<uint16_t>(which ? word >> 16 : word & 0xffffu),
+                        kind == kMmaBFloat16);
+  };
+  auto tf32 = [](uint32_t word) {
+    float value;
+    std::memcpy(&value, &word, sizeof value);
+    return double(value);
   };
   for (int lane = 0; lane < kWarpSize; ++lane) {
     const Fiber& f = lanes[lane];
-    const int group = lane / 4, pair = 2 * (lane % 4);
+    const int group = lane / 4, quad = lane % 4, pair = 2 * quad;
+    if (kind == kMmaTf32) {
+      A[group][quad] = tf32(f.mma_a[0]);
+      A[group + 8][quad] = tf32(f.mma_a[1]);
+      A[group][quad + 4] = tf32(f.mma_a[2]);
+      A[group + 8][quad + 4] = tf32(f.mma_a[3]);
+      B[quad][group] = tf32(f.mma_b[0]);
+      B[quad + 4][group] = tf32(f.mma_b[1]);
+      continue;
+    }
     for (int h = 0; h < 2; ++h) {
       A[group][pair + h] = half(f.mma_a[0], h);
       A[group + 8][pair + h] = half(f.mma_a[1], h);
@@ -198,7 +230,7 @@ inline void complete_mma(Fiber* lanes) {
     for (int q = 0; q < 4; ++q) {
       const int row = group + (q >= 2 ? 8 : 0), col = pair + (q & 1);
       double sum = f.mma_acc[q];
-      for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+      for (int k = 0; k < depth; ++k) sum += A[row][k] * B[k][col];
       f.mma_acc[q] = static_cast<float>(sum);
     }
   }
@@ -304,8 +336,8 @@ inline bool complete_shuffles(std::vector<Fiber>& fibers, int b) {
       at_mma += lanes[l].state == State::kMma;
     }
     if (at_mma > 0) {
-      require_whole_warp(lanes, at_mma, "mma.sync", [](const Fiber& f) { return f.mma_bfloat16; },
-                         b, w);
+      require_whole_warp(lanes, at_mma, "mma.sync", [](const Fiber& f) { return f.mma_kind; }, b,
+                         w);
       complete_mma(lanes);
     } else if (at_shuffle > 0) {
       require_whole_warp(lanes, at_shuffle, "__shfl_down_sync",

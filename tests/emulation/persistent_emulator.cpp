@@ -10,10 +10,12 @@
 // every output written (outputs start as NaN), close to the reference (|d| <= 1e-4 + 1e-4|ref|),
 // the three orders bit-identical (a difference means a race between barriers).
 //
-// Every case also runs the 16-bit kernels (the tensor-core product, emulated mma.sync), in
-// bfloat16 ("-bf16") and float16 ("-fp16"): W_hh and h0 are 16-bit values, the reference
-// rounds h[t-1] and dG[t] to 16 bits before they multiply W_hh, as the kernels do, and the
-// tolerance is a 16-bit one (the kernels' dG output is itself rounded to 16 bits).
+// Every case also runs the tensor-core kernels (emulated mma.sync): the 16-bit ones in
+// bfloat16 ("-bf16") and float16 ("-fp16"), where W_hh and h0 are 16-bit values and the
+// reference rounds h[t-1] and dG[t] to 16 bits before they multiply W_hh, as the kernels do
+// (whose dG output is itself rounded to 16 bits); and the TF32 one ("-tf32") for float32
+// layers, where the reference rounds W_hh, h[t-1] and dG[t] to TF32 in the products. The
+// tolerance is then that of the operands' format.
 #include "cuda_emulation.h"
 #include "emulator_harness.h"
 
@@ -45,11 +47,16 @@ struct Case {
   bool unaligned_dgates = false;  // 16-bit: dG one value off 8 bytes (scalar staging)
 };
 
-int64_t operand_bytes(Operand op) { return op == Operand::kFloat32 ? 4 : 2; }
+persistent::Product product_for(Operand op) {
+  return is_16bit(op) ? persistent::Product::k16Bit
+         : op == Operand::kTf32 ? persistent::Product::kTf32
+                                : persistent::Product::kFma;
+}
 
-// A float32 value as the 16-bit operand of `op` sees it (unchanged for float32).
+// A float32 value as the product of `op` sees it (unchanged for float32).
 double operand_value(Operand op, double value) {
   if (op == Operand::kFloat32) return value;
+  if (op == Operand::kTf32) return tf32_round(static_cast<float>(value));
   const bool bf16 = op == Operand::kBFloat16;
   const uint16_t bits =
       round_bits16(bf16 ? Bits16::kBFloat16 : Bits16::kFloat16, static_cast<float>(value));
@@ -127,7 +134,9 @@ ForwardRef forward_reference(const Problem& p, const Layout& l, bool reverse) {
         for (int g = 0; g < 4; ++g) {
           double acc = p.gx[(off + b) * 4 * H + g * H + j];
           if (!p.bias.empty()) acc += p.bias[g * H + j];
-          for (int64_t k = 0; k < H; ++k) acc += double(p.w[(g * H + j) * H + k]) * hp[k];
+          for (int64_t k = 0; k < H; ++k) {
+            acc += operand_value(p.op, p.w[(g * H + j) * H + k]) * hp[k];
+          }
           pre[g] = acc;
         }
         const double i = sigmoid(pre[0]), f = sigmoid(pre[1]), gg = std::tanh(pre[2]),
@@ -183,7 +192,8 @@ BackwardRef backward_reference(const Problem& p, const Layout& l, bool reverse, 
       for (int64_t j = 0; j < H; ++j) {
         double acc = 0;
         for (int64_t k = 0; k < 4 * H; ++k) {
-          acc += operand_value(p.op, r.dgates[(off + b) * 4 * H + k]) * double(p.w[k * H + j]);
+          acc += operand_value(p.op, r.dgates[(off + b) * 4 * H + k]) *
+                 operand_value(p.op, p.w[k * H + j]);
         }
         dh[b * H + j] = acc;
       }
@@ -198,19 +208,19 @@ BackwardRef backward_reference(const Problem& p, const Layout& l, bool reverse, 
 // differences of their operands (2^-9 relative in bfloat16, 2^-12 in float16) and dG is
 // compared as the 16 bits the kernel writes
 double tolerance(Operand op) {
-  return op == Operand::kFloat32 ? 1e-4 : op == Operand::kBFloat16 ? 1e-2 : 2e-3;
+  return op == Operand::kFloat32 ? 1e-4 : op == Operand::kBFloat16 ? 1e-2 : 2e-3;  // TF32: fp16's
 }
 
 const int64_t kSmemLarge = 232448;  // an H100's opt-in shared memory per block
 
 persistent::Plan plan_for(const Case& c, int64_t batch, bool backward) {
-  const int64_t bytes = operand_bytes(c.op);
+  const persistent::Product product = product_for(c.op);
   persistent::Plan p =
-      persistent::plan(backward, c.hidden, batch, c.sm_count, kSmemLarge, 1, bytes);
+      persistent::plan(backward, c.hidden, batch, c.sm_count, kSmemLarge, 1, product);
   const int64_t avail = backward ? c.avail_backward : c.avail_forward;
   if (avail > 0 && p.ok) {
     const int64_t smem = 4 * (p.stage_offset + p.state_floats + avail);  // W slice at 0
-    p = persistent::plan(backward, c.hidden, batch, c.sm_count, smem, 1, bytes);
+    p = persistent::plan(backward, c.hidden, batch, c.sm_count, smem, 1, product);
   }
   return p;
 }
@@ -241,7 +251,7 @@ template <Operand kOp>
 std::string run_case_as(const Case& c, std::string& info) {
   const Layout l = layout_of(c);
   const double kTol = tolerance(kOp);
-  constexpr bool k16 = kOp != Operand::kFloat32;
+  constexpr bool k16 = is_16bit(kOp);
   std::mt19937 rng(1234);
   Problem p;
   p.op = kOp;
@@ -369,6 +379,7 @@ std::string run_case(const Case& c, std::string& info) {
   switch (c.op) {
     case Operand::kBFloat16: return run_case_as<Operand::kBFloat16>(c, info);
     case Operand::kFloat16: return run_case_as<Operand::kFloat16>(c, info);
+    case Operand::kTf32: return run_case_as<Operand::kTf32>(c, info);
     default: return run_case_as<Operand::kFloat32>(c, info);
   }
 }
@@ -422,17 +433,19 @@ std::vector<Case> float32_cases() {
   return v;
 }
 
-// Each case in float32, then with the 16-bit kernels in bfloat16 and float16.
+// Each case in float32, then with the tensor-core kernels: 16-bit in bfloat16 and float16, and
+// TF32.
 std::vector<Case> cases() {
   std::vector<Case> v;
   for (const Case& c : float32_cases()) {
     v.push_back(c);
     for (auto [op, suffix] : {std::pair{Operand::kBFloat16, "-bf16"},
-                              std::pair{Operand::kFloat16, "-fp16"}}) {
-      Case sixteen = c;
-      sixteen.name += suffix;
-      sixteen.op = op;
-      v.push_back(sixteen);
+                              std::pair{Operand::kFloat16, "-fp16"},
+                              std::pair{Operand::kTf32, "-tf32"}}) {
+      Case tensor_cores = c;
+      tensor_cores.name += suffix;
+      tensor_cores.op = op;
+      v.push_back(tensor_cores);
     }
   }
   return v;

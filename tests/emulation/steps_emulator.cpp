@@ -324,6 +324,33 @@ std::string check_rounding(Bits16 format, float input, uint16_t got) {
   return "";
 }
 
+// TF32's rounding (tf32_round, the persistent kernels' TF32 product) against its definition:
+// the nearer of the two TF32 values around the input (the low 13 bits cleared, or one TF32
+// step further from zero; infinity counting as 2^128), ties away from zero; NaN stays NaN.
+std::string check_tf32_rounding(float input, float got) {
+  uint32_t input_bits, got_bits;
+  std::memcpy(&input_bits, &input, sizeof input_bits);
+  std::memcpy(&got_bits, &got, sizeof got_bits);
+  std::ostringstream os;
+  os << std::hex << "tf32: input 0x" << input_bits << " gave 0x" << got_bits << ": ";
+  if (std::isnan(input)) return std::isnan(got) ? "" : os.str() + "NaN not kept";
+  const uint32_t sign = input_bits & 0x80000000u, toward_zero = input_bits & 0xffffe000u;
+  auto magnitude_of = [](uint32_t bits) {
+    if ((bits & 0x7fffffffu) == 0x7f800000u) return std::ldexp(1.0, 128);
+    float value;
+    std::memcpy(&value, &bits, sizeof value);
+    return std::fabs(double(value));
+  };
+  uint32_t want = toward_zero;
+  if (!std::isinf(input) && toward_zero != input_bits) {
+    const uint32_t away = ((toward_zero & 0x7fffffffu) + 0x2000u) | sign;
+    const double v = std::fabs(double(input));
+    const double below = v - magnitude_of(toward_zero), above = magnitude_of(away) - v;
+    if (above <= below) want = away;  // a tie goes away from zero
+  }
+  return got_bits == want ? "" : os.str() + "not the nearest (ties away from zero)";
+}
+
 std::string run_bits16_rounding(const Case& c, std::string& info) {
   // Inputs: the edges (zeros, infinities, NaNs, the float16 overflow and subnormal bounds,
   // exact ties of both formats), then random bit patterns over the whole float range.
@@ -342,14 +369,16 @@ std::string run_bits16_rounding(const Case& c, std::string& info) {
     patterns.push_back((bits & 0xffff0000u) | 0x8000u);
     patterns.push_back((bits & 0xffffe000u) | 0x1000u);
   }
-  info = std::to_string(patterns.size()) + " values, bfloat16 and float16";
-  for (Bits16 format : {Bits16::kBFloat16, Bits16::kFloat16}) {
-    for (const uint32_t bits : patterns) {
-      float value;
-      std::memcpy(&value, &bits, sizeof value);
+  info = std::to_string(patterns.size()) + " values, bfloat16, float16 and TF32";
+  for (const uint32_t bits : patterns) {
+    float value;
+    std::memcpy(&value, &bits, sizeof value);
+    for (Bits16 format : {Bits16::kBFloat16, Bits16::kFloat16}) {
       const std::string e = check_rounding(format, value, round_bits16(format, value));
       if (!e.empty()) return e;
     }
+    const std::string e = check_tf32_rounding(value, tf32_round(value));
+    if (!e.empty()) return e;
   }
   return "";
 }
