@@ -244,6 +244,10 @@ struct ForwardSequenceArgs : SequenceShape {
   const uint16_t* w_ih_16bit = nullptr;   // [4H, input_size]
   int64_t input_size = 0;
   Bits16 format_16bit = Bits16::kBFloat16;  // of the four above (the CPU's take bfloat16 only)
+  // [2, B, H] scratch of the mode (the driver's, may be null): CUDA's kernels keep h[t] in 16
+  // bits there, two steps in turn, and stage the next step's product operand from it (half
+  // the bytes of the fp32 rows of `output`). Kernels that do not use it ignore it.
+  uint16_t* hidden_16bit_steps = nullptr;
   // A 16-bit layer (bfloat16 in the mode, or float16/bfloat16 on fp32 GEMMs; only where
   // StepKernels::forward_sequence_output_16bit): h[t] rounded to output_format here (row
   // stride output_stride) in place of `output` (then null), the layer's output as the driver

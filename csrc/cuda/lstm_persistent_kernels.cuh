@@ -27,11 +27,11 @@
 //   16-bit     the 16-bit GEMM mode of a bfloat16 / float16 layer (ops.cpp
 //              gemm_operands_16bit): the W_hh slice and the staged rows are 16-bit in shared
 //              memory (half the bytes: a larger H fits) and multiply on the tensor cores,
-//              mma.sync m16n8k16 with fp32 accumulators (sm_80 and later). The forward rounds
-//              h[t-1] to 16 bits as it stages it (the per-step path's hidden_16bit: the same
-//              rounding, bits16.h); the backward writes dG[t] in 16 bits (dgates_16bit, the
-//              driver's weight GEMMs read it) and stages those. Gates, cells and the state
-//              stay fp32.
+//              mma.sync m16n8k16 with fp32 accumulators (sm_80 and later). The forward writes
+//              h[t] in 16 bits too (the per-step path's hidden_16bit: the same rounding,
+//              bits16.h; two steps' buffer, hidden_16bit_steps) and stages those; the
+//              backward writes dG[t] in 16 bits (dgates_16bit, the driver's weight GEMMs read
+//              it) and stages those. Gates, cells and the state stay fp32.
 //
 // Shared memory of a block (float offsets from persistent::Plan):
 //   [0, stage_offset)              W_hh slice, w_rows x w_pitch values (float32 or 16-bit)
@@ -138,6 +138,10 @@ struct ForwardParams {
   const float* w_hh;       // [4H, H] (float32 kernel)
   const uint16_t* w_hh_16bit;  // [4H, H] 16-bit bits (16-bit kernels)
   const float* h0;         // [B, H] (the same memory as hidden_state: read before the end)
+  // 16-bit kernels: h0 in 16 bits [B, H], and h[t] in 16 bits, two steps in turn [2][B][H]
+  // (written in the epilogue, staged by the next step: half the bytes of `output`'s rows)
+  const uint16_t* h0_16bit;
+  uint16_t* hidden_16bit_steps;
   float* hidden_state;     // [B, H] out: h_n
   float* cell_state;       // [B, H] in: c0, out: c_n
   float* cells;            // [N, H] out: c[t]
@@ -180,6 +184,8 @@ inline void fill_forward_params(const ForwardSequenceArgs<float>& a, const persi
   p.w_hh = a.w_hh;
   p.w_hh_16bit = a.w_hh_16bit;
   p.h0 = a.h0;
+  p.h0_16bit = a.h0_16bit;
+  p.hidden_16bit_steps = a.hidden_16bit_steps;
   p.hidden_state = a.hidden_state;
   p.cell_state = a.cell_state;
   p.cells = a.cells;
@@ -188,8 +194,11 @@ inline void fill_forward_params(const ForwardSequenceArgs<float>& a, const persi
   p.hidden = a.hidden;
   p.batch = a.batch;
   p.reverse = a.reverse;
-  p.vector_loads = a.hidden % 4 == 0 && a.output_stride % 4 == 0 && aligned16(a.output) &&
-                   aligned16(a.h0);
+  // the rows staged: output's and h0's (float32), or the 16-bit h of the steps and h0_16bit
+  p.vector_loads = a.hidden % 4 == 0 &&
+                   (a.w_hh_16bit != nullptr
+                        ? aligned8(a.hidden_16bit_steps) && aligned8(a.h0_16bit)
+                        : a.output_stride % 4 == 0 && aligned16(a.output) && aligned16(a.h0));
   p.plan = device_plan(plan);
 }
 
@@ -604,15 +613,28 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t T = p.segments.steps;
   const int64_t ld = p.output_stride;
   int hint = 0;
+  int turn = 0;  // 16-bit kernels: the half of hidden_16bit_steps this step writes
   for (int64_t i = 0; i < T; ++i) {
     const int64_t t = persistent::step_at(i, T, p.reverse, /*backward=*/false);
     const StepInfo s = persistent::step_info(p.segments, t, p.reverse, hint);
     if (s.rows == 0) continue;  // the same decision in every block: no barrier needed
     // Rows that continue a sequence read h[t-1] (written by every block at the previous step),
-    // the others h0.
+    // the others h0. 16-bit kernels: from the 16-bit copies (the other half of the steps'
+    // buffer: nobody writes it during this step, and the grid barrier below separates its
+    // next writes from these reads).
     const float* const prev_rows = p.output + s.prev_offset * ld;
-    auto row_ptr = [&](int64_t r) -> const float* {
-      return r < s.continuing ? prev_rows + r * ld : p.h0 + r * H;
+    uint16_t* hidden_16bit_out = nullptr;
+    const uint16_t* hidden_16bit_in = nullptr;
+    if constexpr (is_16bit(kOp)) {
+      hidden_16bit_out = p.hidden_16bit_steps + turn * B * H;
+      hidden_16bit_in = p.hidden_16bit_steps + (1 - turn) * B * H;
+    }
+    auto row_ptr = [&](int64_t r) {
+      if constexpr (is_16bit(kOp)) {
+        return r < s.continuing ? hidden_16bit_in + r * H : p.h0_16bit + r * H;
+      } else {
+        return r < s.continuing ? prev_rows + r * ld : p.h0 + r * H;
+      }
     };
     for (int64_t r0 = 0; r0 < s.rows; r0 += plan.rows_chunk) {
       const int nr = static_cast<int>(min(static_cast<int64_t>(plan.rows_chunk), s.rows - r0));
@@ -652,12 +674,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         g[3 * H] = act.o;
         p.cells[row * H + j0 + u] = cell;
         p.output[row * ld + j0 + u] = hidden;
+        if constexpr (is_16bit(kOp)) {
+          hidden_16bit_out[r * H + j0 + u] = round_bits16(format_of<kOp>(), hidden);
+        }
         c_s[r * U + u] = cell;
         h_s[r * U + u] = hidden;
       }
       __syncthreads();  // partial sums read; the staging buffer may be reused
     }
-    grid.sync();  // h[t] of every unit is in `output`
+    turn = 1 - turn;
+    grid.sync();  // h[t] of every unit is in `output` (and in 16 bits in hidden_16bit_steps)
   }
   // After the last barrier no block reads h0 any more, so h_n may overwrite it.
   for (int64_t e = threadIdx.x; e < B * ub; e += kThreads) {

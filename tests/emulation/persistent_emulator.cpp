@@ -298,6 +298,11 @@ std::string run_case_as(const Case& c, std::string& info) {
     a.w_hh = k16 ? nullptr : p.w.data();
     a.w_hh_16bit = k16 ? p.w16.data() : nullptr;
     a.h0 = h.data();
+    // 16-bit: h0's bits and the two steps' 16-bit h (NaN until written)
+    std::vector<uint16_t> h0_16bit, hidden_steps(k16 ? 2 * B * H : 0, 0xffff);
+    for (float v : p.h0) h0_16bit.push_back(k16 ? bits_of(kOp, v) : uint16_t(0));
+    a.h0_16bit = k16 ? h0_16bit.data() : nullptr;
+    a.hidden_16bit_steps = k16 ? hidden_steps.data() : nullptr;
     a.hidden_state = h.data();
     a.cell_state = cstate.data();
     a.cells = cells.data();
