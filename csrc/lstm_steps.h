@@ -244,9 +244,10 @@ struct ForwardSequenceArgs : SequenceShape {
   const uint16_t* w_ih_16bit = nullptr;   // [4H, input_size]
   int64_t input_size = 0;
   Bits16 format_16bit = Bits16::kBFloat16;  // of the four above (the CPU's take bfloat16 only)
-  // [2, B, H] scratch of the mode (the driver's, may be null): CUDA's kernels keep h[t] in 16
-  // bits there, two steps in turn, and stage the next step's product operand from it (half
-  // the bytes of the fp32 rows of `output`). Kernels that do not use it ignore it.
+  // [2, B, H] scratch of the mode (the driver's, where StepKernels::
+  // forward_sequence_hidden_16bit_steps): CUDA's kernels keep h[t] in 16 bits there, two
+  // steps in turn, and stage the next step's product operand from it (half the bytes of the
+  // fp32 rows of `output`).
   uint16_t* hidden_16bit_steps = nullptr;
   // A 16-bit layer (bfloat16 in the mode, or float16/bfloat16 on fp32 GEMMs; only where
   // StepKernels::forward_sequence_output_16bit): h[t] rounded to output_format here (row
@@ -349,6 +350,9 @@ struct StepKernels {
   // forward_sequence writes a 16-bit layer's output in 16 bits (ForwardSequenceArgs::
   // output_16bit); the driver then allocates it so (ops.cpp forward_impl).
   bool forward_sequence_output_16bit = false;
+  // forward_sequence uses ForwardSequenceArgs::hidden_16bit_steps in the 16-bit GEMM mode (the
+  // driver then allocates it).
+  bool forward_sequence_hidden_16bit_steps = false;
 };
 
 struct DeviceKernels {

@@ -541,8 +541,9 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
     const at::Tensor w_hh = p.w_hh.contiguous();
     const at::Tensor h0_operand = low ? h0_16bit.contiguous() : h0_16bit;
     // (ForwardSequenceArgs::hidden_16bit_steps: 4 B H bytes)
-    const at::Tensor hidden_steps =
-        low ? at::empty({2, layout.batch, H}, x2d.options()) : at::Tensor();
+    const at::Tensor hidden_steps = low && kernels.forward_sequence_hidden_16bit_steps
+                                        ? at::empty({2, layout.batch, H}, x2d.options())
+                                        : at::Tensor();
     const at::Tensor w_ih = project_inside ? p.w_ih.contiguous() : at::Tensor();
     args.input_size = sz.input_size;
     if (low) {
@@ -553,7 +554,8 @@ void forward_direction(const Steps& layout, const Sizes& sz, int64_t d, bool rev
       args.input_16bit = static_cast<const uint16_t*>(x2d.const_data_ptr());
       args.w_ih_16bit = static_cast<const uint16_t*>(w_ih.const_data_ptr());
       args.format_16bit = bits16_of(x2d.scalar_type());
-      args.hidden_16bit_steps = static_cast<uint16_t*>(hidden_steps.data_ptr());
+      args.hidden_16bit_steps =
+          hidden_steps.defined() ? static_cast<uint16_t*>(hidden_steps.data_ptr()) : nullptr;
     } else {
       args.w_hh = w_hh.data_ptr<T>();
       if (project_inside) {

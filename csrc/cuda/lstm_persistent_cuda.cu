@@ -153,6 +153,8 @@ bool persistent_forward_sequence(const ForwardSequenceArgs<float>& a) {
   // the projection inside the kernel and the 16-bit output are the CPU's only (the driver
   // then projects with one GEMM and calls again; not counted as a decline)
   if (a.input != nullptr || a.input_16bit != nullptr || a.output_16bit != nullptr) return false;
+  TORCH_INTERNAL_ASSERT(a.w_hh_16bit == nullptr || a.hidden_16bit_steps != nullptr,
+                        "lstm_fused: the 16-bit persistent forward without its staging buffer");
   if (a.w_hh_16bit == nullptr) {
     return float32_on_tf32() ? forward_as<Operand::kTf32>(a) : forward_as<Operand::kFloat32>(a);
   }

@@ -382,6 +382,7 @@ DeviceKernels make_table(bool direct) {
   t.f32.forward_sequence = &persistent_forward_sequence;
   t.f32.backward_sequence = &persistent_backward_sequence;
   t.f32.sequence_enabled = &persistent::enabled;
+  t.f32.forward_sequence_hidden_16bit_steps = true;  // the 16-bit kernels' staging buffer
   return t;
 }
 
