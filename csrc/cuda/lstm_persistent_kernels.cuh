@@ -243,16 +243,15 @@ __device__ __forceinline__ uint2 pack4(uint16_t v0, uint16_t v1, uint16_t v2, ui
 // Stage rows [r0, r0 + rows_chunk) x columns [k0, k0 + width) of the shared operand into
 // `stage` (row pitch `pitch` values of OperandValue<kOp>); rows at or past r0 + nr, and columns
 // at or past k_valid, are zeros. row_ptr(r) gives the start of row r (column 0) in global
-// memory: float32 rows (copied, or rounded to 16 bits for a 16-bit product) or 16-bit rows
-// (copied). width % 4 == 0; vector_loads: every 4 values of a row from k0 on are one aligned
+// memory, in the product's operand type: float32 rows (copied; rounded to TF32 for a TF32
+// product) or 16-bit rows (copied). width % 4 == 0; vector_loads: every 4 values of a row from k0 on are one aligned
 // load (then k_valid % 4 == 0, so a group of 4 is all inside or all past it).
 template <Operand kOp, typename RowPtr>
 __device__ __forceinline__ void stage_rows(OperandValue<kOp>* stage, int pitch, int rows_chunk,
                                            int64_t r0, int nr, int k0, int width,
                                            int64_t k_valid, bool vector_loads, RowPtr row_ptr) {
   using Source = std::remove_cv_t<std::remove_pointer_t<decltype(row_ptr(r0))>>;
-  static_assert(std::is_same_v<Source, float> || std::is_same_v<Source, uint16_t>, "rows");
-  static_assert(is_16bit(kOp) || std::is_same_v<Source, float>, "float32 rows");
+  static_assert(std::is_same_v<Source, OperandValue<kOp>>, "rows of the product's operands");
   const int vectors = width / 4;
   const int count = rows_chunk * vectors;
   for (int e = threadIdx.x; e < count; e += kThreads) {
@@ -274,16 +273,9 @@ __device__ __forceinline__ void stage_rows(OperandValue<kOp>* stage, int pitch, 
           value.w = k + 3 < k_valid ? __ldcg(src + 3) : 0.f;
         }
       }
-      if constexpr (!is_16bit(kOp)) {
-        *reinterpret_cast<float4*>(dst) =
-            make_float4(operand_float<kOp>(value.x), operand_float<kOp>(value.y),
-                        operand_float<kOp>(value.z), operand_float<kOp>(value.w));
-      } else {
-        constexpr Bits16 format = format_of<kOp>();
-        *reinterpret_cast<uint2*>(dst) =
-            pack4(round_bits16(format, value.x), round_bits16(format, value.y),
-                  round_bits16(format, value.z), round_bits16(format, value.w));
-      }
+      *reinterpret_cast<float4*>(dst) =
+          make_float4(operand_float<kOp>(value.x), operand_float<kOp>(value.y),
+                      operand_float<kOp>(value.z), operand_float<kOp>(value.w));
     } else {
       uint2 value = make_uint2(0u, 0u);
       if (inside) {
