@@ -22,7 +22,7 @@ template <typename To, typename From>
 LSTM_HD To same_bits_as(From value) {
   static_assert(sizeof(To) == sizeof(From), "same size");
 #ifdef __CUDA_ARCH__
-  if constexpr (sizeof(To) == 4 && std::is_same_v<From, float>) {
+  if constexpr (std::is_same_v<From, float>) {
     return __float_as_uint(value);
   } else {
     return __uint_as_float(value);

@@ -219,6 +219,15 @@ inline void forward_row(T* gates, int64_t H, const T* bias, const T* recurrent,
   });
 }
 
+// dh_next + dy at j (grad_output may be null), clipped element-wise when kClip == kClipValue:
+// the hidden-gradient step of one vector (hidden_grad_row's, or folded into backward_row).
+template <int64_t kClip, typename Lane, typename V, typename T>
+inline V add_output_gradient(const Lane& lane, V dh, const T* grad_output, T clip, int64_t j) {
+  if (grad_output) dh = dh + lane.load(grad_output + j);
+  if constexpr (kClip == kClipValue) dh = clamp_gradient(dh, V(clip));
+  return dh;
+}
+
 // dh = dh_next + dy (dy may be null), clipped element-wise when kClip == kClipValue; returns
 // the sum of squares of the result when kSums (else 0).
 template <typename T, int64_t kClip, bool kSums>
@@ -226,9 +235,8 @@ inline T hidden_grad_row(T* dhidden, const T* grad_output, T clip, int64_t j0, i
   T row_sum = 0;
   for_each_vector<T>(j0, j1, [&](const auto& lane, int64_t j) {
     using V = Vectorized<T>;
-    V dh = lane.load(dhidden + j);
-    if (grad_output) dh = dh + lane.load(grad_output + j);
-    if constexpr (kClip == kClipValue) dh = clamp_gradient(dh, V(clip));
+    const V dh_next = lane.load(dhidden + j);
+    const V dh = add_output_gradient<kClip>(lane, dh_next, grad_output, clip, j);
     if constexpr (kSums) row_sum += lane.sum_squares(dh);
     lane.store(dh, dhidden + j);
   });
@@ -250,10 +258,7 @@ inline T backward_row(const T* gates, int64_t H, const T* cell, const T* cell_pr
     GateValues<V> act{lane.load(gates + j), lane.load(gates + H + j), lane.load(gates + 2 * H + j),
                       lane.load(gates + 3 * H + j)};
     V dr = lane.load(grad_r + j);
-    if (fold) {
-      if (grad_output) dr = dr + lane.load(grad_output + j);
-      if constexpr (kClip == kClipValue) dr = clamp_gradient(dr, V(clip));
-    }
+    if (fold) dr = add_output_gradient<kClip>(lane, dr, grad_output, clip, j);
     V tanh_cell;
     V dc;
     if constexpr (kClip == kClipNorm && !kFirstPass) {

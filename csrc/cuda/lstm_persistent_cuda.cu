@@ -2,9 +2,8 @@
 // all T steps of one direction (forward), or its whole reverse-time loop (backward): float32
 // layers on fp32 FMA, or on the tensor cores in TF32 while torch.backends.cuda.matmul.
 // allow_tf32 is set (as the per-step path's cuBLAS calls), and bfloat16 / float16 layers in
-// the 16-bit GEMM mode on the tensor cores (both from compute capability 8.0). The kernels and their design are in
-// lstm_persistent_kernels.cuh; the partition
-// arithmetic (units per block, shared-memory layout, chunking) and the step walker over packed
+// the 16-bit GEMM mode on the tensor cores (both from compute capability 8.0). The kernels and
+// their design are in lstm_persistent_kernels.cuh; the partition arithmetic (units per block, shared-memory layout, chunking) and the step walker over packed
 // batch sizes in persistent_plan.h, tested on the CPU.
 //
 // Contract (lstm_steps.h, Forward/BackwardSequenceArgs): the plain case only (no projection,
@@ -47,7 +46,7 @@ persistent::Plan plan_launch(bool backward, int64_t hidden, int64_t batch) {
   if (kOp != Operand::kFloat32 && prop->major < 8) return none;  // mma.sync: sm_80
   persistent::Plan plan = persistent::launch_plan(
       backward, hidden, batch, prop->multiProcessorCount,
-      static_cast<int64_t>(prop->sharedMemPerBlockOptin), /*blocks per SM=*/1, product_of<kOp>());
+      static_cast<int64_t>(prop->sharedMemPerBlockOptin), /*blocks per SM=*/1, product_of(kOp));
   if (!plan.ok) return none;
   // Allow the largest size the device offers, once per device and kernel (the same value
   // from every thread, so threads that launch with different sizes do not race; and no

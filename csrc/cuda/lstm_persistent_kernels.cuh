@@ -81,11 +81,10 @@ enum class Operand { kFloat32, kBFloat16, kFloat16, kTf32 };
 constexpr bool is_16bit(Operand op) { return op == Operand::kBFloat16 || op == Operand::kFloat16; }
 
 // The plan's name for it.
-template <Operand kOp>
-constexpr persistent::Product product_of() {
-  return is_16bit(kOp) ? persistent::Product::k16Bit
-         : kOp == Operand::kTf32 ? persistent::Product::kTf32
-                                 : persistent::Product::kFma;
+constexpr persistent::Product product_of(Operand op) {
+  return is_16bit(op) ? persistent::Product::k16Bit
+         : op == Operand::kTf32 ? persistent::Product::kTf32
+                                : persistent::Product::kFma;
 }
 
 // What the W_hh slice and the staged rows hold in shared memory: floats (TF32: rounded), or

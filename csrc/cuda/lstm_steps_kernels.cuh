@@ -170,24 +170,35 @@ __global__ void __launch_bounds__(kThreads)
 // ------------------------------------------------------------------------------------------
 // Hidden gradient: dh = dh_next + grad_output[t], clipped.
 // ------------------------------------------------------------------------------------------
+// dh = dh_next + dy (grad_output's row `row` at `col`, or none when it is null), clamped with
+// kClipValue: the hidden-gradient step of one packed element (hidden_grad_element's, or
+// folded into the gate backward: BackwardStepArgs::fold_hidden_grad).
+template <typename T, int VEC, int64_t kClip>
+__device__ __forceinline__ void add_output_gradient(Pack<T, VEC>& dh, const T* grad_output,
+                                                    int64_t stride, int64_t row, int64_t col,
+                                                    T clip) {
+  if (grad_output != nullptr) {
+    const Pack<T, VEC> dy = load<T, VEC>(grad_output + row * stride + col);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) dh.v[k] = dh.v[k] + dy.v[k];
+  }
+  if constexpr (kClip == kClipValue) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) dh.v[k] = clamp_gradient(dh.v[k], clip);
+  }
+}
+
 // One packed element (row, col): loads, adds, clamps (mode 1), stores; returns sum of dh^2.
 template <typename T, int VEC, int64_t kClip>
 __device__ __forceinline__ T hidden_grad_element(const HiddenGradStepArgs<T>& args,
                                                  int64_t row, int64_t col) {
   T* dhidden = args.dhidden + row * args.size + col;
   Pack<T, VEC> dh = load<T, VEC>(dhidden);
-  if (args.grad_output != nullptr) {
-    const Pack<T, VEC> dy =
-        load<T, VEC>(args.grad_output + row * args.grad_output_stride + col);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) dh.v[k] = dh.v[k] + dy.v[k];
-  }
+  add_output_gradient<T, VEC, kClip>(dh, args.grad_output, args.grad_output_stride, row, col,
+                                     args.clip);
   T sum = 0;
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) {
-    if constexpr (kClip == kClipValue) dh.v[k] = clamp_gradient(dh.v[k], args.clip);
-    sum += dh.v[k] * dh.v[k];
-  }
+  for (int k = 0; k < VEC; ++k) sum += dh.v[k] * dh.v[k];
   store(dhidden, dh);
   return sum;
 }
@@ -249,16 +260,9 @@ __device__ __forceinline__ T backward_element(const BackwardStepArgs<T>& args, i
   T* dcell_ptr = args.dcell + idx;
   const Pack<T, VEC> cell = load<T, VEC>(args.cells + idx);
   Pack<T, VEC> grad_r = load<T, VEC>(args.grad_r + idx);
-  if (args.fold_hidden_grad) {  // dh[t] = dh_next + dy[t], clamped (the hidden-gradient step)
-    if (args.grad_output != nullptr) {
-      const Pack<T, VEC> dy = load<T, VEC>(args.grad_output + row * args.grad_output_stride + col);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) grad_r.v[k] = grad_r.v[k] + dy.v[k];
-    }
-    if constexpr (kClip == kClipValue) {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) grad_r.v[k] = clamp_gradient(grad_r.v[k], args.clip);
-    }
+  if (args.fold_hidden_grad) {  // grad_r is dh_next: dh[t] = dh_next + dy[t], clamped
+    add_output_gradient<T, VEC, kClip>(grad_r, args.grad_output, args.grad_output_stride, row,
+                                       col, args.clip);
   }
   const Pack<T, VEC> dcell_in = load<T, VEC>(dcell_ptr);
   const Pack<T, VEC> gate_o = load<T, VEC>(gates + 3 * H);

@@ -115,8 +115,8 @@ struct Plan {
   int64_t stage_offset = 0;  // float offsets of the regions (W slice at 0)
   int64_t state_offset = 0;
   int64_t smem_bytes = 0;    // dynamic shared memory per block
-  Product product = Product::kFma;
-  int64_t operand_bytes = 4; // bytes per value of the W slice and the staged rows (4 or 2)
+  Product product = Product::kFma;  // so the bytes per value of the W slice and the staged
+                                    // rows: operand_bytes_of(product)
 };
 
 PERSISTENT_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -137,7 +137,7 @@ inline Plan try_units(bool backward, int64_t hidden, int64_t batch, int64_t unit
                       int64_t smem_floats, Product product) {
   Plan p;
   p.product = product;
-  const int64_t operand_bytes = p.operand_bytes = operand_bytes_of(product);
+  const int64_t operand_bytes = operand_bytes_of(product);
   p.units = units;
   p.blocks = ceil_div(hidden, units);
   p.k_total = backward ? 4 * hidden : hidden;
@@ -193,9 +193,10 @@ inline Plan try_units(bool backward, int64_t hidden, int64_t batch, int64_t unit
 
 // The launch plan of one pass (forward or backward) for hidden size H and batch B on a device
 // with `sm_count` SMs, `smem_per_block` bytes of opt-in shared memory per block and room for
-// `max_blocks_per_sm` blocks of kThreads threads per SM, for a block product of `product`. Units per block: the fewest that keep
-// the grid within sm_count * max_blocks_per_sm blocks, rounded up to fill the warp tile's
-// columns when that still fits (same work per block, fewer blocks). plan.ok is false, with a
+// `max_blocks_per_sm` blocks of kThreads threads per SM, for a block product of `product`.
+// Units per block: the fewest that keep the grid within sm_count * max_blocks_per_sm blocks,
+// rounded up to fill the warp tile's columns when that still fits (same work per block, fewer
+// blocks). plan.ok is false, with a
 // reason, when nothing fits; the caller then declines (the driver runs the per-step kernels).
 // The geometry only: the kernels can run any plan that is ok (tests/emulation does, at every
 // batch size); launch_plan adds the speed policy.
@@ -204,7 +205,6 @@ inline Plan plan(bool backward, int64_t hidden, int64_t batch, int64_t sm_count,
                  Product product = Product::kFma) {
   Plan none;
   none.product = product;
-  none.operand_bytes = operand_bytes_of(product);
   if (hidden < 1 || batch < 1 || sm_count < 1 || smem_per_block < 1 || max_blocks_per_sm < 1) {
     return none;
   }
@@ -229,7 +229,6 @@ inline Plan launch_plan(bool backward, int64_t hidden, int64_t batch, int64_t sm
     Plan capped;
     capped.reason = Decline::kBackwardBatch;
     capped.product = product;
-    capped.operand_bytes = operand_bytes_of(product);
     return capped;
   }
   return plan(backward, hidden, batch, sm_count, smem_per_block, max_blocks_per_sm, product);
@@ -248,7 +247,7 @@ inline std::vector<int64_t> plan_fields(const Plan& p) {
           p.region_floats, p.state_floats,
           p.stage_offset,  p.state_offset,
           p.smem_bytes,    static_cast<int64_t>(p.product),
-          p.operand_bytes};
+          operand_bytes_of(p.product)};
 }
 
 // ---------------------------------------------------------------------------------------------

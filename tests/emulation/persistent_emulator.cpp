@@ -47,12 +47,6 @@ struct Case {
   bool unaligned_dgates = false;  // 16-bit: dG one value off 8 bytes (scalar staging)
 };
 
-persistent::Product product_for(Operand op) {
-  return is_16bit(op) ? persistent::Product::k16Bit
-         : op == Operand::kTf32 ? persistent::Product::kTf32
-                                : persistent::Product::kFma;
-}
-
 // A float32 value as the product of `op` sees it (unchanged for float32).
 double operand_value(Operand op, double value) {
   if (op == Operand::kFloat32) return value;
@@ -214,7 +208,7 @@ double tolerance(Operand op) {
 const int64_t kSmemLarge = 232448;  // an H100's opt-in shared memory per block
 
 persistent::Plan plan_for(const Case& c, int64_t batch, bool backward) {
-  const persistent::Product product = product_for(c.op);
+  const persistent::Product product = product_of(c.op);
   persistent::Plan p =
       persistent::plan(backward, c.hidden, batch, c.sm_count, kSmemLarge, 1, product);
   const int64_t avail = backward ? c.avail_backward : c.avail_forward;
