@@ -87,6 +87,27 @@ def test_inference_call_gives_the_same_outputs(case, dtype):
     _assert_inference_matches(*_layer(dtype=dtype, **CASES[case]))
 
 
+@pytest.mark.parametrize("case", ["sequence-chunks", "sequence-chunks-bi-packed"])
+def test_inference_projection_pipelined_beside_one_slice(case):
+    """These layers are small enough that one thread computes every unit of a step (one
+    slice); with a second thread the sequence kernel pipelines the projection: that thread
+    projects chunk c + 1 while the first runs chunk c's steps. The same bits as one thread
+    doing both (the small GEMM's sums do not depend on its rows' split), and the same outputs
+    as the call that keeps everything."""
+    args, options = _layer(**CASES[case])
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _, alone = _both(args, options)
+        torch.set_num_threads(2)
+        kept, pipelined = _both(args, options)
+    finally:
+        torch.set_num_threads(previous)
+    for a, b, c in zip(alone[:3], pipelined[:3], kept[:3]):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(b, c, **ROUNDING[c.dtype])
+
+
 @pytest.mark.parametrize("case", ["per-step", "sequence", "proj"])
 def test_inference_on_the_device_call_replay(case):
     """The replay stands in for CUDA, whose kernels write c[t] always: the driver gives them

@@ -195,6 +195,11 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
   // and packing W_ih's slices here costs more than that GEMM at a few rows (one token).
   if (project && chunk_rows >= a.offsets_end()) return false;
   const std::vector<StepChunk> chunks = step_chunks(a, chunk_rows);
+  // One slice and a second thread (small problems, whose steps run on one): that thread
+  // projects chunk c + 1 into a second buffer while the slice's thread runs chunk c's steps,
+  // so the projection's half of the FLOPs leaves the steps' critical path (one barrier per
+  // chunk; none per step, as one thread computes every unit).
+  const bool pipelined = project && slices == 1 && chunks.size() > 1 && at::get_num_threads() > 1;
   // MKL's packed buffers (see StepWeight), shared out between the slices.
   const int64_t pack_budget = pack_budget_bytes<T>(a.offsets_end() * 4 * H) / slices;
   const at::Tensor w_hh =
@@ -216,68 +221,96 @@ bool forward_sequence_impl(const ForwardSequenceArgs<T>& a) {
     }
     recurrent.push_back(at::empty({project ? chunk_rows : B, 4 * width}, options_of<T>()));
   }
+  // the pipeline's buffer of the odd chunks (recurrent[0] holds the even ones)
+  const at::Tensor odd_chunks =
+      pipelined ? at::empty({chunk_rows, 4 * H}, options_of<T>()) : at::Tensor();
   // [2, B, H], then [B, H] each row's h at its last step: h_n, copied to hidden_state at the
   // end (hidden_state is h0, which a row's step may read while another slice writes its h_n)
   const at::Tensor hidden_ring = ring ? at::empty({3, B, H}, options_of<T>()) : at::Tensor();
   T* const ring_data = ring ? hidden_ring.data_ptr<T>() : nullptr;
   T* const final_hidden = ring ? ring_data + 2 * B * H : nullptr;
   const std::vector<int64_t> last_step = last_steps(a);
-#pragma omp parallel num_threads(slices)
+#pragma omp parallel num_threads(pipelined ? 2 : slices)
   {
     const SequentialBlas sequential;
     const FlushDenormals flush;  // this thread's MXCSR, restored at the region's end
     const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
-    for (const StepChunk& chunk : chunks) {
-      for (int64_t k = thread; project && k < slices; k += team) {
-        input_weights[k].multiply(chunk.rows, recurrent[k].data_ptr<T>(),
-                                  4 * (bounds[k + 1] - bounds[k]), a.input + chunk.row0 * I, I,
-                                  /*accumulate=*/false);
+    // the pipeline only if the runtime gave the region its second thread
+    const bool overlap = pipelined && team > 1;
+    // slice k's x W_ih^T of chunk c's rows (with `project`), or its h[t-1] W_hh^T
+    const auto projected = [&](int64_t k, size_t c) {
+      return (overlap && c % 2 == 1 ? odd_chunks : recurrent[k]).template data_ptr<T>();
+    };
+    // rows [r0, r1) of chunk c's projection for slice k
+    const auto project_rows = [&](int64_t k, size_t c, int64_t r0, int64_t r1) {
+      const int64_t width4 = 4 * (bounds[k + 1] - bounds[k]);
+      input_weights[k].multiply(r1 - r0, projected(k, c) + r0 * width4, width4,
+                                a.input + (chunks[c].row0 + r0) * I, I, /*accumulate=*/false);
+    };
+    // processing position s of chunk c, slice k's units
+    const auto run_step = [&](int64_t k, size_t c, int64_t s) {
+      const StepChunk& chunk = chunks[c];
+      const int64_t t = a.time(s);
+      const int64_t rows = a.batch_sizes[t], offset = a.offsets[t];
+      const int64_t prev = a.previous(t), continuing = a.continuing_rows(t);
+      const int64_t j0 = bounds[k], j1 = bounds[k + 1], width = j1 - j0;
+      T* rec = projected(k, c) + (project ? (offset - chunk.row0) * 4 * width : 0);
+      // Rows that continue a sequence read h[t-1]; rows that start here read h0.
+      if (continuing > 0) {
+        const T* h_prev =
+            ring ? ring_data + ((s + 1) % 2) * B * H : a.output + a.offsets[prev] * ld;
+        weights[k].multiply(continuing, rec, 4 * width, h_prev, ring ? H : ld,
+                            /*accumulate=*/project);
       }
-      for (int64_t s = chunk.first; s < chunk.end; ++s) {
-        const int64_t t = a.time(s);
-        const int64_t rows = a.batch_sizes[t], offset = a.offsets[t];
-        const int64_t prev = a.previous(t), continuing = a.continuing_rows(t);
-        for (int64_t k = thread; k < slices; k += team) {
-          const int64_t j0 = bounds[k], j1 = bounds[k + 1], width = j1 - j0;
-          T* rec = recurrent[k].data_ptr<T>() + (project ? (offset - chunk.row0) * 4 * width : 0);
-          // Rows that continue a sequence read h[t-1]; rows that start here read h0.
-          if (continuing > 0) {
-            const T* h_prev =
-                ring ? ring_data + ((s + 1) % 2) * B * H : a.output + a.offsets[prev] * ld;
-            weights[k].multiply(continuing, rec, 4 * width, h_prev, ring ? H : ld,
-                                /*accumulate=*/project);
-          }
-          if (rows > continuing) {
-            weights[k].multiply(rows - continuing, rec + continuing * 4 * width, 4 * width,
-                                a.h0 + continuing * H, H, /*accumulate=*/project);
-          }
-          for (int64_t r = 0; r < rows; ++r) {
-            T* const gates_row = project ? nullptr : a.gates + (offset + r) * 4 * H;
-            T* const h_row =
-                ring ? ring_data + ((s % 2) * B + r) * H : a.output + (offset + r) * ld;
-            T* const cell_row = a.cell_state + r * H;
-            if (project) {  // the pre-activations are all in `rec`
-              forward_row<T, false, false>(nullptr, H, a.bias, rec + r * 4 * width, width,
-                                           cell_row, nullptr, nullptr, h_row, j0, j1);
-            } else if (a.cells != nullptr) {
-              forward_row<T>(gates_row, H, a.bias, rec + r * 4 * width, width, cell_row,
-                             a.cells + (offset + r) * H, nullptr, h_row, j0, j1);
-            } else {  // inference: nothing kept for a backward
-              forward_row<T, true, false>(gates_row, H, a.bias, rec + r * 4 * width, width,
-                                          cell_row, nullptr, nullptr, h_row, j0, j1);
-            }
-            if constexpr (std::is_same_v<T, float>) {
-              if (ring) {
-                round_rows(a.output_format == Bits16::kBFloat16 ? at::kBFloat16 : at::kHalf,
-                           a.output_16bit + (offset + r) * ld + j0, ld, h_row + j0, H, 1,
-                           width);
-                if (last_step[r] == t) {
-                  std::memcpy(final_hidden + r * H + j0, h_row + j0, width * sizeof(T));
-                }
-              }
+      if (rows > continuing) {
+        weights[k].multiply(rows - continuing, rec + continuing * 4 * width, 4 * width,
+                            a.h0 + continuing * H, H, /*accumulate=*/project);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        T* const gates_row = project ? nullptr : a.gates + (offset + r) * 4 * H;
+        T* const h_row = ring ? ring_data + ((s % 2) * B + r) * H : a.output + (offset + r) * ld;
+        T* const cell_row = a.cell_state + r * H;
+        if (project) {  // the pre-activations are all in `rec`
+          forward_row<T, false, false>(nullptr, H, a.bias, rec + r * 4 * width, width, cell_row,
+                                       nullptr, nullptr, h_row, j0, j1);
+        } else if (a.cells != nullptr) {
+          forward_row<T>(gates_row, H, a.bias, rec + r * 4 * width, width, cell_row,
+                         a.cells + (offset + r) * H, nullptr, h_row, j0, j1);
+        } else {  // inference: nothing kept for a backward
+          forward_row<T, true, false>(gates_row, H, a.bias, rec + r * 4 * width, width,
+                                      cell_row, nullptr, nullptr, h_row, j0, j1);
+        }
+        if constexpr (std::is_same_v<T, float>) {
+          if (ring) {
+            round_rows(a.output_format == Bits16::kBFloat16 ? at::kBFloat16 : at::kHalf,
+                       a.output_16bit + (offset + r) * ld + j0, ld, h_row + j0, H, 1, width);
+            if (last_step[r] == t) {
+              std::memcpy(final_hidden + r * H + j0, h_row + j0, width * sizeof(T));
             }
           }
         }
+      }
+    };
+    for (size_t c = 0; c < chunks.size(); ++c) {
+      if (overlap) {
+        if (c == 0) {  // nothing to overlap with yet: both threads project the first chunk
+          const int64_t rows = chunks[0].rows;
+          project_rows(0, 0, rows * thread / team, rows * (thread + 1) / team);
+#pragma omp barrier
+        }
+        if (thread == 0) {
+          for (int64_t s = chunks[c].first; s < chunks[c].end; ++s) run_step(0, c, s);
+        } else if (thread == 1 && c + 1 < chunks.size()) {
+          project_rows(0, c + 1, 0, chunks[c + 1].rows);
+        }
+#pragma omp barrier
+        continue;
+      }
+      for (int64_t k = thread; project && k < slices; k += team) {
+        project_rows(k, c, 0, chunks[c].rows);
+      }
+      for (int64_t s = chunks[c].first; s < chunks[c].end; ++s) {
+        for (int64_t k = thread; k < slices; k += team) run_step(k, c, s);
 #pragma omp barrier
       }
     }
